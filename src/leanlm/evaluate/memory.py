@@ -1,0 +1,79 @@
+"""Memory facts: KV-cache bytes per token (analytic and measured), weight bytes, parameters, peak RSS."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import asdict, dataclass
+
+import torch
+
+from leanlm.analyze.kv_budget import analytic_kv_bytes_per_token
+from leanlm.models import ModelSpec
+
+
+def unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters counted once even when shared (tied embeddings share one tensor)."""
+    seen, params = set(), []
+    for param in model.parameters():
+        if param.data_ptr() not in seen:
+            seen.add(param.data_ptr())
+            params.append(param)
+    return params
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in unique_parameters(model))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in unique_parameters(model))
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a transformers Cache holds (keys and values of each layer, plus any extras)."""
+    tensors = []
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor) and value.numel() > 0:
+                tensors.append(value)
+    return tensors
+
+
+def measured_kv_bytes_per_token(model, num_tokens: int = 64) -> float:
+    """Run a forward pass over `num_tokens` tokens and count the bytes the returned cache holds, per token."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = model(ids.to(device), use_cache=True, logits_to_keep=1).past_key_values
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache)) / num_tokens
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class MemoryReport:
+    kv_bytes_per_token: float  # measured from a real cache
+    kv_bytes_per_token_analytic: float  # 2 x sum_l kv_heads_l x head_dim x bytes
+    kv_cache_dtype: str
+    weight_bytes: int
+    params: int
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_report(model) -> MemoryReport:
+    spec = ModelSpec.from_model(model)
+    dtype = model.dtype  # the cache is kept in the model's dtype
+    return MemoryReport(
+        kv_bytes_per_token=measured_kv_bytes_per_token(model),
+        kv_bytes_per_token_analytic=float(analytic_kv_bytes_per_token(spec, torch.finfo(dtype).bits // 8)),
+        kv_cache_dtype=str(dtype).removeprefix("torch."),
+        weight_bytes=weight_bytes(model),
+        params=param_count(model),
+        peak_rss_mb=peak_rss_mb(),
+    )

@@ -1,0 +1,26 @@
+"""Models: loading (bundled GGUF, local directory, hub id), ModelSpec, tiny random models."""
+
+from leanlm.models.loading import (
+    BUNDLED,
+    DEFAULT_MODEL,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    strip_gguf_quantization,
+)
+from leanlm.models.spec import ModelSpec, decoder_layers
+from leanlm.models.tiny import tiny_llama
+
+__all__ = [
+    "BUNDLED",
+    "DEFAULT_MODEL",
+    "ModelSpec",
+    "decoder_layers",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "parse_dtype",
+    "strip_gguf_quantization",
+    "tiny_llama",
+]

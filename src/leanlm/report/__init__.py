@@ -1,0 +1,12 @@
+"""Reports: results.json, report.md, plots/*.png, written atomically into run directories."""
+
+from leanlm.report.results import (
+    atomic_write_json,
+    atomic_write_text,
+    check_new_output,
+    git_info,
+    staged_output,
+    versions,
+)
+
+__all__ = ["atomic_write_json", "atomic_write_text", "check_new_output", "git_info", "staged_output", "versions"]

@@ -1,0 +1,127 @@
+"""The command line: one-sentence errors with exit 2, results that are never half-written or overwritten."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leanlm import cli
+from leanlm.data import wikitext as wikitext_module
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", "--model", "no-such-model", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "unknown model 'no-such-model'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unreadable_model_file(capsys, tmp_path):
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"\x00\x01")
+    code, _, err = run_cli(capsys, "eval", "--model", str(bad), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "not a .gguf")
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["eval", "--max-tokens", "0"], "--max-tokens"),
+        (["eval", "--max-tokens", "lots"], "--max-tokens"),
+        (["eval", "--window", "128", "--stride", "512"], "stride"),
+        (["eval", "--dtype", "int3"], "--dtype"),
+        (["eval", "--protocol", "random"], "--protocol"),
+        (["analyze", "--scorers", "kl,vibes"], "unknown scorer 'vibes'"),
+        (["kv-budget", "--heads", "9", "--kv-heads", "2"], "multiple of KV heads"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_option_values(capsys, tmp_path, argv, fragment):
+    code, _, err = run_cli(capsys, *argv, *(["--out", str(tmp_path / "r")] if argv[0] != "kv-budget" and argv[0] != "frobnicate" else []))
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_is_one_sentence(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    wikitext_module.wikitext_lines.cache_clear()
+    monkeypatch.setattr(wikitext_module, "_candidate_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(wikitext_module, "_lines_from_hub", lambda split: None)
+    try:
+        code, _, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"))
+    finally:
+        wikitext_module.wikitext_lines.cache_clear()
+    assert_one_line_error(code, err, "WikiText-2 'test' not found")
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_results_are_never_overwritten(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    code, _, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--out", str(out))
+    assert_one_line_error(code, err, "already exists")
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_interrupted_eval_leaves_nothing(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    import leanlm.evaluate.harness as harness
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "plot_window_nll", interrupted)  # dies while writing the report
+    code, _, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                           "--max-tokens", "300", "--window", "128", "--no-speed")
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a staging folder
+
+
+@pytest.mark.real_model
+def test_eval_writes_results_and_report(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--out", str(out), "--max-tokens", "600",
+                              "--window", "256", "--stride", "128", "--speed-repeats", "1", "--prefill-lengths", "32,64",
+                              "--decode-batches", "1,4", "--decode-tokens", "4")
+    assert code == 0, stdout
+    results = json.loads((out / "results.json").read_text())
+    for key in ("perplexity", "protocol", "kv_bytes_per_token", "weight_bytes", "params", "prefill_tokens_per_s",
+                "decode_tokens_per_s", "decode_latency_ms_p50", "decode_latency_ms_p95", "peak_rss_mb", "versions", "git"):
+        assert key in results, key
+    assert results["protocol"]["tokens_scored"] == 599 and results["protocol"]["split"] == "test"
+    assert results["kv_bytes_per_token"] == results["kv_bytes_per_token_analytic"] == 2 * 2 * 2 * 16 * 2  # bf16
+    assert set(results["decode_tokens_per_s"]) == {"1", "4"}
+    report = (out / "report.md").read_text()
+    assert "perplexity" in report and "plots/perplexity_windows.png" in report
+    assert (out / "plots" / "perplexity_windows.png").stat().st_size > 0
+    assert (out / "plots" / "decode_latency.png").stat().st_size > 0
+
+
+@pytest.mark.real_model
+def test_kv_budget_of_the_real_model(capsys):
+    code, stdout, _ = run_cli(capsys, "kv-budget", "--model", "smollm2-135m", "--json", "--seq-len", "1000")
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(stdout)}
+    model_row = next(row for name, row in rows.items() if "model" in name)
+    assert model_row["bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # 23,040 bytes in bf16
+    assert model_row["bytes_per_sequence"] == 23_040 * 1000
+
+
+def test_console_script_help_and_exit_code(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "leanlm.cli", "eval", "--model", "nope", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    helped = subprocess.run([sys.executable, "-m", "leanlm.cli", "eval", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--max-tokens" in helped.stdout and "nonoverlap" in helped.stdout
