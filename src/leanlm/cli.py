@@ -94,8 +94,52 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", type=Path, help="new results directory (default runs/analyze-MODEL-TIME)")
     an.add_argument("--scorers", default="kl,magnitude,taylor", help="comma list of kl, magnitude, taylor")
     an.add_argument("--calib-samples", type=positive_int, default=8, help="calibration windows (validation split)")
-    an.add_argument("--calib-len", type=positive_int, default=256, help="tokens per calibration window")
+    an.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window")
     an.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+
+    rn = sub.add_parser("run", help="run a recipe end to end: eval, score, prune, eval, LoRA+KD, eval, export, report",
+                        description="Run a YAML recipe (see recipes/). Writes DIR/results.json, report.md, plots/, "
+                                    "model/; an interrupted run continues with --resume.")
+    rn.add_argument("recipe", type=Path, help="YAML recipe file")
+    rn.add_argument("--out", type=Path, help="run directory (default runs/NAME-TIME)")
+    rn.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    rn.add_argument("--with-reference", action="store_true",
+                    help="also give the unpruned model the same LoRA + CE budget on the same data (domain-adaptation reference)")
+
+    pr = sub.add_parser("prune", help="score and physically remove attention heads; writes a loadable model directory",
+                        description="Score heads on WikiText-2 validation and remove a fraction of them physically.")
+    add_model_args(pr, dtype_default="float32")
+    pr.add_argument("--out", type=Path, required=True, help="new directory; the model goes to DIR/model")
+    pr.add_argument("--fraction", type=float, default=0.25, help="share of query heads to remove, in [0, 1) (default: %(default)s)")
+    pr.add_argument("--layout", default="global", choices=["uniform", "global"],
+                    help="uniform: same count per layer (stock config); global: ranked across layers (default: %(default)s)")
+    pr.add_argument("--granularity", default="query", choices=["query", "kv_group"],
+                    help="query: heads inside each KV group; kv_group: whole groups, shrinks the KV cache (default: %(default)s)")
+    pr.add_argument("--scorer", default="kl", help="kl | magnitude | taylor (default: %(default)s)")
+    pr.add_argument("--calib-samples", type=positive_int, default=8, help="calibration windows (validation split)")
+    pr.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window")
+
+    di = sub.add_parser("distill", help="recover a pruned model: LoRA + knowledge distillation from the original",
+                        description="Train LoRA adapters on the student to match the teacher (KL at temperature T mixed "
+                                    "with CE) on WikiText-2 validation, merge them, and save DIR/model.")
+    di.add_argument("--student", required=True, help="model directory to recover (e.g. from leanlm prune)")
+    di.add_argument("--teacher", default="smollm2-135m", help="the original model (default: %(default)s)")
+    di.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the merged model")
+    di.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default: %(default)s)")
+    di.add_argument("--max-minutes", type=float, default=None, help="stop after the step that crosses this budget")
+    di.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default: %(default)s)")
+    di.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
+    di.add_argument("--alpha", type=float, default=0.5, help="KD weight; 1-alpha weighs CE (default: %(default)s)")
+    di.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default: %(default)s)")
+    di.add_argument("--top-k-teacher", type=int, default=0, help="cache the teacher's top-k logits once (0 = live teacher)")
+    di.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+    ex = sub.add_parser("export", help="write a reloadable checkpoint (stock transformers where possible) with a model card",
+                        description="Export a model directory: stock save_pretrained when every layer has the same "
+                                    "shape, else the compact form plus a padded stock-loadable copy.")
+    ex.add_argument("--model", required=True, help="model to export (directory, bundled name, .gguf)")
+    ex.add_argument("--out", type=Path, required=True, help="new directory")
+    ex.add_argument("--no-padded", action="store_true", help="do not write the padded stock copy of a per-layer model")
 
     kv = sub.add_parser("kv-budget", help="KV-cache bytes per token and per sequence: MHA, GQA, MQA, MLA, quantized",
                         description="Tabulate KV-cache sizes for a model's shape (or one you give) under each layout.")
@@ -122,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from leanlm import commands
 
-        return {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget}[
-            args.command
-        ](args)
+        handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,
+                    "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
+                    "export": commands.run_export}
+        return handlers[args.command](args)
     except LeanLMError as err:
         print(f"leanlm: error: {err}", file=sys.stderr)
         return 2

@@ -113,3 +113,92 @@ def run_kv_budget(args: Namespace) -> int:
               f"{args.seq_len} tokens x batch {args.batch}, {args.dtype_bytes} bytes/value\n")
         print(format_kv_table(rows))
     return 0
+
+
+def run_run(args: Namespace) -> int:
+    from leanlm.cli import default_out
+    from leanlm.pipeline import run_recipe
+    from leanlm.recipe import load_recipe
+    from leanlm.report.pipeline_report import comparison_table
+
+    recipe = load_recipe(args.recipe)
+    if args.resume and not args.out:
+        raise LeanLMError("--resume needs --out: the run directory to continue")
+    out = args.out or default_out(recipe.name, recipe.model)
+    results = run_recipe(recipe, out, resume=args.resume, with_reference=args.with_reference)
+    print(comparison_table(results))
+    print(f"\nwrote {out}/results.json, report.md, plots/ and model/")
+    return 0
+
+
+def run_prune(args: Namespace) -> int:
+    from leanlm.analyze import SCORERS, score_heads
+    from leanlm.export import export_model, model_card, stock_layout
+    from leanlm.models import ModelSpec, load_model, load_tokenizer
+    from leanlm.pipeline import eval_copy
+    from leanlm.report import atomic_write_json, staged_output
+    from leanlm.transforms import prune_heads, removed_fraction, select_heads
+
+    if args.scorer not in SCORERS:
+        raise LeanLMError(f"unknown scorer '{args.scorer}': choose from {', '.join(SCORERS)}")
+    if not 0 <= args.fraction < 1:
+        raise LeanLMError(f"--fraction must be in [0, 1), got {args.fraction}")
+    out = _out_dir(args, "prune")
+    model, tokenizer = load_model(args.model, "float32"), load_tokenizer(args.model)
+    spec = ModelSpec.from_model(model)
+    scores = score_heads(eval_copy(model, args.dtype), tokenizer, [args.scorer], args.calib_samples, args.calib_len)[args.scorer]
+    remove = select_heads(scores, args.fraction, args.layout, args.granularity, spec)
+    prune_heads(model, remove)
+    fraction = removed_fraction(remove, spec)
+    with staged_output(out) as stage:
+        scores.save_json(stage / f"scores_{args.scorer}.json")
+        steps = [f"Scored heads of `{args.model}` with `{args.scorer}` on WikiText-2 validation.",
+                 f"Removed {fraction:.2%} of the query heads ({args.layout}, {args.granularity}); no recovery."]
+        card = model_card(f"{args.model}, {fraction:.0%} of attention heads pruned by leanlm", steps, [],
+                          ModelSpec.from_model(model), stock=stock_layout(model))
+        exported = export_model(model, tokenizer, stage / "model", card)
+        atomic_write_json(stage / "prune.json", {"model": args.model, "command": _command_line(),
+                                                 "heads_removed": {str(k): v for k, v in remove.items()},
+                                                 "heads_removed_fraction": fraction, "export": exported.to_dict()})
+    print(f"removed {fraction:.2%} of the query heads; model in {out}/model" + (" (+ model-padded)" if exported.padded_path else ""))
+    return 0
+
+
+def run_distill(args: Namespace) -> int:
+    from leanlm.models import load_model, load_tokenizer
+    from leanlm.recover import DistillConfig, LoraSettings, add_lora, distill, merge_lora, plot_loss_curve, training_windows
+    from leanlm.report import atomic_write_json
+    from leanlm.transforms import save_compact
+
+    config = DistillConfig(steps=args.steps, max_minutes=args.max_minutes, alpha=args.alpha,
+                           temperature=args.temperature, top_k_teacher=args.top_k_teacher)
+    config.check()
+    settings = LoraSettings(rank=args.lora_rank, include_mlp=args.lora_mlp)
+    out = Path(args.out)
+    if (out / "model").exists():
+        raise LeanLMError(f"'{out}/model' already exists; results are never overwritten, pick a new --out")
+    student = add_lora(load_model(args.student, "float32"), settings)
+    teacher, tokenizer = load_model(args.teacher, "float32"), load_tokenizer(args.student)
+    result = distill(student, teacher, training_windows(tokenizer, config.seq_len), config, out_dir=out, resume=args.resume)
+    merged = merge_lora(student)
+    save_compact(merged, tokenizer, out / "model.tmp")
+    (out / "model.tmp").rename(out / "model")
+    plot_loss_curve(result, out / "loss.png")
+    atomic_write_json(out / "distill.json", {"command": _command_line(), **result.to_dict()})
+    print(f"{result.steps_done} steps in {result.seconds / 60:.1f} min; merged model in {out}/model, loss curve {out}/loss.png")
+    return 0
+
+
+def run_export(args: Namespace) -> int:
+    from leanlm.export import export_model, model_card, stock_layout
+    from leanlm.models import ModelSpec, load_model, load_tokenizer
+    from leanlm.report import check_new_output
+
+    check_new_output(args.out)
+    model, tokenizer = load_model(args.model, "float32"), load_tokenizer(args.model)
+    spec = ModelSpec.from_model(model)
+    card = model_card(f"{args.model}, exported by leanlm", [f"Exported `{args.model}`."], [], spec, stock=stock_layout(model))
+    exported = export_model(model, tokenizer, args.out, card, padded=not args.no_padded)
+    kind = "stock transformers checkpoint" if exported.stock_loadable else "leanlm compact checkpoint"
+    print(f"wrote {exported.path} ({kind})" + (f" and {exported.padded_path} (stock, padded)" if exported.padded_path else ""))
+    return 0

@@ -1,0 +1,96 @@
+"""report.md and plots for a pipeline run: before / after table, recovery variants, training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from leanlm.report.markdown import human_bytes  # noqa: E402
+from leanlm.report.results import atomic_write_text  # noqa: E402
+
+ROWS = [("baseline", "original"), ("pruned", "pruned, no recovery"), ("kd_oproj", "pruned + KD, no LoRA (o_proj trains)"),
+        ("lora_kd", "pruned + LoRA + KD"), ("reference", "unpruned + LoRA + CE (domain-adaptation reference)")]
+
+
+def _speed(metrics: dict, key: str, sub: str) -> str:
+    value = (metrics.get(key) or {}).get(sub)
+    return f"{value:.1f}" if value is not None else "–"
+
+
+def comparison_table(results: dict) -> str:
+    base = results["baseline"]
+    lines = ["| model | ppl (test) | ratio | ppl (Botchan, OOD) | ratio | KV bytes/token | params | weights | prefill tok/s @2048 | decode tok/s @1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, label in ROWS:
+        m = results.get(key)
+        if not m:
+            continue
+        ood, base_ood = m.get("ood_perplexity"), base.get("ood_perplexity")
+        ood_cells = f"{ood:.3f} | {ood / base_ood:.3f}" if ood and base_ood else "– | –"
+        lines.append(
+            f"| {label} | {m['perplexity']:.3f} | {m['perplexity'] / base['perplexity']:.3f} | {ood_cells} | "
+            f"{m['kv_bytes_per_token']:,.0f} | {m['params']:,} | {human_bytes(m['weight_bytes'])} | "
+            f"{_speed(m, 'prefill_tokens_per_s', '2048')} | {_speed(m, 'decode_tokens_per_s', '1')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_training(training: dict[str, dict], path: Path, which: str) -> bool:
+    """which='eval': perplexity on the first test tokens during training; 'loss': training loss per step."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    drawn = False
+    for variant, record in training.items():
+        if which == "eval" and record.get("eval_curve"):
+            steps, values = zip(*record["eval_curve"])
+            ax.plot(steps, values, marker="o", label=variant)
+            drawn = True
+        if which == "loss" and record.get("losses"):
+            ax.plot([x["step"] for x in record["losses"]], [x["total"] for x in record["losses"]], label=variant, linewidth=1)
+            drawn = True
+    ax.set_xlabel("step")
+    ax.set_ylabel("perplexity (first test tokens)" if which == "eval" else "training loss")
+    ax.set_title("perplexity during recovery" if which == "eval" else "recovery loss")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def write_pipeline_report(out: Path, results: dict, training: dict[str, dict], scores) -> None:
+    from leanlm.report.head_plots import plot_head_heatmap
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    images = []
+    plot_head_heatmap(scores, plots / "head_scores.png")
+    images.append("plots/head_scores.png")
+    for which in ("eval", "loss"):
+        if plot_training(training, plots / f"training_{which}.png", which):
+            images.append(f"plots/training_{which}.png")
+    base = results["baseline"]
+    protocol = base["protocol"]
+    parts = [
+        f"# leanlm run: {results['name']}", "",
+        f"Model `{results['model']}`; {results['heads_removed_fraction']:.2%} of the attention query heads removed "
+        f"({results['recipe']['prune']['layout']} layout, {results['recipe']['prune']['granularity']} granularity, "
+        f"scored by `{results['recipe']['score']['scorer']}`).", "",
+        comparison_table(results), "",
+        f"Perplexity protocol (every row): WikiText-2 test, `{protocol['method']}`, window {protocol['window']}, "
+        f"stride {protocol['stride']}, {protocol['tokens_scored']:,} tokens scored, {protocol['dtype']}. Out-of-domain: "
+        f"{base.get('ood_protocol', {}).get('text_source', 'not measured')}, same protocol. Training data: "
+        "WikiText-2 validation only. Speeds are from separate runs on a shared machine: compare them with care "
+        "(the benchmark measures speed ratios side by side).", "",
+        "## Recovery runs", "", "| variant | steps | minutes | stopped by time budget | final loss |", "| --- | ---: | ---: | --- | ---: |",
+    ]
+    for variant, t in results.get("training", {}).items():
+        loss = f"{t['final_loss']:.4f}" if t["final_loss"] is not None else "–"
+        parts.append(f"| {variant} | {t['steps']} | {t['train_minutes']:.1f} | {t['stopped_early']} | {loss} |")
+    parts += ["", *[f"![{img}]({img})" for img in images], ""]
+    atomic_write_text(out / "report.md", "\n".join(parts))
