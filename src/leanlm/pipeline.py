@@ -95,7 +95,7 @@ def monitor_fn(tokenizer, recipe: Recipe):
 def distill_config(recipe: Recipe, **overrides) -> DistillConfig:
     d = recipe.recover.distill
     fields = dict(steps=d.steps, max_minutes=d.max_minutes, batch_size=d.batch_size, seq_len=d.seq_len,
-                  grad_accum=d.grad_accum, lr=d.lr, alpha=d.alpha, temperature=d.temperature,
+                  grad_accum=d.grad_accum, lr=d.lr, warmup_steps=d.warmup_steps, alpha=d.alpha, temperature=d.temperature,
                   top_k_teacher=d.top_k_teacher, checkpoint_every=d.checkpoint_every, eval_every=d.eval_every)
     return DistillConfig(**(fields | overrides))
 

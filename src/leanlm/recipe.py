@@ -59,6 +59,7 @@ class DistillStep:
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 2e-4
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up before the cosine decay"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the KD term; 1 - alpha weighs cross-entropy"})
     temperature: float = 2.0
     top_k_teacher: int = field(default=0, metadata={"help": "0 = run the teacher live; k = cache its top-k logits once"})
