@@ -101,8 +101,14 @@ def distill_config(recipe: Recipe, **overrides) -> DistillConfig:
 
 
 def recover(variant: str, start, teacher, tokenizer, recipe: Recipe, work: Path, **overrides):
-    """Train a copy of `start` with one recovery variant; returns (merged float32 model, DistillResult dict)."""
-    student = copy.deepcopy(start).float()
+    """Train a copy of `start` with one recovery variant; returns (merged model, DistillResult dict).
+
+    Student and teacher weights are in `recover.distill.dtype` (bfloat16: ~3x faster steps on a CPU
+    with AVX-512 BF16; peft keeps the LoRA adapters in float32 on a bf16 base).
+    """
+    dtype = parse_dtype(recipe.recover.distill.dtype)
+    student = copy.deepcopy(start).to(dtype)
+    teacher = teacher if teacher.dtype == dtype else copy.deepcopy(teacher).to(dtype)
     if variant in ("lora_kd", "reference_lora_ce"):
         lora = recipe.recover.lora
         student = add_lora(student, LoraSettings(rank=lora.rank, alpha=lora.alpha, include_mlp=lora.include_mlp))

@@ -54,6 +54,8 @@ class LoraStep:
 @dataclass
 class DistillStep:
     steps: int = field(default=200, metadata={"help": "optimizer steps (upper bound)"})
+    dtype: str = field(default="bfloat16", metadata={"help": "weights of student and teacher while training; "
+                                                              "bfloat16 is ~3x faster than float32 on this CPU"})
     max_minutes: float | None = field(default=20.0, metadata={"help": "wall-clock budget; stops after the step that crosses it"})
     batch_size: int = 4
     seq_len: int = 256
@@ -171,6 +173,8 @@ def _check_values(recipe: Recipe, errors: list[str]) -> None:
         value = getattr(holder, key)
         if value not in allowed:
             errors.append(f"'{(section + '.') if section else ''}{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    if recipe.recover is not None and recipe.recover.distill.dtype not in ("bfloat16", "float32"):
+        errors.append(f"'recover.distill.dtype' must be bfloat16 or float32, got {recipe.recover.distill.dtype!r}")
     if not 0 <= recipe.prune.fraction < 1:
         errors.append(f"'prune.fraction' must be in [0, 1), got {recipe.prune.fraction}")
     if recipe.recover is not None:
