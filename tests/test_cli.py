@@ -125,3 +125,51 @@ def test_console_script_help_and_exit_code(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     helped = subprocess.run([sys.executable, "-m", "leanlm.cli", "eval", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--max-tokens" in helped.stdout and "nonoverlap" in helped.stdout
+
+
+@pytest.mark.real_model  # bundled tokenizer + WikiText-2 validation, tiny model
+def test_analyze_prune_distill_export_commands(capsys, tmp_path, tiny_model_dir):
+    import torch
+
+    from leanlm.models import ModelSpec, load_model
+
+    analyzed = tmp_path / "analyze"
+    assert run_cli(capsys, "analyze", "--model", str(tiny_model_dir), "--out", str(analyzed), "--dtype", "float32",
+                   "--scorers", "magnitude,taylor", "--calib-samples", "2", "--calib-len", "16")[0] == 0
+    scores = json.loads((analyzed / "scores_taylor.json").read_text())
+    assert [len(row) for row in scores["per_head"]] == [4, 4]
+    assert (analyzed / "plots" / "heads_taylor.png").stat().st_size > 0
+
+    pruned = tmp_path / "pruned"
+    assert run_cli(capsys, "prune", "--model", str(tiny_model_dir), "--out", str(pruned), "--scorer", "magnitude",
+                   "--fraction", "0.5", "--layout", "uniform", "--granularity", "kv_group",
+                   "--calib-samples", "2", "--calib-len", "16")[0] == 0
+    model = load_model(str(pruned / "model"))
+    assert ModelSpec.from_model(model).kv_heads_per_layer == (1, 1)  # one of two KV groups left per layer
+
+    recovered = tmp_path / "recovered"
+    assert run_cli(capsys, "distill", "--student", str(pruned / "model"), "--teacher", str(tiny_model_dir),
+                   "--out", str(recovered), "--steps", "2")[0] == 0
+    merged = load_model(str(recovered / "model"))
+    assert json.loads((recovered / "distill.json").read_text())["steps_done"] == 2
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        assert not torch.equal(merged(ids).logits, model(ids).logits)  # training changed the weights
+
+    exported = tmp_path / "exported"
+    assert run_cli(capsys, "export", "--model", str(recovered / "model"), "--out", str(exported))[0] == 0
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(exported)  # uniform layout: plain transformers loads it
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, merged(ids).logits)
+    assert "README.md" in {p.name for p in exported.iterdir()}
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["prune", "--fraction", "1.0"], "--fraction must be in [0, 1)"),
+    (["prune", "--scorer", "vibes"], "unknown scorer 'vibes'"),
+])
+def test_prune_bad_input(capsys, tmp_path, argv, fragment):
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, fragment)
