@@ -60,6 +60,11 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat
                              "and agrees within 1%% on perplexity (default: %(default)s)")
 
 
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib-samples", type=positive_int, default=8, help="calibration windows (validation split)")
+    parser.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="leanlm", description="Make a pretrained LLM cheaper to run, with honest numbers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
@@ -93,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(an)
     an.add_argument("--out", type=Path, help="new results directory (default runs/analyze-MODEL-TIME)")
     an.add_argument("--scorers", default="kl,magnitude,taylor", help="comma list of kl, magnitude, taylor")
-    an.add_argument("--calib-samples", type=positive_int, default=8, help="calibration windows (validation split)")
-    an.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window")
+    add_calibration_args(an)
     an.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
 
     rn = sub.add_parser("run", help="run a recipe end to end: eval, score, prune, eval, LoRA+KD, eval, export, report",
@@ -116,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--granularity", default="query", choices=["query", "kv_group"],
                     help="query: heads inside each KV group; kv_group: whole groups, shrinks the KV cache (default: %(default)s)")
     pr.add_argument("--scorer", default="kl", help="kl | magnitude | taylor (default: %(default)s)")
-    pr.add_argument("--calib-samples", type=positive_int, default=8, help="calibration windows (validation split)")
-    pr.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window")
+    add_calibration_args(pr)
 
     di = sub.add_parser("distill", help="recover a pruned model: LoRA + knowledge distillation from the original",
                         description="Train LoRA adapters on the student to match the teacher (KL at temperature T mixed "
