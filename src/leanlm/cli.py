@@ -65,6 +65,20 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window")
 
 
+def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache", default=None, metavar="POLICY",
+                        help="run-time KV-cache policy: quantized, sink_window, heavy_hitter, observation_window, "
+                             "or an eviction policy with quantized storage, e.g. heavy_hitter+int4 (default: full cache)")
+    parser.add_argument("--kv-budget", type=float, default=0.25,
+                        help="fraction of the full bf16 cache bytes of --kv-context tokens the policy may hold "
+                             "(default: %(default)s)")
+    parser.add_argument("--kv-context", type=positive_int, default=2048,
+                        help="tokens whose full cache the budget refers to (default: %(default)s)")
+    parser.add_argument("--kv-positions", default="original", choices=["original", "cache"],
+                        help="sink_window only: rotary positions from the text (original) or from the cache slot "
+                             "(cache: StreamingLLM's way, lets generation run past the trained length)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="leanlm", description="Make a pretrained LLM cheaper to run, with honest numbers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
@@ -91,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prefill-lengths", type=int_list, default=(512, 2048), help="comma list (default: 512,2048)")
     ev.add_argument("--decode-batches", type=int_list, default=(1, 4), help="comma list (default: 1,4)")
     ev.add_argument("--decode-tokens", type=positive_int, default=32, help="new tokens per decode run (default: 32)")
+
+    add_kv_cache_args(ev)
+
+    gen = sub.add_parser("generate", help="generate text, streamed to the terminal, optionally through a KV-cache policy",
+                         description="Generate text token by token (greedy by default), optionally through a "
+                                     "run-time KV-cache policy; prints the cache bytes held at the end.")
+    add_model_args(gen)
+    gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); else sample top-k")
+    gen.add_argument("--top-k", type=positive_int, default=50, help="sampling: keep the k likeliest (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    add_kv_cache_args(gen)
 
     an = sub.add_parser("analyze", help="score attention heads (KL utility, magnitude, Taylor) on calibration text",
                         description="Score every attention head and KV group on WikiText-2 validation; write JSON "
@@ -171,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
         handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,
                     "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
-                    "export": commands.run_export}
+                    "export": commands.run_export,
+                    "generate": commands.run_generate}
         return handlers[args.command](args)
     except LeanLMError as err:
         print(f"leanlm: error: {err}", file=sys.stderr)

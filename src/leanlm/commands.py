@@ -202,3 +202,53 @@ def run_export(args: Namespace) -> int:
     kind = "stock transformers checkpoint" if exported.stock_loadable else "leanlm compact checkpoint"
     print(f"wrote {exported.path} ({kind})" + (f" and {exported.padded_path} (stock, padded)" if exported.padded_path else ""))
     return 0
+
+
+def policy_from_args(args: Namespace):
+    """The KV-cache policy the --kv-* options name, or None for the full cache."""
+    from leanlm.kvcache import make_policy
+
+    if args.kv_cache is None:
+        if args.kv_positions != "original":
+            raise LeanLMError("--kv-positions needs --kv-cache sink_window")
+        return None
+    settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
+    if settings and not args.kv_cache.startswith("sink_window"):
+        raise LeanLMError("--kv-positions cache applies to sink_window only")
+    return make_policy(args.kv_cache, args.kv_budget, args.kv_context, **settings)
+
+
+def run_generate(args: Namespace) -> int:
+    from contextlib import nullcontext
+
+    import torch
+
+    from leanlm.generate import SamplingConfig, stream
+    from leanlm.kvcache import attach
+    from leanlm.models import load_model, load_tokenizer
+
+    policy = policy_from_args(args)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.seed)
+    sampling.validate()
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise LeanLMError("empty prompt: pass it as an argument or on stdin")
+    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with attach(model, policy) if policy else nullcontext() as cache:
+        print(prompt, end="", flush=True)
+        generated: list[int] = []
+        shown = ""
+        for token in stream(model, ids, args.max_new_tokens, cache, sampling):
+            generated.append(int(token[0]))
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            print(text[len(shown):], end="", flush=True)  # decode the whole tail: multi-token characters
+            shown = text
+            if generated[-1] == tokenizer.eos_token_id:
+                break
+        print()
+        if cache is not None:
+            log.info("kv cache (%s): %d tokens held of %d seen, %.2f MiB resident, %.2f MiB peak",
+                     policy.name, cache.held_tokens(), cache.seen_tokens, cache.nbytes() / 2**20,
+                     cache.peak_nbytes() / 2**20)
+    return 0

@@ -1,0 +1,205 @@
+"""The base of every run-time KV-cache policy: a transformers ``Cache`` whose layers really hold less.
+
+A policy is a typed config dataclass (``CachePolicy``) that builds one ``PolicyLayer`` per decoder
+layer. ``attach(model, policy)`` yields a ``PolicyCache`` to pass as ``past_key_values`` (to a forward
+or to ``model.generate``) and removes its hooks on exit, so a model is never left modified:
+
+    with attach(model, SinkWindow(sink=4, window=252)) as cache:
+        model.generate(ids, past_key_values=cache, max_new_tokens=100)
+
+Honest bytes: ``PolicyLayer.nbytes()`` is the bytes of the tensors the layer keeps between steps
+(resident). Each ``update`` returns full-precision K/V for this step's attention; those are a
+transient copy for compressed stores, and ``peak_nbytes`` counts them on top of what is resident.
+
+Positions: a layer that evicts tokens holds fewer tokens than the text has seen. ``get_seq_length``
+is what the layer holds (the attention mask is built from it); ``PolicyCache.seen_tokens`` is what the
+text has seen. ``next_position_ids`` gives the positions of the next tokens: their place in the text
+(``positions="original"``, the default) or their slot in the cache (``"cache"``, StreamingLLM's way).
+After eviction, pass ``position_ids`` explicitly (``generate`` does so itself, with text positions).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from leanlm.errors import LeanLMError
+from leanlm.models import decoder_layers
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the storage these tensors occupy (None counts 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class PolicyLayer(DynamicLayer):
+    """One decoder layer's cache under a policy. Subclasses implement ``store`` and ``nbytes``.
+
+    ``update`` appends the new K/V, returns what this step attends to, then lets the policy decide
+    what stays resident (``store``). ``queries`` holds this step's query states when the policy
+    asked for them (``CachePolicy.needs_queries``), set by a hook just before ``update``.
+    """
+
+    is_croppable = False  # eviction cannot be undone
+
+    def __init__(self):
+        super().__init__()
+        self.queries: torch.Tensor | None = None  # (batch, heads, q_len, head_dim), post-RoPE
+        self.seen = 0  # tokens of text this layer has been given
+        self.peak = 0  # max over steps of resident + transient bytes
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = self.values = None  # nothing held yet (DynamicLayer would put empty 1-D tensors here)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.attend_kv(key_states, value_states)  # (batch, kv_heads, held + q, head_dim)
+        self.store(keys, values, new=key_states.shape[-2])
+        self.seen += key_states.shape[-2]
+        resident = {t.data_ptr() for t in self.full_precision_tensors() if t is not None}
+        transient = tensor_bytes(*[t for t in (keys, values) if t.data_ptr() not in resident])
+        self.peak = max(self.peak, self.nbytes() + transient)
+        self.queries = None
+        return keys, values
+
+    def attend_kv(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision K/V this step attends to: what is held, then the new tokens."""
+        held_keys, held_values = self.materialize()
+        if held_keys is None:
+            return key_states, value_states
+        return torch.cat([held_keys, key_states], dim=-2), torch.cat([held_values, value_states], dim=-2)
+
+    @abstractmethod
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The held K/V in full precision, (batch, kv_heads, held, head_dim), or (None, None)."""
+
+    @abstractmethod
+    def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
+        """Keep what the policy keeps of ``keys``/``values`` (held + ``new`` tokens)."""
+
+    @abstractmethod
+    def held_tokens(self) -> int:
+        """Tokens resident in this layer (per head)."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer keeps between steps."""
+
+    def full_precision_tensors(self) -> list[torch.Tensor | None]:
+        """Resident tensors that ``update`` may hand to attention as they are (not a transient copy)."""
+        return [self.keys, self.values]
+
+    def get_seq_length(self) -> int:
+        return self.held_tokens() if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.queries, self.seen, self.peak = None, 0, 0
+
+
+class FullPrecisionLayer(PolicyLayer):
+    """Keeps K/V as given (the shared storage of the eviction policies, and a 100%-budget reference)."""
+
+    def materialize(self):
+        return self.keys, self.values
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
+        self.keys, self.values = keys, values
+
+    def held_tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.keys, self.values)
+
+
+class PolicyCache(Cache):
+    """A transformers Cache made of policy layers; reports resident/peak bytes and next positions."""
+
+    def __init__(self, layers: list[PolicyLayer], positions: str = "original"):
+        super().__init__(layers=layers)
+        self.positions = positions
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.layers[0].seen if self.layers else 0
+
+    def next_position_ids(self, num_tokens: int, batch: int = 1, device=None) -> torch.Tensor:
+        """(batch, num_tokens) positions of the next tokens (see the module doc)."""
+        start = self.seen_tokens if self.positions == "original" else self.get_seq_length()
+        return torch.arange(start, start + num_tokens, device=device).expand(batch, -1)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def peak_nbytes(self) -> int:
+        """Sum over layers of each layer's peak (layers run one after another, so this bounds the peak)."""
+        return sum(layer.peak for layer in self.layers)
+
+    def held_tokens(self) -> int:
+        return max((layer.held_tokens() for layer in self.layers), default=0)
+
+
+@dataclass
+class CachePolicy:
+    """A policy's settings; ``make_layer`` builds one layer's cache. Subclass per technique."""
+
+    name: ClassVar[str]
+    needs_queries: ClassVar[bool] = False  # set by policies that score tokens by attention
+    positions: ClassVar[str] = "original"
+
+    @abstractmethod
+    def make_layer(self, layer_idx: int, model: nn.Module) -> PolicyLayer: ...
+
+    @classmethod
+    @abstractmethod
+    def for_budget(cls, budget: float, context: int) -> CachePolicy:
+        """Settings that hold ``budget`` × the full bf16 cache bytes of a ``context``-token text."""
+
+    def describe(self) -> dict:
+        return {"policy": self.name, **asdict(self)}
+
+
+def check_budget(budget: float) -> None:
+    if not 0 < budget <= 1:
+        raise LeanLMError(f"KV budget must be in (0, 1] (a fraction of the full cache bytes), got {budget}")
+
+
+def capture_queries(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache) -> None:
+    """Forward pre-hook on a Llama attention module: hand its post-RoPE queries to its cache layer."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (batch, q, hidden)
+    cos, sin = kwargs["position_embeddings"]
+    queries = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
+    queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)  # (batch, heads, q, head_dim)
+    cache.layers[module.layer_idx].queries = queries
+
+
+@contextmanager
+def attach(model: nn.Module, policy: CachePolicy) -> Iterator[PolicyCache]:
+    """A fresh cache for ``model`` under ``policy``; hooks (if any) are removed on exit."""
+    layers = decoder_layers(model)
+    cache = PolicyCache([policy.make_layer(i, model) for i in range(len(layers))], positions=policy.positions)
+    handles = []
+    if policy.needs_queries:
+        for layer in layers:
+            hook = lambda module, args, kwargs: capture_queries(module, args, kwargs, cache)  # noqa: E731
+            handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield cache
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,94 @@
+"""StreamingLLM (Xiao et al. 2023): the first ``sink`` tokens ("attention sinks") + the last ``window``.
+
+Positions, two ways (``positions``):
+- ``original``: every key keeps the rotary position of its place in the text. Simple, and what
+  ``model.generate`` does; but once the text passes the model's trained length, queries sit at
+  positions the model never saw.
+- ``cache`` (the paper's way): a token's position is its slot in the cache. When the window slides,
+  the kept window keys are re-rotated by the shift (RoPE rotations compose), and the next query sits
+  at slot sink + window: positions never exceed the cache size, so generation can run forever.
+  Pass ``cache.next_position_ids(n)`` as ``position_ids``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from leanlm.errors import LeanLMError
+from leanlm.kvcache.base import CachePolicy, PolicyCache, check_budget
+from leanlm.kvcache.eviction import EvictionLayer, tokens_for_budget
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def rerotate(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys rotated as if they sat ``shift`` positions later (HF's rotate_half RoPE layout)."""
+    angles = shift * inv_freq.float()  # (head_dim / 2,)
+    angles = torch.cat([angles, angles])  # (head_dim,)
+    cos, sin = angles.cos().to(keys.dtype), angles.sin().to(keys.dtype)
+    return keys * cos + rotate_half(keys) * sin
+
+
+class SinkWindowLayer(EvictionLayer):
+    def __init__(self, sink: int, window: int, inv_freq: torch.Tensor | None, bits: int | None, group: int):
+        super().__init__(sink + window, bits, group)
+        self.sink, self.window = sink, window
+        self.inv_freq = inv_freq  # set in "cache" positions mode: keys are re-rotated as they slide
+
+    def keep(self, keys: torch.Tensor, new: int) -> torch.Tensor:
+        tokens = self.held.tokens()
+        index = torch.cat([torch.arange(self.sink), torch.arange(tokens - self.window, tokens)])
+        return index.to(keys.device).expand(keys.shape[0], keys.shape[1], -1)
+
+    def after_eviction(self, index: torch.Tensor) -> None:
+        if self.inv_freq is None:
+            return
+        # The window moved from slots [tokens - window, tokens) down to [sink, sink + window).
+        shift = self.sink - int(index[0, 0, self.sink])
+        store = self.held
+        store.keys = torch.cat([store.keys[:, :, : self.sink], rerotate(store.keys[:, :, self.sink:], shift, self.inv_freq)], 2)
+
+
+@dataclass
+class SinkWindow(CachePolicy):
+    """Keep ``sink`` first tokens and a rolling ``window`` of the last ones; never more than sink + window."""
+
+    name: ClassVar[str] = "sink_window"
+    sink: int = 4
+    window: int = 252
+    position_mode: str = "original"  # "original" | "cache" (see the module doc)
+    bits: int | None = None  # store kept tokens quantized (per token) at this width
+    group: int = 32
+
+    def __post_init__(self):
+        if self.sink < 0 or self.window < 1:
+            raise LeanLMError(f"sink_window needs sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
+        if self.position_mode not in ("original", "cache"):
+            raise LeanLMError(f"sink_window positions must be 'original' or 'cache', got '{self.position_mode}'")
+        if self.position_mode == "cache" and self.bits is not None:
+            raise LeanLMError("sink_window with cache positions re-rotates keys, so it needs full-precision storage")
+
+    @property
+    def positions(self) -> str:  # what PolicyCache.next_position_ids follows
+        return self.position_mode
+
+    def make_layer(self, layer_idx: int, model: nn.Module) -> SinkWindowLayer:
+        inv_freq = model.model.rotary_emb.inv_freq if self.position_mode == "cache" else None
+        return SinkWindowLayer(self.sink, self.window, inv_freq, self.bits, self.group)
+
+    @classmethod
+    def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> SinkWindow:
+        check_budget(budget)
+        capacity = tokens_for_budget(budget, context, bits, settings.get("group", 32))
+        sink = min(4, capacity - 1)
+        return cls(sink=sink, window=capacity - sink, bits=bits, **settings)
+
+
+__all__ = ["PolicyCache", "SinkWindow", "SinkWindowLayer", "rerotate"]
