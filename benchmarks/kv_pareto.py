@@ -1,0 +1,275 @@
+"""Benchmark: quality vs KV bytes of every run-time cache policy, side by side with NVIDIA kvpress.
+
+    .venv/bin/python benchmarks/kv_pareto.py --out runs/kv_pareto.json
+
+One process, one model (SmolLM2-135M, bf16), the same token windows for every row:
+- continuation protocol (shared with kvpress): prefill a WikiText-2 test context through the policy,
+  then score the next tokens on the compressed cache → `ppl_ratio`, `kl`, measured `bytes_per_token`;
+- streaming protocol (leanlm only: kvpress presses act on a prefill, not on a stream): the text fed
+  in chunks through the policy, every token scored → `stream_ppl_ratio`, `stream_kl`;
+- passkey retrieval at 2K/4K/8K tokens → `passkey` (accuracy by length) and `passkey_normalised`
+  (÷ the uncompressed run's own accuracy), and the answer log-likelihood;
+- decode tokens/s after a compressed prefill;
+- kvpress presses on the same windows through `benchmarks/kvpress_driver.py` in its own virtualenv
+  (it pins an older transformers), as rows with `source: kvpress`;
+- long generation (optional, --long-generation N): N tokens through sink_window with cache
+  positions, cache bytes and RSS sampled over time.
+Writes FILE.json, FILE.md (table) and FILE-pareto.png (+ FILE-long.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from leanlm.errors import LeanLMError
+from leanlm.evaluate.kv_protocols import (ContinuationProtocol, LongGenerationProtocol, PasskeyProtocol,
+                                          StreamingProtocol, continuation_perplexity, continuation_reference,
+                                          continuation_windows, long_generation, normalise, passkey_eval,
+                                          passkey_prompts, plot_long_generation, streaming_perplexity,
+                                          streaming_reference)
+from leanlm.generate import stream
+from leanlm.kvcache import SinkWindow, attach, make_policy
+from leanlm.models import load_model, load_tokenizer
+from leanlm.models.loading import resolve_source
+from leanlm.report import atomic_write_json, git_info, versions
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ["quantized", "sink_window", "heavy_hitter", "observation_window", "heavy_hitter+int4",
+            "observation_window+int4"]
+PRESSES = ["streaming_llm", "snapkv", "knorm", "expected_attention", "observed_attention", "quantized"]
+
+
+def decode_speed(model, policy_factory, context_ids: list[int], tokens: int = 32, warmup: int = 2) -> float:
+    """Tokens/s of greedy decoding after a (compressed) prefill of ``context_ids``."""
+    ids = torch.tensor([context_ids])
+    policy = policy_factory(len(context_ids) + tokens) if policy_factory else None
+    with attach(model, policy) if policy else _null() as cache:
+        steps = stream(model, ids, tokens + warmup, cache)
+        for _ in range(warmup):
+            next(steps)
+        start = time.perf_counter()
+        for _ in steps:
+            pass
+        return tokens / (time.perf_counter() - start)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def row(method: str, source: str, budget: float, cont, baseline_cont, **extra) -> dict:
+    return {"method": method, "source": source, "budget": budget, "bytes_per_token": cont.bytes_per_token,
+            "ppl": cont.perplexity, "ppl_ratio": cont.perplexity / baseline_cont.perplexity, "kl": cont.kl,
+            "top1_agreement": cont.top1_agreement, "peak_bytes": cont.peak_bytes, **extra}
+
+
+def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey) -> list[dict]:
+    rows = []
+    for name in args.policies:
+        for budget in args.budgets:
+            factory = (lambda n, name=name, budget=budget: make_policy(name, budget, n))
+            started = time.perf_counter()
+            cont = continuation_perplexity(model, tok, factory, refs["cont_protocol"], reference=refs["cont"])
+            extra = {"policy": factory(args.context).describe()}
+            if budget in args.stream_budgets:
+                streamed = streaming_perplexity(model, tok, factory, refs["stream_protocol"], reference=refs["stream"])
+                extra |= {"stream_ppl_ratio": streamed.perplexity / refs["stream"].result.perplexity,
+                          "stream_kl": streamed.kl, "stream_bytes_per_token": streamed.bytes_per_token}
+            if budget in args.passkey_budgets:
+                extra |= passkey_fields(model, tok, factory, passkey_items, refs["passkey_protocol"], baseline_passkey)
+            extra["decode_tokens_per_s"] = decode_speed(model, factory, refs["cont_windows"][0][: args.context])
+            extra["seconds"] = time.perf_counter() - started
+            rows.append(row(name, "leanlm", budget, cont, refs["cont"].result, **extra))
+            print(f"{name:>26} @ {budget:<5}: ppl x{rows[-1]['ppl_ratio']:.4f}  kl {cont.kl:.4f}  "
+                  f"{cont.bytes_per_token:,.0f} B/token", file=sys.stderr, flush=True)
+    return rows
+
+
+def passkey_fields(model, tok, policy, items, protocol, baseline) -> dict:
+    result = passkey_eval(model, tok, policy, items, protocol)
+    norm = normalise(result, baseline) if baseline is not None else None
+    return {"passkey": result.accuracy, "passkey_loglik": result.answer_loglik,
+            "passkey_normalised": norm["accuracy"] if norm else None,
+            "passkey_loglik_delta": norm["answer_loglik"] if norm else None}
+
+
+def run_kvpress(args, refs: dict, passkey_items) -> dict:
+    """kvpress rows from the driver in its own virtualenv; on failure, one error entry saying why."""
+    env = subprocess.run(["bash", str(ROOT / "benchmarks/kvpress_env.sh")], capture_output=True, text=True)
+    if env.returncode:
+        return {"error": f"kvpress environment could not be built: {env.stderr.strip().splitlines()[-1:]}"}
+    model_dir, _ = resolve_source(args.model)
+    request = {"model": str(model_dir), "dtype": "bfloat16", "presses": args.presses, "budgets": args.budgets,
+               "windows": refs["cont_windows"], "continuation": args.continuation,
+               "passkey": [{"ids": it.ids, "answer": it.answer_ids, "length": it.length, "depth": it.depth}
+                           for it in passkey_items],
+               "passkey_budgets": args.passkey_budgets, "decode_tokens": 32}
+    with tempfile.TemporaryDirectory() as tmp:
+        req, out = Path(tmp) / "request.json", Path(tmp) / "kvpress.json"
+        req.write_text(json.dumps(request))
+        python = ROOT / ".venv-kvpress/bin/python"
+        done = subprocess.run([str(python), str(ROOT / "benchmarks/kvpress_driver.py"), "--request", str(req),
+                               "--out", str(out)], stderr=None)
+        if done.returncode or not out.exists():
+            return {"error": f"kvpress driver exited with code {done.returncode}"}
+        return json.loads(out.read_text())
+
+
+def kvpress_rows(result: dict, lean_baseline_ppl: float) -> list[dict]:
+    """Driver rows with ratios against kvpress's own uncompressed run (same windows, its transformers)."""
+    base = result["baseline"]
+    rows = []
+    for r in result["rows"]:
+        ok = r.get("error") is None
+        rows.append({**r, "source": "kvpress", "ppl_ratio": r["ppl"] / base["ppl"] if ok else None,
+                     "passkey_normalised": _norm(r.get("passkey"), base.get("passkey")) if ok else None})
+    return rows
+
+
+def _norm(acc: dict | None, base: dict | None) -> dict | None:
+    if not acc or not base:
+        return None
+    return {k: (acc[k] / base[k] if base.get(k) else None) for k in acc}
+
+
+def targets(rows: list[dict], baseline_bytes: float) -> dict:
+    """The issue's targets: best ppl ratio at ≥4× and ≥8× fewer bytes, per source."""
+    out = {}
+    for factor, goal in ((4, 1.02), (8, 1.08)):
+        for source in ("leanlm", "kvpress"):
+            fits = [r for r in rows if r["source"] == source and r.get("ppl_ratio") is not None
+                    and r["bytes_per_token"] <= baseline_bytes / factor]
+            best = min(fits, key=lambda r: r["ppl_ratio"], default=None)
+            out[f"{source}_at_{factor}x_fewer_bytes"] = None if best is None else {
+                "method": best["method"], "budget": best["budget"], "ppl_ratio": best["ppl_ratio"],
+                "bytes_per_token": best["bytes_per_token"], "goal": goal, "met": best["ppl_ratio"] <= goal}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["| method | source | budget | bytes/token | ppl ratio | KL | stream ppl ratio | passkey (norm.) | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    def fmt(x, spec=".4f"):  # noqa: E306
+        return "—" if x is None else format(x, spec)
+    for r in [result["baseline"], *result["rows"]]:
+        pk = r.get("passkey_normalised") or r.get("passkey")
+        pk = ", ".join(f"{k}: {fmt(v, '.2f')}" for k, v in pk.items()) if pk else (r.get("error") or "—")
+        lines.append(f"| {r['method']} | {r['source']} | {r['budget']} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
+                     f"{fmt(r.get('ppl_ratio'))} | {fmt(r.get('kl'))} | {fmt(r.get('stream_ppl_ratio'))} | {pk} | "
+                     f"{fmt(r.get('decode_tokens_per_s'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    methods = sorted({(r["method"], r["source"]) for r in result["rows"] if r.get("ppl_ratio") is not None})
+    for method, source in methods:
+        pts = sorted((r["bytes_per_token"], r["ppl_ratio"]) for r in result["rows"]
+                     if r["method"] == method and r["source"] == source and r.get("ppl_ratio") is not None)
+        ax.plot(*zip(*pts), marker="o" if source == "leanlm" else "x", linestyle="-" if source == "leanlm" else ":",
+                label=f"{method} ({source})")
+    base = result["baseline"]
+    ax.scatter([base["bytes_per_token"]], [1.0], color="black", zorder=5, label="full bf16 cache")
+    ax.set_xscale("log")
+    ax.set_xlabel("measured KV bytes per context token (log)")
+    ax.set_ylabel("perplexity / full cache (continuation protocol)")
+    ax.set_title("KV-cache policies on SmolLM2-135M, WikiText-2 test")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write (never overwritten)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--policies", type=lambda s: s.split(","), default=POLICIES)
+    p.add_argument("--presses", type=lambda s: s.split(","), default=PRESSES)
+    p.add_argument("--budgets", type=floats, default=[0.5, 0.25, 0.125], help="fractions of the full cache bytes")
+    p.add_argument("--stream-budgets", type=floats, default=[0.25, 0.125], help="budgets also run on the streaming protocol")
+    p.add_argument("--passkey-budgets", type=floats, default=[0.25], help="budgets also run on passkey retrieval")
+    p.add_argument("--context", type=int, default=2048, help="continuation protocol: context tokens")
+    p.add_argument("--continuation", type=int, default=128, help="continuation protocol: scored tokens")
+    p.add_argument("--windows", type=int, default=4, help="continuation protocol: windows")
+    p.add_argument("--stream-tokens", type=int, default=4096, help="streaming protocol: tokens (windows of --context)")
+    p.add_argument("--stream-chunk", type=int, default=32, help="streaming protocol: tokens per forward")
+    p.add_argument("--passkey-lengths", type=ints, default=(2048, 4096, 8192))
+    p.add_argument("--passkey-depths", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.2, 0.5, 0.8))
+    p.add_argument("--no-kvpress", action="store_true", help="skip the kvpress rows")
+    p.add_argument("--long-generation", type=int, default=0, help="also generate N tokens with sink_window (0 = skip)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.out.exists():
+        raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
+    refs = {"cont_protocol": ContinuationProtocol(context=args.context, continuation=args.continuation,
+                                                  windows=args.windows),
+            "stream_protocol": StreamingProtocol(context=args.context, chunk=args.stream_chunk,
+                                                 max_tokens=args.stream_tokens),
+            "passkey_protocol": PasskeyProtocol(lengths=args.passkey_lengths, depths=args.passkey_depths)}
+    refs["cont_windows"] = continuation_windows(tok, refs["cont_protocol"])
+    refs["cont"] = continuation_reference(model, tok, refs["cont_protocol"])
+    refs["stream"] = streaming_reference(model, tok, refs["stream_protocol"])
+    items = passkey_prompts(tok, refs["passkey_protocol"])
+    base_passkey = passkey_eval(model, tok, None, items, refs["passkey_protocol"])
+    base = refs["cont"].result
+    baseline = {"method": "full", "source": "leanlm", "budget": 1.0, "bytes_per_token": base.bytes_per_token,
+                "ppl": base.perplexity, "ppl_ratio": 1.0, "kl": 0.0, "stream_ppl_ratio": 1.0,
+                "stream_ppl": refs["stream"].result.perplexity, "passkey": base_passkey.accuracy,
+                "passkey_loglik": base_passkey.answer_loglik,
+                "passkey_normalised": {k: 1.0 if v else None for k, v in base_passkey.accuracy.items()},
+                "decode_tokens_per_s": decode_speed(model, None, refs["cont_windows"][0][: args.context])}
+    rows = run_leanlm(model, tok, args, refs, items, base_passkey)
+    kvpress = None if args.no_kvpress else run_kvpress(args, refs, items)
+    if kvpress and "rows" in kvpress:
+        rows += kvpress_rows(kvpress, base.perplexity)
+    result = {"protocol": {"continuation": base.protocol, "streaming": refs["stream"].result.protocol,
+                           "passkey": dataclasses.asdict(refs["passkey_protocol"])},
+              "baseline": baseline, "rows": rows, "targets": targets(rows, baseline["bytes_per_token"]),
+              "kvpress": None if kvpress is None else {k: v for k, v in kvpress.items() if k not in ("rows",)},
+              "versions": versions(), "git": git_info()}
+    if args.long_generation:
+        policy = SinkWindow(sink=4, window=252, position_mode="cache")
+        long = long_generation(model, tok, policy, LongGenerationProtocol(new_tokens=args.long_generation))
+        result["long_generation"] = long.to_dict()
+        plot_long_generation(long, args.out.with_name(args.out.stem + "-long.png"))
+    atomic_write_json(args.out, result)
+    args.out.with_suffix(".md").write_text(markdown(result))
+    pareto_plot(result, args.out.with_name(args.out.stem + "-pareto.png"))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except LeanLMError as err:
+        print(f"kv_pareto: error: {err}", file=sys.stderr)
+        sys.exit(2)
