@@ -173,3 +173,29 @@ def test_analyze_prune_distill_export_commands(capsys, tmp_path, tiny_model_dir)
 def test_prune_bad_input(capsys, tmp_path, argv, fragment):
     code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "p"))
     assert_one_line_error(code, err, fragment)
+
+
+def test_eval_with_kv_cache_writes_policy_and_full_cache_side_by_side(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "kv"
+    code, printed, _ = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--dtype", "float32", "--out", str(out),
+                               "--kv-cache", "sink_window", "--kv-budget", "0.25", "--kv-context", "128",
+                               "--kv-chunk", "16", "--max-tokens", "256")
+    assert code == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["kv_cache"]["policy"] == "sink_window"
+    assert results["kv_cache"]["sink"] + results["kv_cache"]["window"] == 32  # 25% of 128 tokens
+    # 32 of 128 tokens held at the end of each window, measured from the cache's tensors
+    assert results["bytes_ratio"] == pytest.approx(0.25)
+    assert results["kl"] > 0 and results["ppl_ratio"] > 0
+    assert (out / "report.md").exists()
+
+
+def test_generate_streams_through_a_policy_and_rejects_bad_policies(capsys, tiny_model_dir):
+    code, printed, _ = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--max-new-tokens", "5",
+                               "--kv-cache", "heavy_hitter", "--kv-budget", "0.5", "--kv-context", "8", "Hello world")
+    assert code == 0 and printed.startswith("Hello world")
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--kv-cache", "magic", "hi")
+    assert code == 2 and "unknown KV-cache policy" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--kv-cache", "sink_window",
+                           "--kv-budget", "2", "hi")
+    assert code == 2 and "budget" in err

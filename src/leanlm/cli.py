@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--decode-tokens", type=positive_int, default=32, help="new tokens per decode run (default: 32)")
 
     add_kv_cache_args(ev)
+    ev.add_argument("--kv-chunk", type=positive_int, default=32,
+                    help="with --kv-cache: tokens per forward as the text streams through the cache (default: %(default)s)")
 
     gen = sub.add_parser("generate", help="generate text, streamed to the terminal, optionally through a KV-cache policy",
                          description="Generate text token by token (greedy by default), optionally through a "

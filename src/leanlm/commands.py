@@ -37,6 +37,8 @@ def run_eval(args: Namespace) -> int:
     from leanlm.models import load_model, load_tokenizer
     from leanlm.report.markdown import metrics_rows, table
 
+    if args.kv_cache is not None:
+        return run_eval_kv_cache(args)
     window = args.window or (1024 if args.protocol == "sliding" else 2048)
     protocol = PerplexityProtocol(args.split, args.protocol, window, args.stride or max(1, window // 2), args.max_tokens)
     protocol.validate()
@@ -251,4 +253,51 @@ def run_generate(args: Namespace) -> int:
             log.info("kv cache (%s): %d tokens held of %d seen, %.2f MiB resident, %.2f MiB peak",
                      policy.name, cache.held_tokens(), cache.seen_tokens, cache.nbytes() / 2**20,
                      cache.peak_nbytes() / 2**20)
+    return 0
+
+
+def run_eval_kv_cache(args: Namespace) -> int:
+    """`leanlm eval --kv-cache P`: streaming perplexity through the policy vs the full cache, same windows."""
+    from leanlm.evaluate.kv_protocols import StreamingProtocol, streaming_perplexity, streaming_reference
+    from leanlm.kvcache import make_policy
+    from leanlm.models import load_model, load_tokenizer
+    from leanlm.report import atomic_write_json, atomic_write_text, git_info, staged_output, versions
+    from leanlm.report.markdown import table
+
+    if args.split == "botchan":
+        raise LeanLMError("--kv-cache evaluates on WikiText-2 (test or validation), not botchan")
+    context = args.window or args.kv_context
+    protocol = StreamingProtocol(args.split, context, args.kv_chunk, args.max_tokens)
+    protocol.validate()
+    policy_from_args(args)  # bad policy settings fail before the model loads
+    out = _out_dir(args, "eval-kv")
+    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
+    factory = lambda tokens: make_policy(args.kv_cache, args.kv_budget, tokens, **settings)  # noqa: E731
+    reference = streaming_reference(model, tokenizer, protocol)
+    result = streaming_perplexity(model, tokenizer, factory, protocol, reference=reference)
+    full = reference.result
+    results = {"model": args.model, "command": _command_line(), "perplexity": result.perplexity,
+               "protocol": result.protocol, "kv_cache": result.policy, "kv_budget": args.kv_budget,
+               "kv_bytes_per_token": result.bytes_per_token, "kv_peak_bytes": result.peak_bytes,
+               "ppl_ratio": result.perplexity / full.perplexity, "kl": result.kl,
+               "top1_agreement": result.top1_agreement,
+               "uncompressed": {"perplexity": full.perplexity, "kv_bytes_per_token": full.bytes_per_token},
+               "bytes_ratio": result.bytes_per_token / full.bytes_per_token,
+               "details": result.to_dict(), "versions": versions(), "git": git_info()}
+    rows = [("perplexity (policy / full)", f"{result.perplexity:.3f} / {full.perplexity:.3f}  "
+                                           f"(x{results['ppl_ratio']:.4f})"),
+            ("KL to full cache (nats/token)", f"{result.kl:.5f}"),
+            ("top-1 agreement", f"{result.top1_agreement:.4f}"),
+            ("KV bytes/token (policy / full)", f"{result.bytes_per_token:,.0f} / {full.bytes_per_token:,.0f}  "
+                                               f"({results['bytes_ratio']:.3f})"),
+            ("protocol", f"{protocol.split}, windows of {context}, chunks of {protocol.chunk}, "
+                         f"{result.tokens_scored} tokens scored, {result.protocol['dtype']}")]
+    text = table(rows, header=("metric", args.kv_cache))
+    with staged_output(out) as stage:
+        atomic_write_json(stage / "results.json", results)
+        atomic_write_text(stage / "report.md", f"# KV-cache policy {args.kv_cache} at budget {args.kv_budget}\n\n"
+                                               f"{text}\n\nCommand: `{results['command']}`\n")
+    print(text)
+    print(f"\nwrote {out}/results.json and {out}/report.md")
     return 0
