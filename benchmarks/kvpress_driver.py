@@ -14,7 +14,17 @@ Protocol ("context compression"), per window = context + continuation:
   3. score NLL of every continuation token (the first predicted from the prefill's last logits)
      and KL(p_full || p_compressed), p_full from the same computation with no press.
 budget = fraction of the baseline cache bytes kept: eviction presses get compression_ratio = 1 - budget,
-the quantized cache gets nbits = 16 * budget (bf16 baseline). budget 1.0 = no press (= the baseline).
+the quantized cache gets nbits = 16 * budget (bf16 baseline). budget 1.0 = no press: its rows are the
+baseline's numbers under the press's name, not a rerun.
+
+Request keys: model, dtype, presses, budgets, windows, continuation, passkey, passkey_budgets,
+decode_tokens; optional threads, quantized (overrides of QUANT_DEFAULTS).
+Output: {kvpress_version, transformers_version, torch_version, attn_implementation, dtype, model,
+n_windows, continuation, threads, baseline: ROW, rows: [ROW, ...]} with ROW = {method ("full" or
+"kvpress:<press>"), source "kvpress", budget, bytes_per_token (measured after prefill / context tokens),
+nll, ppl, kl, passkey {length: accuracy} | null, passkey_loglik {length: mean} | null,
+decode_tokens_per_s, seconds, seconds_per_window, error (null or "Type: first line")}; quantized rows
+also carry quant {backend, axis_key, axis_value, q_group_size, residual_length, nbits}.
 """
 
 from __future__ import annotations
