@@ -11,10 +11,9 @@ One process, one model (SmolLM2-135M, bf16), the same token windows for every ro
   (÷ the uncompressed run's own accuracy), and the answer log-likelihood;
 - decode tokens/s after a compressed prefill;
 - kvpress presses on the same windows through `benchmarks/kvpress_driver.py` in its own virtualenv
-  (it pins an older transformers), as rows with `source: kvpress`;
-- long generation (optional, --long-generation N): N tokens through sink_window with cache
-  positions, cache bytes and RSS sampled over time.
-Writes FILE.json, FILE.md (table) and FILE-pareto.png (+ FILE-long.png).
+  (it pins an older transformers), as rows with `source: kvpress`.
+Writes FILE.json, FILE.md (table) and FILE-pareto.png. Flat memory over a long generation is
+`benchmarks/kv_long_generation.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -32,13 +30,12 @@ from pathlib import Path
 import torch
 
 from leanlm.errors import LeanLMError
-from leanlm.evaluate.kv_protocols import (ContinuationProtocol, LongGenerationProtocol, PasskeyProtocol,
-                                          StreamingProtocol, continuation_perplexity, continuation_reference,
-                                          continuation_windows, long_generation, normalise, passkey_eval,
-                                          passkey_prompts, plot_long_generation, streaming_perplexity,
+from leanlm.evaluate.kv_protocols import (ContinuationProtocol, PasskeyProtocol, StreamingProtocol,
+                                          continuation_perplexity, continuation_reference, continuation_windows,
+                                          normalise, passkey_eval, passkey_prompts, streaming_perplexity,
                                           streaming_reference)
 from leanlm.generate import stream
-from leanlm.kvcache import SinkWindow, attach, make_policy
+from leanlm.kvcache import attach, make_policy
 from leanlm.models import load_model, load_tokenizer
 from leanlm.models.loading import resolve_source
 from leanlm.report import atomic_write_json, git_info, versions
@@ -219,7 +216,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passkey-lengths", type=ints, default=(2048, 4096, 8192))
     p.add_argument("--passkey-depths", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.2, 0.5, 0.8))
     p.add_argument("--no-kvpress", action="store_true", help="skip the kvpress rows")
-    p.add_argument("--long-generation", type=int, default=0, help="also generate N tokens with sink_window (0 = skip)")
     return p.parse_args()
 
 
@@ -255,11 +251,6 @@ def main() -> int:
               "baseline": baseline, "rows": rows, "targets": targets(rows, baseline["bytes_per_token"]),
               "kvpress": None if kvpress is None else {k: v for k, v in kvpress.items() if k not in ("rows",)},
               "versions": versions(), "git": git_info()}
-    if args.long_generation:
-        policy = SinkWindow(sink=4, window=252, position_mode="cache")
-        long = long_generation(model, tok, policy, LongGenerationProtocol(new_tokens=args.long_generation))
-        result["long_generation"] = long.to_dict()
-        plot_long_generation(long, args.out.with_name(args.out.stem + "-long.png"))
     atomic_write_json(args.out, result)
     args.out.with_suffix(".md").write_text(markdown(result))
     pareto_plot(result, args.out.with_name(args.out.stem + "-pareto.png"))
