@@ -238,3 +238,19 @@ def test_every_policy_describes_itself():
         described = make_policy(name, 0.5, 256).describe()
         assert described["policy"] == name
         assert set(f.name for f in dataclasses.fields(CACHE_POLICIES[name])) <= set(described)
+
+
+def test_quantized_budget_picks_the_most_bits_that_fit_and_measured_bytes_agree(model, ids):
+    # Groups of 16 values carry 4 bytes of float16 scale and low: 0.25 byte per value on top of the
+    # codes, and the 16-token residual is exact. 4/4 bits would need 0.53 of the bytes; 4/2 needs 0.48.
+    policy = make_policy("quantized", 0.5, CONTEXT, group=16, residual=16)
+    assert (policy.bits, policy.value_bits) == (4, 2)
+    assert policy.nominal_fraction(CONTEXT) == pytest.approx((48 * 1.25 + 16 * 4) / (64 * 4))
+    with attach(model, policy) as cache:
+        run_chunks(model, ids, cache)
+        bf16_bytes = (
+            2 * 2 * model.config.num_hidden_layers * ids.shape[0] * 2 * CONTEXT * 32)  # bytes × K,V × layers × batch × kv heads × tokens × dim
+        # All 64 tokens sit in four full 16-token residuals, so all are quantized: 1.25 bytes per K+V pair.
+        assert cache.held_tokens() == CONTEXT
+        assert cache.nbytes() / bf16_bytes == pytest.approx(1.25 / 4)
+        assert cache.nbytes() / bf16_bytes <= policy.nominal_fraction(CONTEXT)  # the nominal bound holds

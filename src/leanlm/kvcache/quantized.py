@@ -1,5 +1,9 @@
 """KIVI (Liu et al. 2024): 2/4/8-bit K and V, keys per channel and values per token.
 
+Keys and values may use different widths (``value_bits``): values tolerate fewer bits than keys,
+and 4-bit keys with 2-bit values is the one mix that stores 4x fewer bytes than bf16 once the
+float16 scales are counted (4-bit alone cannot: 0.5 byte + scales per value is over 2 / 4).
+
 Keys have a few outlier channels, so each key channel gets its own scale over a group of ``group``
 tokens; values are quantized per token (groups of ``group`` along head_dim). The newest tokens stay in
 full precision in a residual of up to ``residual`` tokens; when it fills, it is quantized as
@@ -32,9 +36,10 @@ def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape
 
 
 class KiviLayer(PolicyLayer):
-    def __init__(self, bits: int, group: int, residual: int):
+    def __init__(self, bits: int, group: int, residual: int, value_bits: int | None = None):
         super().__init__()
         self.bits, self.group, self.residual = bits, group, residual
+        self.value_bits = value_bits or bits
         self.qkeys: QuantizedTensor | None = None  # shape (batch, kv_heads, head_dim, tokens): per channel
         self.qvalues: QuantizedTensor | None = None  # shape (batch, kv_heads, tokens, head_dim): per token
         self.keys = self.values = None  # the full-precision residual (batch, kv_heads, <= residual, head_dim)
@@ -58,7 +63,7 @@ class KiviLayer(PolicyLayer):
         if full:
             block_k = tail_k[:, :, :full].transpose(2, 3).contiguous()  # (batch, kv_heads, head_dim, full)
             self.qkeys = cat_quantized(self.qkeys, quantize(block_k, self.bits, self.group), dim=3, shape_dim=3)
-            self.qvalues = cat_quantized(self.qvalues, quantize(tail_v[:, :, :full], self.bits, self.group),
+            self.qvalues = cat_quantized(self.qvalues, quantize(tail_v[:, :, :full], self.value_bits, self.group),
                                          dim=2, shape_dim=2)
         # clone: a view would keep the whole step's K/V tensor alive
         self.keys, self.values = tail_k[:, :, full:].clone(), tail_v[:, :, full:].clone()
@@ -80,10 +85,13 @@ class Quantized(CachePolicy):
     bits: int = 4  # 2, 4, 8; or 16: nothing quantized (the full cache, for a 100% budget)
     group: int = 32
     residual: int = 128
+    value_bits: int | None = None  # None: the same as bits
 
     def __post_init__(self):
         if self.bits != 16:
             check_bits(self.bits)
+            if self.value_bits is not None:
+                check_bits(self.value_bits)
         if self.group < 1 or self.residual < self.group or self.residual % self.group:
             raise LeanLMError(f"quantized needs residual to be a positive multiple of group, got "
                               f"group={self.group}, residual={self.residual}")
@@ -95,14 +103,33 @@ class Quantized(CachePolicy):
             model.config.hidden_size // model.config.num_attention_heads
         if head_dim % self.group:
             raise LeanLMError(f"head_dim {head_dim} is not a multiple of the quantization group {self.group}")
-        return KiviLayer(self.bits, self.group, self.residual)
+        return KiviLayer(self.bits, self.group, self.residual, self.value_bits)
+
+    def nominal_fraction(self, context: int) -> float:
+        """Bytes held for a ``context``-token text / the bf16 cache's, before any measurement."""
+        if self.bits == 16:
+            return 1.0
+        per_pair = quantized_bytes_per_value(self.bits, self.group) + \
+            quantized_bytes_per_value(self.value_bits or self.bits, self.group)  # one K value + one V value
+        exact = min(self.residual, context)
+        return ((context - exact) * per_pair + exact * 4) / (context * 4)
 
     @classmethod
     def for_budget(cls, budget: float, context: int, **settings) -> Quantized:
-        """The widest bit width whose nominal bytes fit the budget (the narrowest if none does)."""
+        """The most bits whose nominal bytes at ``context`` tokens fit the budget (the fewest if none do).
+
+        Candidates: equal or lower value bits than key bits, groups of 32 or 64 (unless ``group`` is
+        given), a 64-token residual (unless ``residual`` is given).
+        """
         check_budget(budget)
         if budget >= 1:
             return cls(bits=16, **settings)
-        group = settings.get("group", 32)
-        fitting = [b for b in SUPPORTED_BITS if quantized_bytes_per_value(b, group) / 2 <= budget]
-        return cls(bits=max(fitting) if fitting else min(SUPPORTED_BITS), **settings)
+        groups = (settings.pop("group"),) if "group" in settings else (32, 64)
+        residual = settings.pop("residual", 64)
+        candidates = [cls(bits=k, value_bits=v, group=g, residual=residual, **settings)
+                      for k in SUPPORTED_BITS for v in SUPPORTED_BITS if v <= k for g in groups]
+        fitting = [c for c in candidates if c.nominal_fraction(context) <= budget]
+        if not fitting:
+            return min(candidates, key=lambda c: c.nominal_fraction(context))
+        # most bits first (keys weigh more), then the finer group
+        return max(fitting, key=lambda c: (c.bits + c.value_bits, c.bits, -c.group))
