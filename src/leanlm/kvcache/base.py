@@ -173,6 +173,13 @@ class CachePolicy:
     def describe(self) -> dict:
         return {"policy": self.name, **asdict(self)}
 
+    def hooks(self, model: nn.Module, cache: PolicyCache) -> list:
+        """Extra hook handles this policy needs on ``model`` while attached (``attach`` removes them).
+
+        Registered after the query hooks, so a policy's attention pre-hook sees ``layer.queries``.
+        """
+        return []
+
 
 def check_budget(budget: float) -> None:
     if not 0 < budget <= 1:
@@ -199,6 +206,7 @@ def attach(model: nn.Module, policy: CachePolicy) -> Iterator[PolicyCache]:
             hook = lambda module, args, kwargs: capture_queries(module, args, kwargs, cache)  # noqa: E731
             handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
     try:
+        handles += policy.hooks(model, cache)
         yield cache
     finally:
         for handle in handles:

@@ -1,0 +1,584 @@
+"""SentenceKV-style two-tier cache: sentence summaries in fast memory, token K/V in a slow store.
+
+Much of K and V is redundant across the tokens of a sentence. So the text is cut into sentences, each
+closed sentence keeps a small *summary* in fast memory, its token K/V go to a larger, slower tier, and
+each step brings back only the sentences its queries need.
+
+Segmentation (``segment``, pure): a sentence closes after a token whose text ends with ``.``, ``!``,
+``?`` or a newline (``boundary_token_ids`` builds that table from a tokenizer once), or when it reaches
+``max_sentence`` tokens. The first ``sink`` tokens of the text are attention sinks, in no sentence.
+Cache layers only see K/V, so a hook on the base model feeds each step's token ids to a ``Segmenter``
+that all layers of the cache share. Without a table (``use_tokenizer`` not called) or without token
+ids (``inputs_embeds``), only the length rule applies. With a batch, a boundary in any row closes the
+sentence for every row: the batch shares one segmentation.
+
+Per layer (``SentenceTierLayer``):
+- fast tier: sinks, the open sentence, one summary per closed sentence and KV head (the mean key;
+  ``summary="pca"`` adds the top principal directions scaled by their spread), and the token K/V of
+  at most ``retrieve`` (B) fetched sentences, kept in an LRU;
+- slow tier (``SlowStore``): every closed sentence's token K/V — ``MemoryStore`` (CPU tensors, pinned
+  when the model runs on a GPU) or ``MmapStore`` (raw bytes appended to one file per layer, read back
+  through a memory map, so the slow tier can outgrow RAM). Token K/V really leave the fast tier: a
+  sentence that is not retrieved is not held there at all (the published SentenceKV code masks).
+- each step, an attention pre-hook scores the summaries with the step's queries (mean over the
+  queries and the KV group's query heads of q·s_j; one choice per layer, shared by all KV heads and
+  the batch), fetches the top-B sentences that are not resident, evicts the least recently used
+  beyond B, and resizes the step's causal mask to what this layer attends to (layers differ, the
+  model builds one mask). Attention runs over sinks + retrieved sentences (text order) + open
+  sentence + new tokens: with B >= the number of sentences that is the full cache, bit for bit.
+- a sentence that closes is summarized, written to the slow store and enters the LRU as most
+  recently used (the next tokens are likely to look at it).
+
+Bytes: ``nbytes()`` is the fast tier (what a budget counts); ``slow_nbytes()`` the slow tier;
+``fetched_bytes`` / ``written_bytes`` the traffic between them, and ``log`` one ``StepLog`` per step
+(new tokens, bytes moved, sentences attended). ``tier_stats(cache)`` sums them over layers, with the
+bytes moved per generated (single-token) step. On a CPU-only machine both tiers live in RAM (the mmap
+store in the page cache): the tiers are separate tensors and counted honestly, not separate devices.
+
+Not done yet: learned reconstruction of K/V from summaries, seeding segmentation with a sentence
+encoder (MiniLM), per-head selection, overlapping fetches with compute (prefetch), a quantized slow
+tier, per-row segmentation for batches, and wiring a tokenizer through ``make_policy``/the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from leanlm.errors import LeanLMError
+from leanlm.kvcache.base import CachePolicy, PolicyCache, PolicyLayer, check_budget, tensor_bytes
+from leanlm.models import decoder_layers
+
+SINK = -1  # the "sentence" of the attention-sink tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------------------------
+
+
+class SegmentState(NamedTuple):
+    sentence: int = 0  # the sentence the next token joins (= sentences closed so far)
+    length: int = 0  # tokens already in it
+
+
+def boundary_token_ids(tokenizer) -> torch.Tensor:
+    """(vocab,) bool: the tokens whose decoded text ends a sentence (., !, ? or a newline)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return torch.tensor([text.rstrip(" ").endswith((".", "!", "?", "\n")) for text in texts])
+
+
+def segment(ids, is_boundary: torch.Tensor | None, max_len: int,
+            state: SegmentState = SegmentState()) -> tuple[list[int], SegmentState]:
+    """The sentence index of every token of ``ids``, continuing from ``state``; and the state after.
+
+    ``ids``: (tokens,) or (batch, tokens) token ids (a boundary in any row counts). A sentence closes
+    after a boundary token (``is_boundary[id]``; None: no boundary tokens) or at ``max_len`` tokens.
+    """
+    ids = torch.as_tensor(ids)
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids  # (batch, tokens)
+    ends = torch.zeros(ids.shape[1], dtype=torch.bool)
+    if is_boundary is not None and ids.numel():
+        if int(ids.max()) >= len(is_boundary) or int(ids.min()) < 0:
+            raise LeanLMError(f"token ids must lie in the sentence-boundary table (0..{len(is_boundary) - 1}), "
+                              f"got {int(ids.min())}..{int(ids.max())}")
+        ends = is_boundary.cpu()[ids.cpu()].any(dim=0)
+    sentence, length, out = state.sentence, state.length, []
+    for end in ends.tolist():
+        out.append(sentence)
+        length += 1
+        if end or length == max_len:
+            sentence, length = sentence + 1, 0
+    return out, SegmentState(sentence, length)
+
+
+class Segmenter:
+    """The text's segmentation, shared by the layers of one cache: sinks first, then sentences."""
+
+    def __init__(self, is_boundary: torch.Tensor | None, max_len: int, sink: int):
+        self.is_boundary, self.max_len, self.sink = is_boundary, max_len, sink
+        self.state = SegmentState()
+        self.position = 0  # text tokens segmented so far
+        self.step_start, self.step_ids = 0, []  # the latest step: its first position, its sentence ids
+
+    def observe(self, ids: torch.Tensor | None, new: int | None = None) -> None:
+        """Segment the next step's token ids, (batch, tokens); ``ids=None``: ``new`` tokens of unknown ids."""
+        table = self.is_boundary if ids is not None else None
+        ids = torch.zeros(1, new, dtype=torch.long) if ids is None else ids
+        sinks = max(0, min(ids.shape[-1], self.sink - self.position))
+        rest, self.state = segment(ids[..., sinks:], table, self.max_len, self.state)
+        self.step_start, self.step_ids = self.position, [SINK] * sinks + rest
+        self.position += ids.shape[-1]
+
+    def sentence_ids(self, start: int, new: int) -> list[int]:
+        """Sentence ids of text positions [start, start + new) (length rule only if no ids were seen)."""
+        if start == self.position:
+            self.observe(None, new)
+        if (start, new) != (self.step_start, len(self.step_ids)):
+            raise LeanLMError(f"sentence_tier: tokens [{start}, {start + new}) were not the last step segmented "
+                              f"([{self.step_start}, {self.step_start + len(self.step_ids)})); feed every step once")
+        return self.step_ids
+
+    def reset(self) -> None:
+        self.state, self.position, self.step_start, self.step_ids = SegmentState(), 0, 0, []
+
+    @property
+    def closed(self) -> int:
+        """Sentences closed so far."""
+        return self.state.sentence
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow tier
+# ---------------------------------------------------------------------------------------------
+
+
+class SlowStore:
+    """Where closed sentences' token K/V live. ``get`` returns fresh tensors (the fetch is a real copy)."""
+
+    def put(self, sentence: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def get(self, sentence: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``t`` (pinned when ``t`` is on a GPU, so copies back can be asynchronous)."""
+    return t.to("cpu", copy=True).pin_memory() if t.is_cuda else t.to("cpu", copy=True)
+
+
+class MemoryStore(SlowStore):
+    """CPU tensors (pinned when the K/V come from a GPU, so fetches can be asynchronous copies)."""
+
+    def __init__(self):
+        self.sentences: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def put(self, sentence, keys, values):
+        self.sentences[sentence] = to_host(keys), to_host(values)
+
+    def get(self, sentence, device):
+        keys, values = self.sentences[sentence]
+        return keys.to(device, copy=True), values.to(device, copy=True)
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(*pair) for pair in self.sentences.values())
+
+    def clear(self) -> None:
+        self.sentences.clear()
+
+
+class Block(NamedTuple):
+    offset: int  # bytes into the file
+    shape: tuple[int, ...]  # of keys and of values, (batch, kv_heads, tokens, head_dim)
+    dtype: torch.dtype
+
+
+def raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes, exactly (bf16 included: numpy has no bf16, so go through uint8)."""
+    return t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def remove_file(file, path: str) -> None:
+    file.close()
+    if os.path.exists(path):
+        os.remove(path)
+
+
+class MmapStore(SlowStore):
+    """Sentence K/V as raw bytes appended to one file (keys, then values), read through a memory map.
+
+    The file is created in ``directory`` (default: the system temp dir) and removed with the store.
+    """
+
+    def __init__(self, directory: str | None = None, prefix: str = "sentence-kv-"):
+        fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".kv", dir=directory)
+        self.file = os.fdopen(fd, "wb")
+        self.blocks: dict[int, Block] = {}
+        self.size = 0  # bytes written
+        self.map: np.memmap | None = None
+        weakref.finalize(self, remove_file, self.file, self.path)
+
+    def put(self, sentence, keys, values):
+        block = np.concatenate([raw_bytes(keys), raw_bytes(values)])
+        self.file.write(block.tobytes())
+        self.file.flush()
+        self.blocks[sentence] = Block(self.size, tuple(keys.shape), keys.dtype)
+        self.size += block.nbytes
+
+    def get(self, sentence, device):
+        offset, shape, dtype = self.blocks[sentence]
+        if self.map is None or self.map.shape[0] < self.size:  # the file grew since it was mapped
+            self.map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.size,))
+        half = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        raw = torch.from_numpy(np.array(self.map[offset:offset + 2 * half]))  # the copy out of the file
+        keys, values = raw[:half].view(dtype).view(shape), raw[half:].view(dtype).view(shape)
+        return keys.to(device), values.to(device)
+
+    def nbytes(self) -> int:
+        return self.size
+
+    def clear(self) -> None:
+        self.file.truncate(0)
+        self.file.seek(0)
+        self.blocks, self.size, self.map = {}, 0, None
+
+
+SLOW_STORES = {"memory": MemoryStore, "mmap": MmapStore}
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(keys: torch.Tensor, components: int) -> torch.Tensor:
+    """keys (batch, kv_heads, n, head_dim) → (batch, kv_heads, 1 + components, head_dim).
+
+    Row 0 is the mean key; rows 1.. the top principal directions of the keys, scaled by their
+    standard deviation (zero rows when the sentence has fewer tokens than components).
+    """
+    mean = keys.float().mean(dim=2, keepdim=True)  # (batch, kv_heads, 1, head_dim)
+    if components == 0:
+        return mean.to(keys.dtype)
+    _, spread, directions = torch.linalg.svd(keys.float() - mean, full_matrices=False)  # (.., r), (.., r, d)
+    r = min(components, spread.shape[-1])
+    scaled = directions[..., :r, :] * (spread[..., :r, None] / keys.shape[2] ** 0.5)
+    pad = keys.new_zeros(*keys.shape[:2], components - r, keys.shape[3], dtype=torch.float32)
+    return torch.cat([mean, scaled, pad], dim=2).to(keys.dtype)
+
+
+def sentence_scores(queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """How much this step's queries want each sentence: (n,), shared by the batch and the KV heads.
+
+    queries (batch, heads, q, d); summaries (batch, kv_heads, n, m, d). Score = q·mean key plus, for
+    principal directions, |q·direction| (the spread of the sentence's logits), averaged over the
+    batch, the KV heads, the KV group's query heads and the step's queries.
+    """
+    batch, heads, q_len, dim = queries.shape
+    kv_heads = summaries.shape[1]
+    grouped = queries.float().view(batch, kv_heads, heads // kv_heads, q_len, dim)
+    logits = torch.einsum("bhgqd,bhnmd->bhgqnm", grouped, summaries.float())
+    return (logits[..., 0] + logits[..., 1:].abs().sum(dim=-1)).mean(dim=(0, 1, 2, 3))
+
+
+class StepLog(NamedTuple):
+    new: int  # tokens this step
+    fetched: int  # bytes slow → fast
+    written: int  # bytes fast → slow
+    attended: tuple[int, ...]  # sentences attended to (text order)
+
+
+def cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """a then b along the token dim; a copy of b when a is None (never a view of the step's K/V)."""
+    return b.clone() if a is None else torch.cat([a, b], dim=2)
+
+
+def runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(id, start, end) of each run of equal consecutive ids."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            out.append((ids[start], start, i))
+            start = i
+    return out
+
+
+class SentenceTierLayer(PolicyLayer):
+    def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter):
+        super().__init__()
+        self.retrieve, self.components, self.slow = retrieve, components, store
+        self.segmenter = segmenter  # replaced by the cache's shared one in SentenceTier.hooks
+        self.clear_state()
+
+    def clear_state(self) -> None:
+        self.sink_k = self.sink_v = None  # (batch, kv_heads, <= sink, head_dim)
+        self.open_k = self.open_v = None  # the open sentence, (batch, kv_heads, tokens, head_dim)
+        self.open_id = 0
+        self.summaries = None  # (batch, kv_heads, closed sentences, 1 + components, head_dim)
+        self.lengths: list[int] = []  # tokens of each closed sentence
+        self.resident: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # LRU, oldest first
+        self.chosen: list[int] | None = None  # this step's retrieved sentences, set by select
+        self.fetched_bytes = self.written_bytes = 0
+        self.step_fetched = self.step_written = 0
+        self.log: list[StepLog] = []
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def select(self, queries: torch.Tensor | None) -> None:
+        """Retrieve this step's top-B sentences (no queries: keep the resident ones), evict beyond B."""
+        closed = len(self.lengths)
+        if queries is None:
+            chosen = list(self.resident)
+        elif closed == 0 or self.retrieve == 0:
+            chosen = []
+        else:
+            chosen = sentence_scores(queries, self.summaries).topk(min(self.retrieve, closed)).indices.tolist()
+        for sentence in sorted(chosen):
+            if sentence not in self.resident:
+                self.resident[sentence] = self.slow.get(sentence, self.device)
+                self.step_fetched += tensor_bytes(*self.resident[sentence])
+            self.resident.move_to_end(sentence)
+        self.trim()
+        self.chosen = sorted(chosen)
+
+    def trim(self) -> None:
+        while len(self.resident) > self.retrieve:
+            self.resident.popitem(last=False)
+
+    def materialize(self):
+        if self.chosen is None:  # no attention hook ran (a bare layer): select here
+            self.select(self.queries)
+        sentences = [self.resident[s] for s in sorted(self.resident)]
+        parts = [(self.sink_k, self.sink_v), *sentences, (self.open_k, self.open_v)]
+        parts = [p for p in parts if p[0] is not None]
+        if not parts:
+            return None, None
+        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
+        new_k, new_v = keys[:, :, -new:], values[:, :, -new:]  # (batch, kv_heads, new, head_dim)
+        ids = self.segmenter.sentence_ids(self.seen, new)
+        for sentence, start, end in runs(ids):
+            k, v = new_k[:, :, start:end], new_v[:, :, start:end]
+            if sentence == SINK:
+                self.sink_k, self.sink_v = cat(self.sink_k, k), cat(self.sink_v, v)
+                continue
+            if self.open_k is None:
+                self.open_id = sentence
+            assert sentence == self.open_id, "sentences arrive in order"
+            self.open_k, self.open_v = cat(self.open_k, k), cat(self.open_v, v)
+            if sentence < self.segmenter.closed:
+                self.close_open()
+        self.log.append(StepLog(new, self.step_fetched, self.step_written, tuple(self.chosen or ())))
+        self.fetched_bytes += self.step_fetched
+        self.written_bytes += self.step_written
+        self.step_fetched = self.step_written = 0
+        self.chosen = None
+
+    def close_open(self) -> None:
+        """Summarize the open sentence, write it to the slow tier, keep it as most recently used."""
+        assert self.open_id == len(self.lengths), "sentences close in order"
+        summary = summarize(self.open_k, self.components)[:, :, None]  # (batch, kv_heads, 1, m, head_dim)
+        self.summaries = summary if self.summaries is None else torch.cat([self.summaries, summary], dim=2)
+        self.lengths.append(self.open_k.shape[2])
+        self.slow.put(self.open_id, self.open_k, self.open_v)
+        self.step_written += tensor_bytes(self.open_k, self.open_v)
+        self.resident[self.open_id] = (self.open_k, self.open_v)
+        self.trim()
+        self.open_k = self.open_v = None
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def held_tokens(self) -> int:
+        sink = 0 if self.sink_k is None else self.sink_k.shape[2]
+        open_ = 0 if self.open_k is None else self.open_k.shape[2]
+        return sink + sum(k.shape[2] for k, _ in self.resident.values()) + open_
+
+    def fast_nbytes(self) -> int:
+        """Sinks, open sentence, summaries and resident sentences: every tensor the fast tier holds."""
+        resident = sum(tensor_bytes(k, v) for k, v in self.resident.values())
+        return tensor_bytes(self.sink_k, self.sink_v, self.open_k, self.open_v, self.summaries) + resident
+
+    def slow_nbytes(self) -> int:
+        return self.slow.nbytes()
+
+    def nbytes(self) -> int:
+        return self.fast_nbytes()
+
+    def reset(self) -> None:
+        super().reset()
+        self.clear_state()
+        self.slow.clear()
+        self.segmenter.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: token ids in, per-layer selection and mask
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_mask(mask: torch.Tensor | None, held: int, q_len: int, device=None) -> torch.Tensor | None:
+    """The step's causal mask re-sized to ``held`` attended tokens before the ``q_len`` new ones.
+
+    ``mask``: (batch, 1, q, old_held + q), bool (sdpa: True = attend) or additive float (eager), or
+    None (sdpa's implicit causal mask). Every held token is visible to every new query.
+    """
+    if mask is None:
+        if q_len == 1 or held == 0:
+            return None  # one query sees everything; or nothing held: sdpa's is_causal is right
+        # bottom-right causal: query i sees the held tokens and new tokens 0..i
+        visible = torch.ones(q_len, held + q_len, dtype=torch.bool, device=device).tril(diagonal=held)
+        return visible[None, None]
+    if mask.shape[-1] == held + q_len:
+        return mask
+    open_value = True if mask.dtype == torch.bool else 0.0
+    if not (mask[..., :-q_len] == open_value).all():
+        raise LeanLMError("sentence_tier needs unpadded inputs: every held token must be visible to every query")
+    past = torch.full((*mask.shape[:-1], held), open_value, dtype=mask.dtype, device=mask.device)
+    return torch.cat([past, mask[..., -q_len:]], dim=-1)
+
+
+def feed_token_ids(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache, segmenter: Segmenter) -> None:
+    """Forward pre-hook on the base model: segment the step's token ids (when this cache is used)."""
+    if kwargs.get("past_key_values") is not cache:
+        return
+    ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else (args[0] if args else None)
+    if ids is not None:
+        segmenter.observe(ids)
+
+
+def select_and_fit_mask(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache):
+    """Forward pre-hook on an attention module: retrieve this layer's sentences, resize the mask."""
+    if kwargs.get("past_key_values") is not cache:
+        return None
+    layer = cache.layers[module.layer_idx]
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (batch, q, hidden)
+    if not layer.is_initialized:
+        return None  # the first step: nothing held, nothing to retrieve
+    layer.select(layer.queries)
+    mask = kwargs.get("attention_mask")
+    kwargs["attention_mask"] = fit_mask(mask, layer.held_tokens(), hidden.shape[1], hidden.device)
+    return args, kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SentenceTier(CachePolicy):
+    """Sinks + open sentence + sentence summaries + ``retrieve`` fetched sentences in fast memory."""
+
+    name: ClassVar[str] = "sentence_tier"
+    needs_queries: ClassVar[bool] = True
+    sink: int = 4  # first tokens kept in full (attention sinks)
+    max_sentence: int = 64  # a sentence closes at this many tokens if no boundary came first
+    retrieve: int = 8  # B: sentences whose token K/V may be in fast memory at once
+    summary: str = "mean"  # "mean": the mean key; "pca": mean + top principal directions
+    components: int = 2  # principal directions per sentence and KV head (summary="pca")
+    store: str = "memory"  # slow tier: "memory" (CPU tensors) | "mmap" (a file per layer)
+    store_dir: str | None = None  # where "mmap" files go (default: the system temp dir)
+
+    def __post_init__(self):
+        if self.sink < 0 or self.max_sentence < 1 or self.retrieve < 0 or self.components < 1:
+            raise LeanLMError(f"sentence_tier needs sink >= 0, max_sentence >= 1, retrieve >= 0 and components >= 1, "
+                              f"got {self.sink}, {self.max_sentence}, {self.retrieve}, {self.components}")
+        if self.summary not in ("mean", "pca"):
+            raise LeanLMError(f"sentence_tier summary must be 'mean' or 'pca', got '{self.summary}'")
+        if self.store not in SLOW_STORES:
+            raise LeanLMError(f"sentence_tier store must be one of {', '.join(SLOW_STORES)}, got '{self.store}'")
+        self.boundary_table: torch.Tensor | None = None  # (vocab,) bool; None: the length rule only
+
+    def use_tokenizer(self, tokenizer) -> SentenceTier:
+        """Close sentences at tokens that end with ., !, ? or a newline (see ``boundary_token_ids``)."""
+        return self.use_boundaries(boundary_token_ids(tokenizer))
+
+    def use_boundaries(self, table: torch.Tensor) -> SentenceTier:
+        self.boundary_table = torch.as_tensor(table, dtype=torch.bool)
+        return self
+
+    @property
+    def summary_vectors(self) -> int:
+        """Vectors per sentence summary and KV head."""
+        return 1 + (self.components if self.summary == "pca" else 0)
+
+    def make_layer(self, layer_idx: int, model: nn.Module) -> SentenceTierLayer:
+        store = MmapStore(self.store_dir, prefix=f"sentence-kv-layer{layer_idx:03d}-") if self.store == "mmap" \
+            else MemoryStore()
+        segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
+        return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter)
+
+    def hooks(self, model: nn.Module, cache: PolicyCache) -> list:
+        segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
+        for layer in cache.layers:
+            layer.segmenter = segmenter  # one segmentation of the text for every layer
+        feed = lambda module, args, kwargs: feed_token_ids(module, args, kwargs, cache, segmenter)  # noqa: E731
+        handles = [model.model.register_forward_pre_hook(feed, with_kwargs=True)]  # the base model sees the ids
+        select = lambda module, args, kwargs: select_and_fit_mask(module, args, kwargs, cache)  # noqa: E731
+        for layer in decoder_layers(model):
+            handles.append(layer.self_attn.register_forward_pre_hook(select, with_kwargs=True))
+        return handles
+
+    def nominal_tokens(self, context: int) -> float:
+        """Fast-tier size in token equivalents (a token holds K and V; a summary vector is half of one).
+
+        sinks + a full open sentence + B full sentences + the summaries of ~2·context/max_sentence
+        sentences (sentences assumed half the maximum length on average).
+        """
+        sentences = -(-2 * context // self.max_sentence)
+        return self.sink + self.max_sentence * (1 + self.retrieve) + sentences * self.summary_vectors / 2
+
+    @classmethod
+    def for_budget(cls, budget: float, context: int, **settings) -> SentenceTier:
+        """The most retrieved sentences B whose ``nominal_tokens`` fit ``budget`` × ``context``.
+
+        B is at least 0: below sinks + one open sentence + the summaries the budget cannot be met
+        (lower ``max_sentence``).
+        At budget 1, B = ``context``: every sentence can be retrieved (the exact reference; its fast
+        tier holds the summaries on top of the full cache). ``group`` (the quantization group other
+        policies take) is ignored: SentenceKV keeps K/V in full precision.
+        """
+        check_budget(budget)
+        settings.pop("group", None)
+        if settings.get("bits") is not None:
+            raise LeanLMError("sentence_tier keeps K/V in full precision: it does not combine with +int8/+int4/+int2")
+        settings.pop("bits", None)
+        policy = cls(**settings)
+        if budget >= 1:
+            return replace(policy, retrieve=max(1, context))
+        room = budget * context - replace(policy, retrieve=0).nominal_tokens(context)
+        return replace(policy, retrieve=max(0, int(room // policy.max_sentence)))
+
+    def describe(self) -> dict:
+        described = super().describe()
+        described["boundaries"] = "length only" if self.boundary_table is None else "tokenizer table"
+        return described
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TierStats:
+    fast_bytes: int  # held in the fast tier now, all layers
+    slow_bytes: int  # held in the slow tier now
+    fetched_bytes: int  # moved slow → fast so far
+    written_bytes: int  # moved fast → slow so far
+    decode_steps: int  # single-token steps (generated tokens)
+    moved_per_decode_token: float  # mean bytes moved (both ways) per single-token step, all layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tier_stats(cache: PolicyCache) -> TierStats:
+    """Bytes in each tier and the traffic between them, summed over a SentenceTier cache's layers."""
+    layers = cache.layers
+    decode = [entry for layer in layers for entry in layer.log if entry.new == 1]
+    steps = len(decode) // max(1, len(layers))
+    moved = sum(entry.fetched + entry.written for entry in decode)
+    return TierStats(sum(layer.fast_nbytes() for layer in layers), sum(layer.slow_nbytes() for layer in layers),
+                     sum(layer.fetched_bytes for layer in layers), sum(layer.written_bytes for layer in layers),
+                     steps, moved / steps if steps else 0.0)
+
+
+__all__ = ["MemoryStore", "MmapStore", "SLOW_STORES", "SegmentState", "Segmenter", "SentenceTier", "SentenceTierLayer",
+           "SlowStore", "StepLog", "TierStats", "boundary_token_ids", "fit_mask", "segment", "tier_stats"]
