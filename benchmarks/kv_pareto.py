@@ -111,6 +111,7 @@ def run_kvpress(args, refs: dict, passkey_items) -> dict:
         return {"error": f"kvpress environment could not be built: {env.stderr.strip().splitlines()[-1:]}"}
     model_dir, _ = resolve_source(args.model)
     request = {"model": str(model_dir), "dtype": "bfloat16", "presses": args.presses, "budgets": args.budgets,
+               "attn_implementation": args.kvpress_attn,
                "windows": refs["cont_windows"], "continuation": args.continuation,
                "passkey": [{"ids": it.ids, "answer": it.answer_ids, "length": it.length, "depth": it.depth}
                            for it in passkey_items],
@@ -216,13 +217,47 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passkey-lengths", type=ints, default=(2048, 4096, 8192))
     p.add_argument("--passkey-depths", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.2, 0.5, 0.8))
     p.add_argument("--no-kvpress", action="store_true", help="skip the kvpress rows")
+    p.add_argument("--kvpress-from", type=Path, default=None,
+                   help="add kvpress rows to an earlier run's JSON (its leanlm rows are kept as they are; the "
+                        "windows and passkey prompts are rebuilt from its protocol) and write --out")
+    p.add_argument("--kvpress-attn", default="eager", choices=["eager", "sdpa"],
+                   help="kvpress attention kernel; observed_attention needs eager (default: %(default)s)")
     return p.parse_args()
+
+
+def add_kvpress(args) -> int:
+    """--kvpress-from: the earlier run's rows + kvpress rows on the same windows, written to --out."""
+    earlier = json.loads(args.kvpress_from.read_text())
+    tok = load_tokenizer(args.model)
+    cont = earlier["protocol"]["continuation"]
+    protocol = ContinuationProtocol(context=cont["context"], continuation=cont["continuation"], windows=cont["windows"])
+    pk = earlier["protocol"]["passkey"]
+    items = passkey_prompts(tok, PasskeyProtocol(lengths=tuple(pk["lengths"]), depths=tuple(pk["depths"]), seed=pk["seed"]))
+    items = [it for it in items if it.length in args.passkey_lengths]
+    args.continuation = protocol.continuation
+    kvpress = run_kvpress(args, {"cont_windows": continuation_windows(tok, protocol)}, items)
+    rows = [r for r in earlier["rows"] if r["source"] != "kvpress"]
+    if "rows" in kvpress:
+        rows += kvpress_rows(kvpress, earlier["baseline"]["ppl"])
+    result = {**earlier, "rows": rows, "targets": targets(rows, earlier["baseline"]["bytes_per_token"]),
+              "kvpress": {k: v for k, v in kvpress.items() if k != "rows"} | {"added_by": "--kvpress-from"}}
+    write_outputs(result, args.out)
+    return 0
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    atomic_write_json(out, result)
+    out.with_suffix(".md").write_text(markdown(result))
+    pareto_plot(result, out.with_name(out.stem + "-pareto.png"))
+    print(markdown(result))
 
 
 def main() -> int:
     args = parse_args()
     if args.out.exists():
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
+    if args.kvpress_from:
+        return add_kvpress(args)
     torch.manual_seed(0)
     model, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
     refs = {"cont_protocol": ContinuationProtocol(context=args.context, continuation=args.continuation,
@@ -251,10 +286,7 @@ def main() -> int:
               "baseline": baseline, "rows": rows, "targets": targets(rows, baseline["bytes_per_token"]),
               "kvpress": None if kvpress is None else {k: v for k, v in kvpress.items() if k not in ("rows",)},
               "versions": versions(), "git": git_info()}
-    atomic_write_json(args.out, result)
-    args.out.with_suffix(".md").write_text(markdown(result))
-    pareto_plot(result, args.out.with_name(args.out.stem + "-pareto.png"))
-    print(markdown(result))
+    write_outputs(result, args.out)
     return 0
 
 
