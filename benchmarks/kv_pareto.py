@@ -180,14 +180,22 @@ def pareto_plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     methods = sorted({(r["method"], r["source"]) for r in result["rows"] if r.get("ppl_ratio") is not None})
-    for method, source in methods:
+    colors = plt.get_cmap("tab20").colors
+    top = 1.6  # a collapsed method (ratios of 2-4) would flatten everyone else: clip, and say so
+    clipped = [r for r in result["rows"] if (r.get("ppl_ratio") or 0) > top]
+    for index, (method, source) in enumerate(methods):
         pts = sorted((r["bytes_per_token"], r["ppl_ratio"]) for r in result["rows"]
                      if r["method"] == method and r["source"] == source and r.get("ppl_ratio") is not None)
         ax.plot(*zip(*pts), marker="o" if source == "leanlm" else "x", linestyle="-" if source == "leanlm" else ":",
-                label=f"{method} ({source})")
+                label=f"{method} ({source})", color=colors[index % len(colors)])
     base = result["baseline"]
     ax.scatter([base["bytes_per_token"]], [1.0], color="black", zorder=5, label="full bf16 cache")
     ax.set_xscale("log")
+    ax.set_ylim(0.98, top)
+    if clipped:
+        ax.text(0.01, 0.98, "off the chart: " + ", ".join(f"{r['method']}@{r['budget']} x{r['ppl_ratio']:.2f}"
+                                                          for r in clipped),
+                transform=ax.transAxes, fontsize=7, va="top")
     ax.set_xlabel("measured KV bytes per context token (log)")
     ax.set_ylabel("perplexity / full cache (continuation protocol)")
     ax.set_title("KV-cache policies on SmolLM2-135M, WikiText-2 test")
