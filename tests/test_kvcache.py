@@ -14,7 +14,8 @@ from leanlm.kvcache.eviction import attention_probs, recent_and_top
 from leanlm.kvcache.heavy_hitter import HeavyHitterLayer
 from leanlm.kvcache.quant import QuantizedTensor, dequantize, error_bound, pack, quantize, unpack
 from leanlm.kvcache.sink_window import rerotate
-from leanlm.models import tiny_llama
+
+from kv_helpers import run_chunks as feed_chunks, tiny_kv_model
 
 CONTEXT = 64
 CHUNK = 8
@@ -23,7 +24,7 @@ EVICTING = ["sink_window", "heavy_hitter", "observation_window"]
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128)
+    return tiny_kv_model()
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +33,7 @@ def ids():
 
 
 def run_chunks(model, ids, cache, chunk=CHUNK):
-    """Logits of ids fed chunk by chunk through cache, with explicit positions."""
-    logits = []
-    with torch.no_grad():
-        for part in ids.split(chunk, dim=1):
-            if hasattr(cache, "next_position_ids"):
-                positions = cache.next_position_ids(part.shape[1], batch=part.shape[0])
-            else:
-                start = cache.get_seq_length()
-                positions = torch.arange(start, start + part.shape[1]).expand(part.shape[0], -1)
-            logits.append(model(part, past_key_values=cache, position_ids=positions, use_cache=True).logits)
-    return torch.cat(logits, dim=1)
+    return feed_chunks(model, ids, cache, chunk)
 
 
 def reachable_tensors(obj, seen=None) -> list[torch.Tensor]:

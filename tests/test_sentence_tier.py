@@ -16,6 +16,8 @@ from leanlm.kvcache.sentence_tier import (SINK, MemoryStore, MmapStore, Segmente
                                           boundary_token_ids, fit_mask, segment, tier_stats)
 from leanlm.models import tiny_llama
 
+from kv_helpers import run_chunks, tiny_kv_model
+
 CONTEXT = 96
 SINKS, MAX_SENTENCE = 4, 12
 BOUNDARY = torch.arange(256) % 7 == 0  # synthetic boundary table: ids divisible by 7 end a sentence
@@ -23,7 +25,7 @@ BOUNDARY = torch.arange(256) % 7 == 0  # synthetic boundary table: ids divisible
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128)
+    return tiny_kv_model()
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +35,6 @@ def ids():
 
 def policy(retrieve: int, **settings) -> SentenceTier:
     return SentenceTier(sink=SINKS, max_sentence=MAX_SENTENCE, retrieve=retrieve, **settings).use_boundaries(BOUNDARY)
-
-
-def run_chunks(model, ids, cache, chunk):
-    """Logits of ids fed chunk by chunk through cache, with explicit text positions."""
-    logits = []
-    with torch.no_grad():
-        for part in ids.split(chunk, dim=1):
-            if isinstance(cache, DynamicCache):
-                start = cache.get_seq_length()
-                positions = torch.arange(start, start + part.shape[1]).expand(part.shape[0], -1)
-            else:
-                positions = cache.next_position_ids(part.shape[1], batch=part.shape[0])
-            logits.append(model(part, past_key_values=cache, position_ids=positions, use_cache=True).logits)
-    return torch.cat(logits, dim=1)
 
 
 def text_sentences(ids: torch.Tensor) -> list[int]:
@@ -188,7 +176,7 @@ def test_eager_attention_gets_an_additive_mask_of_the_right_size(ids):
     """sdpa takes a boolean mask, eager an additive float one: both resized, same attention."""
     runs = {}
     for implementation in ("sdpa", "eager"):
-        model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128)
+        model = tiny_kv_model()
         model.set_attn_implementation(implementation)
         with attach(model, policy(retrieve=2)) as cache:
             runs[implementation] = run_chunks(model, ids, cache, 8)
