@@ -140,8 +140,10 @@ class KLUtilityScorer(HeadScorer):
         final = final.view(copies, -1, final.shape[-1])  # (copies, positions, hidden)
         sums = [0.0] * len(ablations)
         step = max(1, self.chunk_rows // copies)  # positions per vocabulary chunk
-        for rows in final.split(step, dim=1):  # (copies, step, hidden)
-            log_probs = F.log_softmax(model.lm_head(rows), dim=-1, dtype=torch.float32)  # (copies, step, vocab)
+        for rows in final.split(step, dim=1):  # (copies, step, hidden), a strided view
+            # contiguous: on torch 2.13 CPU a bf16 Linear on a strided 3-D input whose weight does not
+            # require grad (a frozen teacher) takes a ~30x slower path (0.8 s vs 0.025 s measured)
+            log_probs = F.log_softmax(model.lm_head(rows.contiguous()), dim=-1, dtype=torch.float32)  # (copies, step, vocab)
             for copy in range(1, copies):
                 kl = F.kl_div(log_probs[copy], log_probs[0], log_target=True, reduction="sum")
                 sums[copy - 1] += kl.item()
