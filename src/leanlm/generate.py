@@ -28,12 +28,12 @@ class SamplingConfig:
             raise LeanLMError(f"temperature must be >= 0 and top_k >= 1, got {self.temperature}, {self.top_k}")
 
 
-def next_positions(cache, num_tokens: int, batch: int) -> torch.Tensor:
-    """Positions for the next tokens: the policy cache decides; a plain cache continues the text."""
+def next_positions(cache, num_tokens: int, batch: int = 1, device=None) -> torch.Tensor:
+    """(batch, num_tokens) positions of the next tokens: a policy cache decides; a plain cache continues the text."""
     if hasattr(cache, "next_position_ids"):
-        return cache.next_position_ids(num_tokens, batch=batch)
+        return cache.next_position_ids(num_tokens, batch=batch, device=device)
     start = cache.get_seq_length()
-    return torch.arange(start, start + num_tokens).expand(batch, -1)
+    return torch.arange(start, start + num_tokens, device=device).expand(batch, -1)
 
 
 def pick(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:

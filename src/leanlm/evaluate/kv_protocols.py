@@ -43,6 +43,7 @@ from leanlm.data import nonoverlapping_windows, split_sentences, tokenize_split
 from leanlm.data.wikitext import check_split, wikitext_text
 from leanlm.errors import LeanLMError
 from leanlm.evaluate.memory import cache_tensors
+from leanlm.generate import next_positions
 from leanlm.kvcache import CachePolicy, attach
 
 PolicyArg = CachePolicy | Callable[[int], CachePolicy] | None
@@ -81,14 +82,6 @@ def open_cache(model, policy: CachePolicy | None) -> Iterator[Cache]:
             yield cache
 
 
-def next_positions(cache: Cache, num_tokens: int, device=None) -> torch.Tensor:
-    """(1, num_tokens) position ids of the next tokens (text positions for a DynamicCache)."""
-    if hasattr(cache, "next_position_ids"):
-        return cache.next_position_ids(num_tokens, device=device)
-    start = cache.get_seq_length()
-    return torch.arange(start, start + num_tokens, device=device).unsqueeze(0)
-
-
 def cache_nbytes(cache: Cache) -> int:
     """Resident bytes the cache holds now."""
     if hasattr(cache, "nbytes"):
@@ -109,7 +102,7 @@ def forward_hidden(model, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
     """Feed ``ids`` (1-D) through the cache; the final post-norm hidden states, (len(ids), hidden)."""
     device = next(model.parameters()).device
     ids = ids.to(device).unsqueeze(0)  # (1, n)
-    out = model.model(input_ids=ids, past_key_values=cache, position_ids=next_positions(cache, ids.shape[1], device),
+    out = model.model(input_ids=ids, past_key_values=cache, position_ids=next_positions(cache, ids.shape[1], device=device),
                       use_cache=True)
     return out.last_hidden_state[0]  # (n, hidden)
 
