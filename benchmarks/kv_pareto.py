@@ -78,7 +78,7 @@ def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey) ->
     rows = []
     for name in args.policies:
         for budget in args.budgets:
-            factory = (lambda n, name=name, budget=budget: make_policy(name, budget, n))
+            factory = (lambda n, name=name, budget=budget: make_policy(name, budget, n, tok))
             started = time.perf_counter()
             cont = continuation_perplexity(model, tok, factory, refs["cont_protocol"], reference=refs["cont"])
             extra = {"policy": factory(args.context).describe()}

@@ -68,7 +68,8 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
 def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", default=None, metavar="POLICY",
                         help="run-time KV-cache policy: quantized, sink_window, heavy_hitter, observation_window, "
-                             "or an eviction policy with quantized storage, e.g. heavy_hitter+int4 (default: full cache)")
+                             "sentence_tier, or an eviction policy with quantized storage, e.g. heavy_hitter+int4; "
+                             "settings after a colon, e.g. sentence_tier:max_sentence=32,coarse=mean (default: full cache)")
     parser.add_argument("--kv-budget", type=float, default=0.25,
                         help="fraction of the full bf16 cache bytes of --kv-context tokens the policy may hold "
                              "(default: %(default)s)")

@@ -206,7 +206,7 @@ def run_export(args: Namespace) -> int:
     return 0
 
 
-def policy_from_args(args: Namespace):
+def policy_from_args(args: Namespace, tokenizer=None):
     """The KV-cache policy the --kv-* options name, or None for the full cache."""
     from leanlm.kvcache import make_policy
 
@@ -217,7 +217,7 @@ def policy_from_args(args: Namespace):
     settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
     if settings and not args.kv_cache.startswith("sink_window"):
         raise LeanLMError("--kv-positions cache applies to sink_window only")
-    return make_policy(args.kv_cache, args.kv_budget, args.kv_context, **settings)
+    return make_policy(args.kv_cache, args.kv_budget, args.kv_context, tokenizer, **settings)
 
 
 def run_generate(args: Namespace) -> int:
@@ -229,13 +229,14 @@ def run_generate(args: Namespace) -> int:
     from leanlm.kvcache import attach
     from leanlm.models import load_model, load_tokenizer
 
-    policy = policy_from_args(args)
+    policy_from_args(args)  # bad policy settings fail before the model loads
     sampling = SamplingConfig(args.temperature, args.top_k, args.seed)
     sampling.validate()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise LeanLMError("empty prompt: pass it as an argument or on stdin")
     model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    policy = policy_from_args(args, tokenizer)
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with attach(model, policy) if policy else nullcontext() as cache:
         print(prompt, end="", flush=True)
@@ -273,7 +274,7 @@ def run_eval_kv_cache(args: Namespace) -> int:
     out = _out_dir(args, "eval-kv")
     model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
     settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
-    factory = lambda tokens: make_policy(args.kv_cache, args.kv_budget, tokens, **settings)  # noqa: E731
+    factory = lambda tokens: make_policy(args.kv_cache, args.kv_budget, tokens, tokenizer, **settings)  # noqa: E731
     reference = streaming_reference(model, tokenizer, protocol)
     result = streaming_perplexity(model, tokenizer, factory, protocol, reference=reference)
     full = reference.result

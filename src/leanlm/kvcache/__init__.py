@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyCache, PolicyLayer, attach, tensor_bytes
 from leanlm.kvcache.heavy_hitter import HeavyHitter
@@ -15,12 +17,40 @@ CACHE_POLICIES: dict[str, type[CachePolicy]] = {
 }
 
 
-def make_policy(name: str, budget: float, context: int, **settings) -> CachePolicy:
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """``"name[:key=value,key=value]"`` → (name, settings); values become int, float or str.
+
+    E.g. ``sentence_tier:max_sentence=32,coarse=mean`` or ``sink_window+int4:sink=8``.
+    """
+    name, _, rest = spec.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise LeanLMError(f"'{spec}': settings go as key=value after a colon, e.g. 'sentence_tier:coarse=mean'")
+        settings[key.strip()] = _setting_value(value.strip())
+    return name.strip(), settings
+
+
+def _setting_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text.lower() == "none" else text
+
+
+def make_policy(name: str, budget: float, context: int, tokenizer=None, **settings) -> CachePolicy:
     """A policy holding ``budget`` × the full cache bytes of ``context`` tokens.
 
     ``name`` is a registered policy, optionally with ``+int8``/``+int4``/``+int2`` for eviction
-    policies that store their kept tokens quantized (e.g. ``heavy_hitter+int4``).
+    policies that store their kept tokens quantized (e.g. ``heavy_hitter+int4``), and settings after
+    a colon (``parse_policy``). ``tokenizer`` lets text-aware policies (sentence_tier: sentence
+    boundaries) read the token stream.
     """
+    spec, (name, parsed) = name, parse_policy(name)
+    settings = parsed | settings
     base, _, suffix = name.partition("+")
     if base not in CACHE_POLICIES:
         raise LeanLMError(f"unknown KV-cache policy '{name}': choose from {', '.join(CACHE_POLICIES)}")
@@ -28,8 +58,15 @@ def make_policy(name: str, budget: float, context: int, **settings) -> CachePoli
         if base == "quantized" or suffix not in ("int8", "int4", "int2"):
             raise LeanLMError(f"'{name}': only eviction policies combine with +int8, +int4 or +int2")
         settings["bits"] = int(suffix[3:])
-    return CACHE_POLICIES[base].for_budget(budget, context, **settings)
+    try:
+        policy = CACHE_POLICIES[base].for_budget(budget, context, **settings)
+    except TypeError as err:  # a setting the policy does not have
+        fields = ", ".join(f.name for f in dataclasses.fields(CACHE_POLICIES[base]))
+        raise LeanLMError(f"'{spec}': {err}; {base} settings are: {fields}") from None
+    if tokenizer is not None and hasattr(policy, "use_tokenizer"):
+        policy.use_tokenizer(tokenizer)
+    return policy
 
 
 __all__ = ["CACHE_POLICIES", "CachePolicy", "FullPrecisionLayer", "HeavyHitter", "ObservationWindow", "PolicyCache",
-           "PolicyLayer", "Quantized", "SinkWindow", "attach", "make_policy", "tensor_bytes"]
+           "PolicyLayer", "Quantized", "SinkWindow", "attach", "make_policy", "parse_policy", "tensor_bytes"]

@@ -35,9 +35,14 @@ Bytes: ``nbytes()`` is the fast tier (what a budget counts); ``slow_nbytes()`` t
 bytes moved per generated (single-token) step. On a CPU-only machine both tiers live in RAM (the mmap
 store in the page cache): the tiers are separate tensors and counted honestly, not separate devices.
 
-Not done yet: learned reconstruction of K/V from summaries, seeding segmentation with a sentence
-encoder (MiniLM), per-head selection, overlapping fetches with compute (prefetch), a quantized slow
-tier, per-row segmentation for batches, and wiring a tokenizer through ``make_policy``/the CLI.
+Coarse tier (``coarse="mean"|"learned"``): a closed sentence that is not fetched is not dropped but
+seen as one pseudo-token rebuilt from its mean key and mean value (the fast tier then also keeps the
+mean value), with an attention-logit bias log n_j; ``"learned"`` maps are trained by distillation on
+WikiText-2 validation (``leanlm.kvcache.reconstruction``). The pseudo-tokens are rebuilt each step:
+transient, counted in ``peak``. The mask becomes a float mask per query head to carry the bias.
+
+Not done yet: per-head selection, overlapping fetches with compute (prefetch), a quantized slow
+tier, per-row segmentation for batches.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from torch import nn
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, PolicyCache, PolicyLayer, check_budget, tensor_bytes
+from leanlm.kvcache.reconstruction import CoarseMap, CoarseMaps
 from leanlm.models import decoder_layers
 
 SINK = -1  # the "sentence" of the attention-sink tokens
@@ -70,10 +76,17 @@ class SegmentState(NamedTuple):
     length: int = 0  # tokens already in it
 
 
+_BOUNDARY_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → table (decoding is slow)
+
+
 def boundary_token_ids(tokenizer) -> torch.Tensor:
     """(vocab,) bool: the tokens whose decoded text ends a sentence (., !, ? or a newline)."""
+    if tokenizer in _BOUNDARY_TABLES:
+        return _BOUNDARY_TABLES[tokenizer]
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return torch.tensor([text.rstrip(" ").endswith((".", "!", "?", "\n")) for text in texts])
+    table = torch.tensor([text.rstrip(" ").endswith((".", "!", "?", "\n")) for text in texts])
+    _BOUNDARY_TABLES[tokenizer] = table
+    return table
 
 
 def segment(ids, is_boundary: torch.Tensor | None, max_len: int,
@@ -299,10 +312,12 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 
 class SentenceTierLayer(PolicyLayer):
-    def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter):
+    def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter,
+                 coarse: CoarseMap | None = None):
         super().__init__()
         self.retrieve, self.components, self.slow = retrieve, components, store
         self.segmenter = segmenter  # replaced by the cache's shared one in SentenceTier.hooks
+        self.coarse = coarse  # None: sentences not fetched are dropped; else one pseudo-token each
         self.clear_state()
 
     def clear_state(self) -> None:
@@ -310,6 +325,7 @@ class SentenceTierLayer(PolicyLayer):
         self.open_k = self.open_v = None  # the open sentence, (batch, kv_heads, tokens, head_dim)
         self.open_id = 0
         self.summaries = None  # (batch, kv_heads, closed sentences, 1 + components, head_dim)
+        self.value_means = None  # (batch, kv_heads, closed sentences, head_dim), kept with a coarse tier
         self.lengths: list[int] = []  # tokens of each closed sentence
         self.resident: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # LRU, oldest first
         self.chosen: list[int] | None = None  # this step's retrieved sentences, set by select
@@ -344,11 +360,36 @@ class SentenceTierLayer(PolicyLayer):
         if self.chosen is None:  # no attention hook ran (a bare layer): select here
             self.select(self.queries)
         sentences = [self.resident[s] for s in sorted(self.resident)]
-        parts = [(self.sink_k, self.sink_v), *sentences, (self.open_k, self.open_v)]
+        parts = [(self.sink_k, self.sink_v), self.pseudo_tokens(), *sentences, (self.open_k, self.open_v)]
         parts = [p for p in parts if p[0] is not None]
         if not parts:
             return None, None
         return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+
+    def coarse_sentences(self) -> list[int]:
+        """Closed sentences seen only through their pseudo-token (all not resident; none without a coarse tier)."""
+        if self.coarse is None:
+            return []
+        return [s for s in range(len(self.lengths)) if s not in self.resident]
+
+    def pseudo_tokens(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One reconstructed K/V per coarse sentence (a transient copy, rebuilt each step)."""
+        coarse = self.coarse_sentences()
+        if not coarse:
+            return None, None
+        index = torch.tensor(coarse, device=self.summaries.device)
+        keys = self.coarse.keys(self.summaries[:, :, index, 0])  # the mean keys
+        return keys, self.coarse.values(self.value_means[:, :, index])
+
+    def past_bias(self) -> torch.Tensor | None:
+        """(kv_heads, held) additive attention-logit bias of the held tokens: log n_j + β on pseudo-tokens."""
+        coarse = self.coarse_sentences()
+        if not coarse:
+            return None
+        sink = 0 if self.sink_k is None else self.sink_k.shape[2]
+        bias = self.coarse.logit_bias(torch.tensor([self.lengths[s] for s in coarse], device=self.device))
+        rest = self.held_tokens() - sink - len(coarse)
+        return torch.nn.functional.pad(bias, (sink, rest))
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
         new_k, new_v = keys[:, :, -new:], values[:, :, -new:]  # (batch, kv_heads, new, head_dim)
@@ -375,6 +416,9 @@ class SentenceTierLayer(PolicyLayer):
         assert self.open_id == len(self.lengths), "sentences close in order"
         summary = summarize(self.open_k, self.components)[:, :, None]  # (batch, kv_heads, 1, m, head_dim)
         self.summaries = summary if self.summaries is None else torch.cat([self.summaries, summary], dim=2)
+        if self.coarse is not None:
+            mean_v = self.open_v.float().mean(dim=2, keepdim=True).to(self.open_v.dtype)
+            self.value_means = mean_v if self.value_means is None else torch.cat([self.value_means, mean_v], dim=2)
         self.lengths.append(self.open_k.shape[2])
         self.slow.put(self.open_id, self.open_k, self.open_v)
         self.step_written += tensor_bytes(self.open_k, self.open_v)
@@ -387,12 +431,16 @@ class SentenceTierLayer(PolicyLayer):
     def held_tokens(self) -> int:
         sink = 0 if self.sink_k is None else self.sink_k.shape[2]
         open_ = 0 if self.open_k is None else self.open_k.shape[2]
-        return sink + sum(k.shape[2] for k, _ in self.resident.values()) + open_
+        return sink + len(self.coarse_sentences()) + sum(k.shape[2] for k, _ in self.resident.values()) + open_
 
     def fast_nbytes(self) -> int:
-        """Sinks, open sentence, summaries and resident sentences: every tensor the fast tier holds."""
+        """Sinks, open sentence, summaries (and value means) and resident sentences: every tensor kept.
+
+        Pseudo-tokens are rebuilt each step from the summaries: transient, counted in ``peak``.
+        """
         resident = sum(tensor_bytes(k, v) for k, v in self.resident.values())
-        return tensor_bytes(self.sink_k, self.sink_v, self.open_k, self.open_v, self.summaries) + resident
+        return tensor_bytes(self.sink_k, self.sink_v, self.open_k, self.open_v, self.summaries,
+                            self.value_means) + resident
 
     def slow_nbytes(self) -> int:
         return self.slow.nbytes()
@@ -451,9 +499,27 @@ def select_and_fit_mask(module: nn.Module, args: tuple, kwargs: dict, cache: Pol
     if not layer.is_initialized:
         return None  # the first step: nothing held, nothing to retrieve
     layer.select(layer.queries)
-    mask = kwargs.get("attention_mask")
-    kwargs["attention_mask"] = fit_mask(mask, layer.held_tokens(), hidden.shape[1], hidden.device)
+    mask = fit_mask(kwargs.get("attention_mask"), layer.held_tokens(), hidden.shape[1], hidden.device)
+    bias = layer.past_bias()
+    if bias is not None:
+        mask = add_past_bias(mask, bias, module.config.num_attention_heads, hidden.shape[1], hidden.dtype)
+    kwargs["attention_mask"] = mask
     return args, kwargs
+
+
+def add_past_bias(mask: torch.Tensor | None, bias: torch.Tensor, heads: int, q_len: int, dtype) -> torch.Tensor:
+    """An additive float mask (batch, heads, q, held + q): ``mask`` (bool/float/None) + ``bias`` on held tokens.
+
+    ``bias``: (kv_heads, held), shared by the query heads of each KV group.
+    """
+    held = bias.shape[1]
+    if mask is None:  # sdpa's implicit causal mask, made explicit
+        mask = torch.ones(q_len, held + q_len, dtype=torch.bool, device=bias.device).tril(diagonal=held)[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    per_head = bias.repeat_interleave(heads // bias.shape[0], dim=0)  # (heads, held)
+    past = mask[..., :held] + per_head[None, :, None].to(mask.dtype)
+    return torch.cat([past, mask[..., held:].expand(*past.shape[:-1], -1)], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +540,8 @@ class SentenceTier(CachePolicy):
     components: int = 2  # principal directions per sentence and KV head (summary="pca")
     store: str = "memory"  # slow tier: "memory" (CPU tensors) | "mmap" (a file per layer)
     store_dir: str | None = None  # where "mmap" files go (default: the system temp dir)
+    coarse: str = "none"  # sentences not fetched: "none" (dropped) | "mean" | "learned" (one pseudo-token each)
+    maps: str | None = None  # coarse="learned": the trained maps (benchmarks/sentence_reconstruction.py)
 
     def __post_init__(self):
         if self.sink < 0 or self.max_sentence < 1 or self.retrieve < 0 or self.components < 1:
@@ -483,7 +551,12 @@ class SentenceTier(CachePolicy):
             raise LeanLMError(f"sentence_tier summary must be 'mean' or 'pca', got '{self.summary}'")
         if self.store not in SLOW_STORES:
             raise LeanLMError(f"sentence_tier store must be one of {', '.join(SLOW_STORES)}, got '{self.store}'")
+        if self.coarse not in ("none", "mean", "learned"):
+            raise LeanLMError(f"sentence_tier coarse must be 'none', 'mean' or 'learned', got '{self.coarse}'")
+        if (self.coarse == "learned") != (self.maps is not None):
+            raise LeanLMError("sentence_tier: coarse='learned' needs maps=PATH (and maps only go with it)")
         self.boundary_table: torch.Tensor | None = None  # (vocab,) bool; None: the length rule only
+        self.coarse_maps: CoarseMaps | None = None  # loaded on the first make_layer
 
     def use_tokenizer(self, tokenizer) -> SentenceTier:
         """Close sentences at tokens that end with ., !, ? or a newline (see ``boundary_token_ids``)."""
@@ -502,7 +575,15 @@ class SentenceTier(CachePolicy):
         store = MmapStore(self.store_dir, prefix=f"sentence-kv-layer{layer_idx:03d}-") if self.store == "mmap" \
             else MemoryStore()
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
-        return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter)
+        return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter, self.coarse_map(layer_idx, model))
+
+    def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
+        if self.coarse == "none":
+            return None
+        if self.coarse_maps is None:
+            self.coarse_maps = CoarseMaps.identity(model) if self.coarse == "mean" else CoarseMaps.load(self.maps, model)
+            self.coarse_maps.requires_grad_(False).to(next(model.parameters()).device)
+        return self.coarse_maps.layers[layer_idx]
 
     def hooks(self, model: nn.Module, cache: PolicyCache) -> list:
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
@@ -522,7 +603,8 @@ class SentenceTier(CachePolicy):
         sentences (sentences assumed half the maximum length on average).
         """
         sentences = -(-2 * context // self.max_sentence)
-        return self.sink + self.max_sentence * (1 + self.retrieve) + sentences * self.summary_vectors / 2
+        vectors = self.summary_vectors + (self.coarse != "none")  # a coarse tier keeps the mean value too
+        return self.sink + self.max_sentence * (1 + self.retrieve) + sentences * vectors / 2
 
     @classmethod
     def for_budget(cls, budget: float, context: int, **settings) -> SentenceTier:

@@ -87,7 +87,7 @@ class SinkWindow(CachePolicy):
     def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> SinkWindow:
         check_budget(budget)
         capacity = tokens_for_budget(budget, context, bits, settings.get("group", 32))
-        sink = min(4, capacity - 1)
+        sink = min(settings.pop("sink", 4), capacity - 1)  # the budget sets the window; sinks may be chosen
         return cls(sink=sink, window=capacity - sink, bits=bits, **settings)
 
 

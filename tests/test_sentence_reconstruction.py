@@ -1,0 +1,185 @@
+"""SentenceKV's coarse tier: pseudo-tokens rebuilt from sentence summaries, and their learned maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from leanlm.errors import LeanLMError
+from leanlm.kvcache import attach, make_policy, parse_policy
+from leanlm.kvcache.reconstruction import CoarseMap, CoarseMaps, attention_errors, coarse_outputs, collect, fit
+from leanlm.kvcache.sentence_tier import SentenceTier, add_past_bias
+
+from kv_helpers import run_chunks, tiny_kv_model
+from test_sentence_tier import held_tensors, storage_bytes
+
+BOUNDARY = torch.arange(256) % 11 == 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_kv_model()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(3))
+
+
+def randomize(maps: CoarseMaps, seed: int = 0) -> CoarseMaps:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in maps.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    return maps
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_one_token_sentences_seen_coarsely_equal_the_full_cache(ids, chunk, attn):
+    # a 1-token sentence's pseudo-token under the mean-only map is that token (bias log 1 = 0), so
+    # with nothing retrieved the coarse tier must reproduce the full cache: pins order, mask and bias
+    model = tiny_kv_model()
+    model.config._attn_implementation = attn
+    full = run_chunks(model, ids, DynamicCache(), chunk)
+    with attach(model, SentenceTier(sink=4, max_sentence=1, retrieve=0, coarse="mean")) as cache:
+        out = run_chunks(model, ids, cache, chunk)
+        assert all(layer.resident == {} or len(layer.resident) == 0 for layer in cache.layers)
+    torch.testing.assert_close(out, full, atol=2e-4, rtol=0)
+
+
+def test_pseudo_tokens_follow_the_maps_and_the_mask_carries_log_n(model, ids):
+    maps = randomize(CoarseMaps.identity(model))
+    policy = SentenceTier(sink=4, max_sentence=8, retrieve=1, coarse="mean").use_boundaries(BOUNDARY)
+    policy.coarse_maps = maps  # as if loaded from a file
+    with attach(model, policy) as cache:
+        run_chunks(model, ids, cache, 8)
+        layer = cache.layers[1]
+        coarse = layer.coarse_sentences()
+        assert coarse and set(coarse).isdisjoint(layer.resident) and len(coarse) + len(layer.resident) == len(layer.lengths)
+        keys, values = layer.pseudo_tokens()
+        index = torch.tensor(coarse)
+        torch.testing.assert_close(keys, maps.layers[1].keys(layer.summaries[:, :, index, 0]))
+        torch.testing.assert_close(values, maps.layers[1].values(layer.value_means[:, :, index]))
+        bias = layer.past_bias()
+        assert bias.shape == (2, layer.held_tokens())
+        lengths = torch.tensor([layer.lengths[s] for s in coarse], dtype=torch.float32)
+        expected = lengths.log()[None] + maps.layers[1].logit_offset[:, None]
+        torch.testing.assert_close(bias[:, 4:4 + len(coarse)], expected)
+        assert (bias[:, :4] == 0).all() and (bias[:, 4 + len(coarse):] == 0).all()
+
+
+def test_value_means_are_counted_and_pseudo_tokens_are_transient(model, ids):
+    with attach(model, SentenceTier(sink=4, max_sentence=8, retrieve=1, coarse="mean").use_boundaries(BOUNDARY)) as cache:
+        run_chunks(model, ids, cache, 8)
+        for layer in cache.layers:
+            assert layer.value_means.shape[2] == len(layer.lengths)
+            assert layer.nbytes() == storage_bytes(held_tensors(layer, skip=("slow", "segmenter", "queries", "coarse")))
+            assert layer.peak >= layer.nbytes()
+
+
+def test_add_past_bias_on_a_hand_made_mask():
+    causal = torch.tensor([[True, True, True, False], [True, True, True, True]])[None, None]  # held 2, q 2
+    bias = torch.tensor([[0.5, 0.0], [1.0, 2.0]])  # 2 kv heads
+    mask = add_past_bias(causal, bias, heads=4, q_len=2, dtype=torch.float32)
+    assert mask.shape == (1, 4, 2, 4)
+    assert mask[0, 1, 0, 0] == 0.5 and mask[0, 2, 1, 1] == 2.0 and mask[0, 3, 0, 2] == 0
+    assert mask[0, 0, 0, 3] == torch.finfo(torch.float32).min
+    implicit = add_past_bias(None, bias, heads=4, q_len=2, dtype=torch.float32)
+    torch.testing.assert_close(implicit, mask)
+
+
+def test_key_map_commutes_with_rope(model):
+    # a scaled rotation per RoPE pair: mapping then rotating equals rotating then mapping, so a
+    # pseudo-key does not depend on where its sentence sits in the text
+    layer_map = randomize(CoarseMaps.identity(model)).layers[0]
+    x = torch.randn(1, 2, 5, 32)
+    positions = torch.tensor([[3, 17, 40, 100, 511]])
+    cos, sin = model.model.rotary_emb(x, positions)
+    rotated_then_mapped, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    rotated_then_mapped = layer_map.keys(rotated_then_mapped)
+    mapped_then_rotated, _ = apply_rotary_pos_emb(layer_map.keys(x), x, cos, sin)
+    torch.testing.assert_close(rotated_then_mapped, mapped_then_rotated, atol=1e-5, rtol=1e-5)
+
+
+def test_learned_maps_reduce_held_out_error_vs_mean_only(model):
+    torch.manual_seed(0)
+    windows = [torch.randint(0, 256, (192,), generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    train = collect(model, windows[:7], BOUNDARY, 12, 4, queries=24, seed=0)
+    held = collect(model, windows[7:], BOUNDARY, 12, 4, queries=24, seed=1)
+    maps = CoarseMaps.identity(model)
+    before = attention_errors(maps, held)
+    assert before["mean"] == before["learned"]  # untrained maps are the mean-only baseline
+    fit(maps, train, steps=60)
+    after = attention_errors(maps, held)
+    for layer in range(2):
+        assert after["learned"][layer] < 0.9 * after["mean"][layer]
+        assert after["mean"][layer] < after["drop"][layer]  # mean-only already beats dropping
+
+
+def test_coarse_outputs_on_one_sentence_match_a_direct_computation():
+    # one sentence of 3 tokens after 1 sink, one query: attention over [sink, tokens] vs [sink, pseudo]
+    from leanlm.kvcache.reconstruction import LayerSample
+
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 5, 4, generator=gen), torch.randn(1, 5, 4, generator=gen)
+    sample = LayerSample(torch.randn(1, 1, 4, generator=gen), keys, values, torch.tensor([-1, 0, 0, 0, 1]),
+                         torch.tensor([4]))
+    target, approx = coarse_outputs(sample, CoarseMap(1, 4))
+    q = sample.queries[0, 0]
+    w = torch.softmax(keys[0, :4] @ q / 2, dim=0)
+    torch.testing.assert_close(target[0, 0], w @ values[0, :4])
+    mean_k, mean_v = keys[0, 1:4].mean(0), values[0, 1:4].mean(0)
+    logits = torch.stack([keys[0, 0] @ q / 2, mean_k @ q / 2 + torch.log(torch.tensor(3.0))])
+    w = torch.softmax(logits, dim=0)
+    torch.testing.assert_close(approx[0, 0], w[0] * values[0, 0] + w[1] * mean_v)
+
+
+def test_maps_save_load_round_trip_and_shape_check(model, tmp_path):
+    maps = randomize(CoarseMaps.identity(model))
+    maps.save(tmp_path / "m.safetensors")
+    loaded = CoarseMaps.load(tmp_path / "m.safetensors", model)
+    for a, b in zip(maps.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    other = tiny_kv_model()
+    other.config.num_key_value_heads = 4
+    with pytest.raises(LeanLMError, match="are for"):
+        CoarseMaps.load(tmp_path / "m.safetensors", other)
+    with pytest.raises(LeanLMError, match="not found"):
+        CoarseMaps.load(tmp_path / "none.safetensors")
+
+
+def test_learned_policy_loads_its_maps_through_make_policy(model, ids, tmp_path):
+    maps = randomize(CoarseMaps.identity(model))
+    maps.save(tmp_path / "m.safetensors")
+    spec = f"sentence_tier:max_sentence=8,coarse=learned,maps={tmp_path / 'm.safetensors'}"
+    policy = make_policy(spec, 0.5, 96)
+    with attach(model, policy) as cache:
+        run_chunks(model, ids, cache, 8)
+        torch.testing.assert_close(cache.layers[0].coarse.value_scale, maps.layers[0].value_scale)
+
+
+def test_policy_specs_parse_and_bad_ones_fail_clearly():
+    assert parse_policy("sentence_tier:max_sentence=32,coarse=mean,summary=pca") == (
+        "sentence_tier", {"max_sentence": 32, "coarse": "mean", "summary": "pca"})
+    assert parse_policy("heavy_hitter+int4") == ("heavy_hitter+int4", {})
+    assert make_policy("sink_window:sink=8", 0.25, 1024).sink == 8
+    for bad in ("sentence_tier:max_sentence", "sentence_tier:colour=blue", "sentence_tier:coarse=learned",
+                "sentence_tier:coarse=blurry"):
+        with pytest.raises(LeanLMError):
+            make_policy(bad, 0.25, 1024)
+
+
+def test_make_policy_reads_sentence_boundaries_from_a_tokenizer():
+    class Tok:  # the two calls boundary_token_ids makes
+        def __len__(self):
+            return 4
+
+        def batch_decode(self, ids):
+            return ["a", "b.", " c\n", "d? "][: len(ids)]
+
+    policy = make_policy("sentence_tier", 0.5, 256, Tok())
+    assert policy.boundary_table.tolist() == [False, True, True, True]
+    assert policy.describe()["boundaries"] == "tokenizer table"
