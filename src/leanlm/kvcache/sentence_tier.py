@@ -61,6 +61,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, PolicyCache, PolicyLayer, check_budget, tensor_bytes
 from leanlm.kvcache.reconstruction import CoarseMap, CoarseMaps
+from leanlm.kvcache.sentence_index import SemanticIndex, shared_encoder
 from leanlm.models import decoder_layers
 
 SINK = -1  # the "sentence" of the attention-sink tokens
@@ -275,18 +276,24 @@ def summarize(keys: torch.Tensor, components: int) -> torch.Tensor:
     return torch.cat([mean, scaled, pad], dim=2).to(keys.dtype)
 
 
-def sentence_scores(queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+def sentence_scores(queries: torch.Tensor, summaries: torch.Tensor, vote: bool = False) -> torch.Tensor:
     """How much this step's queries want each sentence: (n,), shared by the batch and the KV heads.
 
-    queries (batch, heads, q, d); summaries (batch, kv_heads, n, m, d). Score = q·mean key plus, for
-    principal directions, |q·direction| (the spread of the sentence's logits), averaged over the
-    batch, the KV heads, the KV group's query heads and the step's queries.
+    queries (batch, heads, q, d); summaries (batch, kv_heads, n, m, d). Per query head and query,
+    logit = q·mean key plus, for principal directions, |q·direction| (the spread of the sentence's
+    logits). ``vote=False``: the logits averaged over the batch, the heads and the step's queries.
+    ``vote=True``: each query head and query turns its logits into a distribution over sentences
+    (softmax at 1/√d, as attention would) and the distributions are averaged — a sentence a few
+    queries want strongly (a question's answer) is not drowned by a long chunk's average query.
     """
     batch, heads, q_len, dim = queries.shape
     kv_heads = summaries.shape[1]
     grouped = queries.float().view(batch, kv_heads, heads // kv_heads, q_len, dim)
     logits = torch.einsum("bhgqd,bhnmd->bhgqnm", grouped, summaries.float())
-    return (logits[..., 0] + logits[..., 1:].abs().sum(dim=-1)).mean(dim=(0, 1, 2, 3))
+    logits = logits[..., 0] + logits[..., 1:].abs().sum(dim=-1)  # (batch, kv, group, q, n)
+    if vote:
+        logits = torch.softmax(logits / dim**0.5, dim=-1)
+    return logits.mean(dim=(0, 1, 2, 3))
 
 
 class StepLog(NamedTuple):
@@ -313,11 +320,13 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 class SentenceTierLayer(PolicyLayer):
     def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter,
-                 coarse: CoarseMap | None = None):
+                 coarse: CoarseMap | None = None, vote: bool = False):
         super().__init__()
-        self.retrieve, self.components, self.slow = retrieve, components, store
+        self.retrieve, self.components, self.slow, self.vote = retrieve, components, store, vote
         self.segmenter = segmenter  # replaced by the cache's shared one in SentenceTier.hooks
         self.coarse = coarse  # None: sentences not fetched are dropped; else one pseudo-token each
+        self.index: SemanticIndex | None = None  # set by SentenceTier.hooks with index="minilm"
+        self.count_index = False  # the shared index's bytes are counted once, in layer 0
         self.clear_state()
 
     def clear_state(self) -> None:
@@ -338,12 +347,15 @@ class SentenceTierLayer(PolicyLayer):
     def select(self, queries: torch.Tensor | None) -> None:
         """Retrieve this step's top-B sentences (no queries: keep the resident ones), evict beyond B."""
         closed = len(self.lengths)
-        if queries is None:
+        if queries is None and self.index is None:
             chosen = list(self.resident)
         elif closed == 0 or self.retrieve == 0:
             chosen = []
+        elif self.index is not None:
+            chosen = self.index.top(self.retrieve, closed)
         else:
-            chosen = sentence_scores(queries, self.summaries).topk(min(self.retrieve, closed)).indices.tolist()
+            scores = sentence_scores(queries, self.summaries, vote=self.vote)
+            chosen = scores.topk(min(self.retrieve, closed)).indices.tolist()
         for sentence in sorted(chosen):
             if sentence not in self.resident:
                 self.resident[sentence] = self.slow.get(sentence, self.device)
@@ -414,8 +426,9 @@ class SentenceTierLayer(PolicyLayer):
     def close_open(self) -> None:
         """Summarize the open sentence, write it to the slow tier, keep it as most recently used."""
         assert self.open_id == len(self.lengths), "sentences close in order"
-        summary = summarize(self.open_k, self.components)[:, :, None]  # (batch, kv_heads, 1, m, head_dim)
-        self.summaries = summary if self.summaries is None else torch.cat([self.summaries, summary], dim=2)
+        if self.index is None or self.coarse is not None:  # the key index and the coarse tier read them
+            summary = summarize(self.open_k, self.components)[:, :, None]  # (batch, kv_heads, 1, m, head_dim)
+            self.summaries = summary if self.summaries is None else torch.cat([self.summaries, summary], dim=2)
         if self.coarse is not None:
             mean_v = self.open_v.float().mean(dim=2, keepdim=True).to(self.open_v.dtype)
             self.value_means = mean_v if self.value_means is None else torch.cat([self.value_means, mean_v], dim=2)
@@ -439,8 +452,9 @@ class SentenceTierLayer(PolicyLayer):
         Pseudo-tokens are rebuilt each step from the summaries: transient, counted in ``peak``.
         """
         resident = sum(tensor_bytes(k, v) for k, v in self.resident.values())
+        index = self.index.nbytes() if self.index is not None and self.count_index else 0
         return tensor_bytes(self.sink_k, self.sink_v, self.open_k, self.open_v, self.summaries,
-                            self.value_means) + resident
+                            self.value_means) + resident + index
 
     def slow_nbytes(self) -> int:
         return self.slow.nbytes()
@@ -453,6 +467,8 @@ class SentenceTierLayer(PolicyLayer):
         self.clear_state()
         self.slow.clear()
         self.segmenter.reset()
+        if self.index is not None:
+            self.index.reset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,13 +497,18 @@ def fit_mask(mask: torch.Tensor | None, held: int, q_len: int, device=None) -> t
     return torch.cat([past, mask[..., -q_len:]], dim=-1)
 
 
-def feed_token_ids(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache, segmenter: Segmenter) -> None:
+def feed_token_ids(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache, segmenter: Segmenter,
+                   index: SemanticIndex | None = None) -> None:
     """Forward pre-hook on the base model: segment the step's token ids (when this cache is used)."""
     if kwargs.get("past_key_values") is not cache:
         return
     ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else (args[0] if args else None)
     if ids is not None:
         segmenter.observe(ids)
+    if index is not None:
+        if ids is None:
+            raise LeanLMError("sentence_tier index='minilm' reads the text: call the model with input_ids")
+        index.observe(ids[0].tolist(), segmenter.step_ids, segmenter.closed)  # the batch shares one segmentation
 
 
 def select_and_fit_mask(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache):
@@ -537,6 +558,9 @@ class SentenceTier(CachePolicy):
     max_sentence: int = 64  # a sentence closes at this many tokens if no boundary came first
     retrieve: int = 8  # B: sentences whose token K/V may be in fast memory at once
     summary: str = "mean"  # "mean": the mean key; "pca": mean + top principal directions
+    select: str = "mean"  # "mean": top-B by the mean query's logits; "vote": by averaged per-query softmax
+    index: str = "keys"  # what ranks sentences: "keys" (queries · summaries) | "minilm" (a sentence encoder)
+    query_tokens: int = 64  # index="minilm": the recent tokens embedded as the step's query
     components: int = 2  # principal directions per sentence and KV head (summary="pca")
     store: str = "memory"  # slow tier: "memory" (CPU tensors) | "mmap" (a file per layer)
     store_dir: str | None = None  # where "mmap" files go (default: the system temp dir)
@@ -549,6 +573,10 @@ class SentenceTier(CachePolicy):
                               f"got {self.sink}, {self.max_sentence}, {self.retrieve}, {self.components}")
         if self.summary not in ("mean", "pca"):
             raise LeanLMError(f"sentence_tier summary must be 'mean' or 'pca', got '{self.summary}'")
+        if self.select not in ("mean", "vote"):
+            raise LeanLMError(f"sentence_tier select must be 'mean' or 'vote', got '{self.select}'")
+        if self.index not in ("keys", "minilm"):
+            raise LeanLMError(f"sentence_tier index must be 'keys' or 'minilm', got '{self.index}'")
         if self.store not in SLOW_STORES:
             raise LeanLMError(f"sentence_tier store must be one of {', '.join(SLOW_STORES)}, got '{self.store}'")
         if self.coarse not in ("none", "mean", "learned"):
@@ -556,10 +584,12 @@ class SentenceTier(CachePolicy):
         if (self.coarse == "learned") != (self.maps is not None):
             raise LeanLMError("sentence_tier: coarse='learned' needs maps=PATH (and maps only go with it)")
         self.boundary_table: torch.Tensor | None = None  # (vocab,) bool; None: the length rule only
+        self.tokenizer = None  # index="minilm" decodes sentences with it
         self.coarse_maps: CoarseMaps | None = None  # loaded on the first make_layer
 
     def use_tokenizer(self, tokenizer) -> SentenceTier:
         """Close sentences at tokens that end with ., !, ? or a newline (see ``boundary_token_ids``)."""
+        self.tokenizer = tokenizer
         return self.use_boundaries(boundary_token_ids(tokenizer))
 
     def use_boundaries(self, table: torch.Tensor) -> SentenceTier:
@@ -575,7 +605,8 @@ class SentenceTier(CachePolicy):
         store = MmapStore(self.store_dir, prefix=f"sentence-kv-layer{layer_idx:03d}-") if self.store == "mmap" \
             else MemoryStore()
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
-        return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter, self.coarse_map(layer_idx, model))
+        return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter,
+                                 self.coarse_map(layer_idx, model), vote=self.select == "vote")
 
     def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
         if self.coarse == "none":
@@ -589,12 +620,25 @@ class SentenceTier(CachePolicy):
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
         for layer in cache.layers:
             layer.segmenter = segmenter  # one segmentation of the text for every layer
-        feed = lambda module, args, kwargs: feed_token_ids(module, args, kwargs, cache, segmenter)  # noqa: E731
+        index = self.semantic_index()
+        if index is not None:
+            for layer in cache.layers:
+                layer.index = index
+            cache.layers[0].count_index = True
+        feed = lambda module, args, kwargs: feed_token_ids(module, args, kwargs, cache, segmenter, index)  # noqa: E731
         handles = [model.model.register_forward_pre_hook(feed, with_kwargs=True)]  # the base model sees the ids
         select = lambda module, args, kwargs: select_and_fit_mask(module, args, kwargs, cache)  # noqa: E731
         for layer in decoder_layers(model):
             handles.append(layer.self_attn.register_forward_pre_hook(select, with_kwargs=True))
         return handles
+
+    def semantic_index(self) -> SemanticIndex | None:
+        if self.index == "keys":
+            return None
+        if self.tokenizer is None:
+            raise LeanLMError("sentence_tier index='minilm' needs the tokenizer (make_policy(..., tokenizer) "
+                              "or policy.use_tokenizer(tokenizer))")
+        return SemanticIndex(shared_encoder(), self.tokenizer.decode, self.query_tokens)
 
     def nominal_tokens(self, context: int) -> float:
         """Fast-tier size in token equivalents (a token holds K and V; a summary vector is half of one).
@@ -603,7 +647,8 @@ class SentenceTier(CachePolicy):
         sentences (sentences assumed half the maximum length on average).
         """
         sentences = -(-2 * context // self.max_sentence)
-        vectors = self.summary_vectors + (self.coarse != "none")  # a coarse tier keeps the mean value too
+        keys_kept = self.index == "keys" or self.coarse != "none"  # minilm alone: ~0 (one small vector per sentence)
+        vectors = self.summary_vectors * keys_kept + (self.coarse != "none")  # a coarse tier keeps the mean value too
         return self.sink + self.max_sentence * (1 + self.retrieve) + sentences * vectors / 2
 
     @classmethod
