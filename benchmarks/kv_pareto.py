@@ -223,7 +223,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON file to write (never overwritten)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--policies", type=lambda s: s.split(","), default=POLICIES)
+    p.add_argument("--policies", nargs="+", default=POLICIES, metavar="POLICY",
+                   help="policy specs, space-separated (settings after a colon: 'sentence_tier:max_sentence=32,"
+                        "coarse=mean'); plain names may also be comma-separated")
     p.add_argument("--presses", type=lambda s: s.split(","), default=PRESSES)
     p.add_argument("--budgets", type=floats, default=[0.5, 0.25, 0.125], help="fractions of the full cache bytes")
     p.add_argument("--stream-budgets", type=floats, default=[0.25, 0.125], help="budgets also run on the streaming protocol")
@@ -241,7 +243,42 @@ def parse_args() -> argparse.Namespace:
                         "windows and passkey prompts are rebuilt from its protocol) and write --out")
     p.add_argument("--kvpress-attn", default="eager", choices=["eager", "sdpa"],
                    help="kvpress attention kernel; observed_attention needs eager (default: %(default)s)")
-    return p.parse_args()
+    p.add_argument("--add-to", type=Path, default=None,
+                   help="run --policies on an earlier run's protocol (rebuilt from its JSON, with its own fresh "
+                        "uncompressed reference) and write its rows plus the new ones to --out; kvpress is not run")
+    args = p.parse_args()
+    args.policies = [part for spec in args.policies for part in ([spec] if ":" in spec else spec.split(","))]
+    return args
+
+
+def earlier_protocols(earlier: dict) -> tuple[ContinuationProtocol, StreamingProtocol, PasskeyProtocol]:
+    cont, stream_, pk = (earlier["protocol"][k] for k in ("continuation", "streaming", "passkey"))
+    return (ContinuationProtocol(context=cont["context"], continuation=cont["continuation"], windows=cont["windows"]),
+            StreamingProtocol(context=stream_["context"], chunk=stream_["chunk"], max_tokens=stream_["max_tokens"]),
+            PasskeyProtocol(lengths=tuple(pk["lengths"]), depths=tuple(pk["depths"]), seed=pk["seed"],
+                            prefill_chunk=pk["prefill_chunk"]))
+
+
+def add_policies(args) -> int:
+    """--add-to: new leanlm rows on an earlier run's windows and prompts, merged into its rows."""
+    earlier = json.loads(args.add_to.read_text())
+    cont, stream_, pk = earlier_protocols(earlier)
+    args.context, args.continuation = cont.context, cont.continuation
+    model, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
+    refs = {"cont_protocol": cont, "stream_protocol": stream_, "passkey_protocol": pk,
+            "cont_windows": continuation_windows(tok, cont), "cont": continuation_reference(model, tok, cont),
+            "stream": streaming_reference(model, tok, stream_)}
+    items = passkey_prompts(tok, pk)
+    base_passkey = passkey_eval(model, tok, None, items, pk) if args.passkey_budgets else None
+    new = run_leanlm(model, tok, args, refs, items, base_passkey)
+    replaced = {(r["method"], r["budget"]) for r in new}
+    rows = [r for r in earlier["rows"] if (r["method"], r["budget"]) not in replaced] + new
+    result = {**earlier, "rows": rows, "targets": targets(rows, earlier["baseline"]["bytes_per_token"]),
+              "added": earlier.get("added", []) + [{
+                  "policies": args.policies, "budgets": args.budgets, "command": " ".join(sys.argv),
+                  "reference_ppl": refs["cont"].result.perplexity, "git": git_info()}]}
+    write_outputs(result, args.out)
+    return 0
 
 
 def add_kvpress(args) -> int:
@@ -255,7 +292,8 @@ def add_kvpress(args) -> int:
     items = [it for it in items if it.length in args.passkey_lengths]
     args.continuation = protocol.continuation
     kvpress = run_kvpress(args, {"cont_windows": continuation_windows(tok, protocol)}, items)
-    rows = [r for r in earlier["rows"] if r["source"] != "kvpress"]
+    rerun = {f"kvpress:{press}" for press in args.presses}  # earlier rows of other presses are kept
+    rows = [r for r in earlier["rows"] if r["source"] != "kvpress" or r["method"] not in rerun]
     if "rows" in kvpress:
         rows += kvpress_rows(kvpress, earlier["baseline"]["ppl"])
     result = {**earlier, "rows": rows, "targets": targets(rows, earlier["baseline"]["bytes_per_token"]),
@@ -277,6 +315,8 @@ def main() -> int:
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
     if args.kvpress_from:
         return add_kvpress(args)
+    if args.add_to:
+        return add_policies(args)
     torch.manual_seed(0)
     model, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
     refs = {"cont_protocol": ContinuationProtocol(context=args.context, continuation=args.continuation,

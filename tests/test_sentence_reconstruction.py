@@ -254,3 +254,19 @@ def test_minilm_ranks_a_paraphrase_above_unrelated_text():
                                       "What is the capital city of France?"])
     torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))
     assert vectors[2] @ vectors[0] > vectors[2] @ vectors[1] + 0.2
+
+
+def test_recent_sentences_are_always_attended(model, ids):
+    policy = SentenceTier(sink=4, max_sentence=8, retrieve=3, recent=2).use_boundaries(BOUNDARY)
+    checked = 0
+    with attach(model, policy) as cache:
+        for start in range(0, 96, 8):
+            before = [len(layer.lengths) for layer in cache.layers]  # closed before this step
+            run_chunks(model, ids[:, start:start + 8], cache, 8)
+            for layer, closed in zip(cache.layers, before):
+                attended = layer.log[-1].attended
+                assert len(attended) == min(3, closed) and len(layer.resident) <= 3
+                if closed >= 2:
+                    assert {closed - 1, closed - 2} <= set(attended)
+                    checked += 1
+    assert checked > 10

@@ -320,9 +320,10 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 class SentenceTierLayer(PolicyLayer):
     def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter,
-                 coarse: CoarseMap | None = None, vote: bool = False):
+                 coarse: CoarseMap | None = None, vote: bool = False, recent: int = 0):
         super().__init__()
         self.retrieve, self.components, self.slow, self.vote = retrieve, components, store, vote
+        self.recent = recent  # of the B, the latest closed sentences always attended
         self.segmenter = segmenter  # replaced by the cache's shared one in SentenceTier.hooks
         self.coarse = coarse  # None: sentences not fetched are dropped; else one pseudo-token each
         self.index: SemanticIndex | None = None  # set by SentenceTier.hooks with index="minilm"
@@ -351,11 +352,15 @@ class SentenceTierLayer(PolicyLayer):
             chosen = list(self.resident)
         elif closed == 0 or self.retrieve == 0:
             chosen = []
-        elif self.index is not None:
-            chosen = self.index.top(self.retrieve, closed)
         else:
-            scores = sentence_scores(queries, self.summaries, vote=self.vote)
-            chosen = scores.topk(min(self.retrieve, closed)).indices.tolist()
+            chosen = list(range(max(0, closed - min(self.recent, self.retrieve)), closed))  # always the latest
+            wanted = self.retrieve - len(chosen)
+            if self.index is not None:
+                chosen += [s for s in self.index.top(closed, closed) if s not in chosen][:wanted]
+            elif wanted > 0 and closed > len(chosen):
+                scores = sentence_scores(queries, self.summaries, vote=self.vote)
+                scores[chosen] = float("-inf")
+                chosen += scores.topk(min(wanted, closed - len(chosen))).indices.tolist()
         for sentence in sorted(chosen):
             if sentence not in self.resident:
                 self.resident[sentence] = self.slow.get(sentence, self.device)
@@ -557,6 +562,7 @@ class SentenceTier(CachePolicy):
     sink: int = 4  # first tokens kept in full (attention sinks)
     max_sentence: int = 64  # a sentence closes at this many tokens if no boundary came first
     retrieve: int = 8  # B: sentences whose token K/V may be in fast memory at once
+    recent: int = 0  # of the B, this many latest closed sentences are always attended (the rest by score)
     summary: str = "mean"  # "mean": the mean key; "pca": mean + top principal directions
     select: str = "mean"  # "mean": top-B by the mean query's logits; "vote": by averaged per-query softmax
     index: str = "keys"  # what ranks sentences: "keys" (queries · summaries) | "minilm" (a sentence encoder)
@@ -568,9 +574,10 @@ class SentenceTier(CachePolicy):
     maps: str | None = None  # coarse="learned": the trained maps (benchmarks/sentence_reconstruction.py)
 
     def __post_init__(self):
-        if self.sink < 0 or self.max_sentence < 1 or self.retrieve < 0 or self.components < 1:
-            raise LeanLMError(f"sentence_tier needs sink >= 0, max_sentence >= 1, retrieve >= 0 and components >= 1, "
-                              f"got {self.sink}, {self.max_sentence}, {self.retrieve}, {self.components}")
+        if self.sink < 0 or self.max_sentence < 1 or self.retrieve < 0 or self.components < 1 or self.recent < 0:
+            raise LeanLMError(f"sentence_tier needs sink >= 0, max_sentence >= 1, retrieve >= 0, recent >= 0 and "
+                              f"components >= 1, got {self.sink}, {self.max_sentence}, {self.retrieve}, "
+                              f"{self.recent}, {self.components}")
         if self.summary not in ("mean", "pca"):
             raise LeanLMError(f"sentence_tier summary must be 'mean' or 'pca', got '{self.summary}'")
         if self.select not in ("mean", "vote"):
@@ -606,7 +613,7 @@ class SentenceTier(CachePolicy):
             else MemoryStore()
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
         return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter,
-                                 self.coarse_map(layer_idx, model), vote=self.select == "vote")
+                                 self.coarse_map(layer_idx, model), vote=self.select == "vote", recent=self.recent)
 
     def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
         if self.coarse == "none":
