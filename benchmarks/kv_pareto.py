@@ -253,8 +253,10 @@ def parse_args() -> argparse.Namespace:
 
 def earlier_protocols(earlier: dict) -> tuple[ContinuationProtocol, StreamingProtocol, PasskeyProtocol]:
     cont, stream_, pk = (earlier["protocol"][k] for k in ("continuation", "streaming", "passkey"))
-    return (ContinuationProtocol(context=cont["context"], continuation=cont["continuation"], windows=cont["windows"]),
-            StreamingProtocol(context=stream_["context"], chunk=stream_["chunk"], max_tokens=stream_["max_tokens"]),
+    return (ContinuationProtocol(split=cont["split"], context=cont["context"], continuation=cont["continuation"],
+                                 windows=cont["windows"], join=cont["join"]),
+            StreamingProtocol(split=stream_["split"], context=stream_["context"], chunk=stream_["chunk"],
+                              max_tokens=stream_["max_tokens"], join=stream_["join"]),
             PasskeyProtocol(lengths=tuple(pk["lengths"]), depths=tuple(pk["depths"]), seed=pk["seed"],
                             prefill_chunk=pk["prefill_chunk"]))
 
@@ -262,6 +264,8 @@ def earlier_protocols(earlier: dict) -> tuple[ContinuationProtocol, StreamingPro
 def add_policies(args) -> int:
     """--add-to: new leanlm rows on an earlier run's windows and prompts, merged into its rows."""
     earlier = json.loads(args.add_to.read_text())
+    if earlier["protocol"].get("model", args.model) != args.model:
+        raise LeanLMError(f"'{args.add_to}' was measured on {earlier['protocol']['model']}, not {args.model}")
     cont, stream_, pk = earlier_protocols(earlier)
     args.context, args.continuation = cont.context, cont.continuation
     model, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
@@ -340,7 +344,7 @@ def main() -> int:
     kvpress = None if args.no_kvpress else run_kvpress(args, refs, items)
     if kvpress and "rows" in kvpress:
         rows += kvpress_rows(kvpress, base.perplexity)
-    result = {"protocol": {"continuation": base.protocol, "streaming": refs["stream"].result.protocol,
+    result = {"protocol": {"model": args.model, "continuation": base.protocol, "streaming": refs["stream"].result.protocol,
                            "passkey": dataclasses.asdict(refs["passkey_protocol"])},
               "baseline": baseline, "rows": rows, "targets": targets(rows, baseline["bytes_per_token"]),
               "kvpress": None if kvpress is None else {k: v for k, v in kvpress.items() if k not in ("rows",)},

@@ -38,7 +38,7 @@ def _setting_value(text: str):
             return kind(text)
         except ValueError:
             pass
-    return None if text.lower() == "none" else text
+    return text
 
 
 def make_policy(name: str, budget: float, context: int, tokenizer=None, **settings) -> CachePolicy:
@@ -58,11 +58,11 @@ def make_policy(name: str, budget: float, context: int, tokenizer=None, **settin
         if base == "quantized" or suffix not in ("int8", "int4", "int2"):
             raise LeanLMError(f"'{name}': only eviction policies combine with +int8, +int4 or +int2")
         settings["bits"] = int(suffix[3:])
-    try:
-        policy = CACHE_POLICIES[base].for_budget(budget, context, **settings)
-    except TypeError as err:  # a setting the policy does not have
-        fields = ", ".join(f.name for f in dataclasses.fields(CACHE_POLICIES[base]))
-        raise LeanLMError(f"'{spec}': {err}; {base} settings are: {fields}") from None
+    fields = [f.name for f in dataclasses.fields(CACHE_POLICIES[base])] + ["group", "bits"]  # for_budget reads these
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise LeanLMError(f"'{spec}': unknown setting(s) {', '.join(unknown)}; {base} settings are: {', '.join(fields)}")
+    policy = CACHE_POLICIES[base].for_budget(budget, context, **settings)
     if tokenizer is not None and hasattr(policy, "use_tokenizer"):
         policy.use_tokenizer(tokenizer)
     return policy

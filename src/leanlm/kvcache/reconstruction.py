@@ -218,6 +218,8 @@ def relative_error(pairs) -> float:
 
 def fit(maps: CoarseMaps, samples: list[list[LayerSample]], steps: int = 150, lr: float = 0.01) -> list[float]:
     """Train each layer's map on ``samples`` (Adam, full batch); returns the final loss per layer."""
+    if steps < 1:
+        raise LeanLMError(f"fit needs at least one step, got {steps}")
     losses = []
     for i, layer_map in enumerate(tqdm(maps.layers, desc="fit coarse maps", unit="layer", leave=False)):
         layer_map.requires_grad_(True)

@@ -618,6 +618,8 @@ class SentenceTier(CachePolicy):
     def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
         if self.coarse == "none":
             return None
+        if getattr(model.config, "leanlm_kv_heads_per_layer", None):
+            raise LeanLMError("sentence_tier coarse tier needs the same KV heads in every layer (a uniform model)")
         if self.coarse_maps is None:
             self.coarse_maps = CoarseMaps.identity(model) if self.coarse == "mean" else CoarseMaps.load(self.maps, model)
             self.coarse_maps.requires_grad_(False).to(next(model.parameters()).device)
