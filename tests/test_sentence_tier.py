@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 import os
 import random
 
@@ -328,10 +329,22 @@ def test_for_budget_fits_the_nominal_fast_tier():
     for budget, context in [(0.25, 2048), (0.5, 1024), (0.1, 8192)]:
         policy = make_policy("sentence_tier", budget, context, group=32)
         assert policy.nominal_tokens(context) <= budget * context
-        bigger = SentenceTier(retrieve=policy.retrieve + 1)
+        bigger = replace(policy, capacity=policy.capacity + 1)
         assert bigger.nominal_tokens(context) > budget * context
-    assert make_policy("sentence_tier", 0.25, 2048).retrieve == 6  # 4 + 64 + 64 × 0.5 + 6 × 64 = 484 <= 512
+    policy = make_policy("sentence_tier", 0.25, 2048)  # 4 sinks + 64 open + 64 summaries x 0.5 = 100; 412 left
+    assert (policy.capacity, policy.retrieve) == (412, 412 // 16)
     assert "sentence_tier" in CACHE_POLICIES
+
+
+def test_resident_sentences_never_exceed_the_token_capacity(model, ids):
+    with attach(model, policy(retrieve=50, capacity=20)) as cache:
+        for start in range(0, CONTEXT, 8):
+            run_chunks(model, ids[:, start:start + 8], cache, 8)
+            for layer in cache.layers:
+                assert sum(k.shape[2] for k, _ in layer.resident.values()) <= 20
+                attended = layer.log[-1].attended
+                assert sum(layer.lengths[s] for s in attended) <= 20
+        assert max(len(layer.log[-1].attended) for layer in cache.layers) >= 2
 
 
 @pytest.mark.parametrize("bad", [

@@ -320,8 +320,9 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 class SentenceTierLayer(PolicyLayer):
     def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter,
-                 coarse: CoarseMap | None = None, vote: bool = False, recent: int = 0):
+                 coarse: CoarseMap | None = None, vote: bool = False, recent: int = 0, capacity: int | None = None):
         super().__init__()
+        self.capacity = capacity  # most tokens of retrieved sentences resident at once (None: B alone bounds)
         self.retrieve, self.components, self.slow, self.vote = retrieve, components, store, vote
         self.recent = recent  # of the B, the latest closed sentences always attended
         self.segmenter = segmenter  # replaced by the cache's shared one in SentenceTier.hooks
@@ -353,14 +354,12 @@ class SentenceTierLayer(PolicyLayer):
         elif closed == 0 or self.retrieve == 0:
             chosen = []
         else:
-            chosen = list(range(max(0, closed - min(self.recent, self.retrieve)), closed))  # always the latest
-            wanted = self.retrieve - len(chosen)
+            latest = list(range(closed - 1, max(-1, closed - 1 - self.recent), -1))  # always wanted first
             if self.index is not None:
-                chosen += [s for s in self.index.top(closed, closed) if s not in chosen][:wanted]
-            elif wanted > 0 and closed > len(chosen):
-                scores = sentence_scores(queries, self.summaries, vote=self.vote)
-                scores[chosen] = float("-inf")
-                chosen += scores.topk(min(wanted, closed - len(chosen))).indices.tolist()
+                ranked = self.index.top(closed, closed)
+            else:
+                ranked = sentence_scores(queries, self.summaries, vote=self.vote).argsort(descending=True).tolist()
+            chosen = self.fill(latest + [s for s in ranked if s not in latest])
         for sentence in sorted(chosen):
             if sentence not in self.resident:
                 self.resident[sentence] = self.slow.get(sentence, self.device)
@@ -369,8 +368,24 @@ class SentenceTierLayer(PolicyLayer):
         self.trim()
         self.chosen = sorted(chosen)
 
+    def fill(self, ranked: list[int]) -> list[int]:
+        """The first sentences of ``ranked`` that fit: at most B, and at most ``capacity`` tokens."""
+        chosen, tokens = [], 0
+        for sentence in ranked:
+            if len(chosen) == self.retrieve:
+                break
+            if self.capacity is None or tokens + self.lengths[sentence] <= self.capacity:
+                chosen.append(sentence)
+                tokens += self.lengths[sentence]
+        return chosen
+
     def trim(self) -> None:
-        while len(self.resident) > self.retrieve:
+        """Evict least recently used sentences beyond B (or beyond ``capacity`` tokens)."""
+        def over() -> bool:
+            tokens = sum(k.shape[2] for k, _ in self.resident.values())
+            return len(self.resident) > self.retrieve or (self.capacity is not None and tokens > self.capacity)
+
+        while self.resident and over():
             self.resident.popitem(last=False)
 
     def materialize(self):
@@ -563,6 +578,7 @@ class SentenceTier(CachePolicy):
     max_sentence: int = 64  # a sentence closes at this many tokens if no boundary came first
     retrieve: int = 8  # B: sentences whose token K/V may be in fast memory at once
     recent: int = 0  # of the B, this many latest closed sentences are always attended (the rest by score)
+    capacity: int | None = None  # most tokens of retrieved sentences in fast memory (None: B sentences bound it)
     summary: str = "mean"  # "mean": the mean key; "pca": mean + top principal directions
     select: str = "mean"  # "mean": top-B by the mean query's logits; "vote": by averaged per-query softmax
     index: str = "keys"  # what ranks sentences: "keys" (queries · summaries) | "minilm" (a sentence encoder)
@@ -574,6 +590,8 @@ class SentenceTier(CachePolicy):
     maps: str | None = None  # coarse="learned": the trained maps (benchmarks/sentence_reconstruction.py)
 
     def __post_init__(self):
+        if self.capacity is not None and self.capacity < 0:
+            raise LeanLMError(f"sentence_tier capacity must be >= 0 tokens, got {self.capacity}")
         if self.sink < 0 or self.max_sentence < 1 or self.retrieve < 0 or self.components < 1 or self.recent < 0:
             raise LeanLMError(f"sentence_tier needs sink >= 0, max_sentence >= 1, retrieve >= 0, recent >= 0 and "
                               f"components >= 1, got {self.sink}, {self.max_sentence}, {self.retrieve}, "
@@ -613,7 +631,8 @@ class SentenceTier(CachePolicy):
             else MemoryStore()
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
         return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter,
-                                 self.coarse_map(layer_idx, model), vote=self.select == "vote", recent=self.recent)
+                                 self.coarse_map(layer_idx, model), vote=self.select == "vote", recent=self.recent,
+                                 capacity=self.capacity)
 
     def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
         if self.coarse == "none":
@@ -656,16 +675,20 @@ class SentenceTier(CachePolicy):
         sentences (sentences assumed half the maximum length on average).
         """
         sentences = -(-2 * context // self.max_sentence)
+        retrieved = self.max_sentence * self.retrieve if self.capacity is None else min(self.capacity, self.max_sentence * self.retrieve)
         keys_kept = self.index == "keys" or self.coarse != "none"  # minilm alone: ~0 (one small vector per sentence)
         vectors = self.summary_vectors * keys_kept + (self.coarse != "none")  # a coarse tier keeps the mean value too
-        return self.sink + self.max_sentence * (1 + self.retrieve) + sentences * vectors / 2
+        return self.sink + self.max_sentence + retrieved + sentences * vectors / 2
 
     @classmethod
     def for_budget(cls, budget: float, context: int, **settings) -> SentenceTier:
-        """The most retrieved sentences B whose ``nominal_tokens`` fit ``budget`` × ``context``.
+        """Retrieved sentences that fit ``budget`` × ``context`` beside the rest of ``nominal_tokens``.
 
-        B is at least 0: below sinks + one open sentence + the summaries the budget cannot be met
-        (lower ``max_sentence``).
+        What the sinks, a full open sentence and the summaries leave is the token ``capacity`` of the
+        retrieved sentences (real sentences are shorter than ``max_sentence``: a token bound uses the
+        budget, a count of maximal sentences would leave most of it idle). B = capacity // 16 bounds the
+        sentences fetched per step. Below sinks + one open sentence + the summaries the budget cannot be
+        met: capacity 0 (lower ``max_sentence``).
         At budget 1, B = ``context``: every sentence can be retrieved (the exact reference; its fast
         tier holds the summaries on top of the full cache). ``group`` (the quantization group other
         policies take) is ignored: SentenceKV keeps K/V in full precision.
@@ -678,8 +701,8 @@ class SentenceTier(CachePolicy):
         policy = cls(**settings)
         if budget >= 1:
             return replace(policy, retrieve=max(1, context))
-        room = budget * context - replace(policy, retrieve=0).nominal_tokens(context)
-        return replace(policy, retrieve=max(0, int(room // policy.max_sentence)))
+        room = max(0, int(budget * context - replace(policy, retrieve=0).nominal_tokens(context)))
+        return replace(policy, retrieve=room // 16, capacity=room)
 
     def describe(self) -> dict:
         described = super().describe()
