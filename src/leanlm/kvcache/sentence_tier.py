@@ -260,13 +260,16 @@ SLOW_STORES = {"memory": MemoryStore, "mmap": MmapStore}
 # ---------------------------------------------------------------------------------------------
 
 
-def summarize(keys: torch.Tensor, components: int) -> torch.Tensor:
-    """keys (batch, kv_heads, n, head_dim) → (batch, kv_heads, 1 + components, head_dim).
+def summarize(keys: torch.Tensor, components: int, bounds: bool = False) -> torch.Tensor:
+    """keys (batch, kv_heads, n, head_dim) → (batch, kv_heads, m, head_dim).
 
-    Row 0 is the mean key; rows 1.. the top principal directions of the keys, scaled by their
-    standard deviation (zero rows when the sentence has fewer tokens than components).
+    Row 0 is the mean key. ``bounds``: rows 1, 2 are the channel-wise min and max of the keys
+    (m = 3). Else rows 1.. are the top principal directions of the keys, scaled by their standard
+    deviation (zero rows when the sentence has fewer tokens than components; m = 1 + components).
     """
     mean = keys.float().mean(dim=2, keepdim=True)  # (batch, kv_heads, 1, head_dim)
+    if bounds:
+        return torch.cat([mean.to(keys.dtype), keys.amin(dim=2, keepdim=True), keys.amax(dim=2, keepdim=True)], dim=2)
     if components == 0:
         return mean.to(keys.dtype)
     _, spread, directions = torch.linalg.svd(keys.float() - mean, full_matrices=False)  # (.., r), (.., r, d)
@@ -276,12 +279,14 @@ def summarize(keys: torch.Tensor, components: int) -> torch.Tensor:
     return torch.cat([mean, scaled, pad], dim=2).to(keys.dtype)
 
 
-def sentence_scores(queries: torch.Tensor, summaries: torch.Tensor, vote: bool = False) -> torch.Tensor:
+def sentence_scores(queries: torch.Tensor, summaries: torch.Tensor, vote: bool = False,
+                    bounds: bool = False) -> torch.Tensor:
     """How much this step's queries want each sentence: (n,), shared by the batch and the KV heads.
 
     queries (batch, heads, q, d); summaries (batch, kv_heads, n, m, d). Per query head and query,
     logit = q·mean key plus, for principal directions, |q·direction| (the spread of the sentence's
-    logits). ``vote=False``: the logits averaged over the batch, the heads and the step's queries.
+    logits); with ``bounds`` (summaries = mean, min, max) logit = q⁺·max + q⁻·min, the largest q·k
+    any token of the sentence can reach (Quest's page bound). ``vote=False``: the logits averaged over the batch, the heads and the step's queries.
     ``vote=True``: each query head and query turns its logits into a distribution over sentences
     (softmax at 1/√d, as attention would) and the distributions are averaged — a sentence a few
     queries want strongly (a question's answer) is not drowned by a long chunk's average query.
@@ -289,8 +294,13 @@ def sentence_scores(queries: torch.Tensor, summaries: torch.Tensor, vote: bool =
     batch, heads, q_len, dim = queries.shape
     kv_heads = summaries.shape[1]
     grouped = queries.float().view(batch, kv_heads, heads // kv_heads, q_len, dim)
-    logits = torch.einsum("bhgqd,bhnmd->bhgqnm", grouped, summaries.float())
-    logits = logits[..., 0] + logits[..., 1:].abs().sum(dim=-1)  # (batch, kv, group, q, n)
+    if bounds:
+        low, high = summaries[:, :, :, 1].float(), summaries[:, :, :, 2].float()  # (batch, kv, n, d)
+        logits = (torch.einsum("bhgqd,bhnd->bhgqn", grouped.clamp(min=0), high)
+                  + torch.einsum("bhgqd,bhnd->bhgqn", grouped.clamp(max=0), low))
+    else:
+        logits = torch.einsum("bhgqd,bhnmd->bhgqnm", grouped, summaries.float())
+        logits = logits[..., 0] + logits[..., 1:].abs().sum(dim=-1)  # (batch, kv, group, q, n)
     if vote:
         logits = torch.softmax(logits / dim**0.5, dim=-1)
     return logits.mean(dim=(0, 1, 2, 3))
@@ -320,11 +330,13 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 class SentenceTierLayer(PolicyLayer):
     def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter,
-                 coarse: CoarseMap | None = None, vote: bool = False, recent: int = 0, capacity: int | None = None):
+                 coarse: CoarseMap | None = None, vote: bool = False, recent: int = 0, capacity: int | None = None,
+                 bounds: bool = False):
         super().__init__()
         self.capacity = capacity  # most tokens of retrieved sentences resident at once (None: B alone bounds)
         self.retrieve, self.components, self.slow, self.vote = retrieve, components, store, vote
         self.recent = recent  # of the B, the latest closed sentences always attended
+        self.bounds = bounds  # summaries are mean, min, max keys (else mean + principal directions)
         self.segmenter = segmenter  # replaced by the cache's shared one in SentenceTier.hooks
         self.coarse = coarse  # None: sentences not fetched are dropped; else one pseudo-token each
         self.index: SemanticIndex | None = None  # set by SentenceTier.hooks with index="minilm"
@@ -358,7 +370,8 @@ class SentenceTierLayer(PolicyLayer):
             if self.index is not None:
                 ranked = self.index.top(closed, closed)
             else:
-                ranked = sentence_scores(queries, self.summaries, vote=self.vote).argsort(descending=True).tolist()
+                scores = sentence_scores(queries, self.summaries, vote=self.vote, bounds=self.bounds)
+                ranked = scores.argsort(descending=True).tolist()
             chosen = self.fill(latest + [s for s in ranked if s not in latest])
         for sentence in sorted(chosen):
             if sentence not in self.resident:
@@ -447,7 +460,7 @@ class SentenceTierLayer(PolicyLayer):
         """Summarize the open sentence, write it to the slow tier, keep it as most recently used."""
         assert self.open_id == len(self.lengths), "sentences close in order"
         if self.index is None or self.coarse is not None:  # the key index and the coarse tier read them
-            summary = summarize(self.open_k, self.components)[:, :, None]  # (batch, kv_heads, 1, m, head_dim)
+            summary = summarize(self.open_k, self.components, self.bounds)[:, :, None]  # (batch, kv_heads, 1, m, head_dim)
             self.summaries = summary if self.summaries is None else torch.cat([self.summaries, summary], dim=2)
         if self.coarse is not None:
             mean_v = self.open_v.float().mean(dim=2, keepdim=True).to(self.open_v.dtype)
@@ -579,7 +592,7 @@ class SentenceTier(CachePolicy):
     retrieve: int = 8  # B: sentences whose token K/V may be in fast memory at once
     recent: int = 0  # of the B, this many latest closed sentences are always attended (the rest by score)
     capacity: int | None = None  # most tokens of retrieved sentences in fast memory (None: B sentences bound it)
-    summary: str = "mean"  # "mean": the mean key; "pca": mean + top principal directions
+    summary: str = "mean"  # "mean": the mean key; "pca": + top principal directions; "bounds": + min, max keys
     select: str = "mean"  # "mean": top-B by the mean query's logits; "vote": by averaged per-query softmax
     index: str = "keys"  # what ranks sentences: "keys" (queries · summaries) | "minilm" (a sentence encoder)
     query_tokens: int = 64  # index="minilm": the recent tokens embedded as the step's query
@@ -596,8 +609,8 @@ class SentenceTier(CachePolicy):
             raise LeanLMError(f"sentence_tier needs sink >= 0, max_sentence >= 1, retrieve >= 0, recent >= 0 and "
                               f"components >= 1, got {self.sink}, {self.max_sentence}, {self.retrieve}, "
                               f"{self.recent}, {self.components}")
-        if self.summary not in ("mean", "pca"):
-            raise LeanLMError(f"sentence_tier summary must be 'mean' or 'pca', got '{self.summary}'")
+        if self.summary not in ("mean", "pca", "bounds"):
+            raise LeanLMError(f"sentence_tier summary must be 'mean', 'pca' or 'bounds', got '{self.summary}'")
         if self.select not in ("mean", "vote"):
             raise LeanLMError(f"sentence_tier select must be 'mean' or 'vote', got '{self.select}'")
         if self.index not in ("keys", "minilm"):
@@ -624,7 +637,7 @@ class SentenceTier(CachePolicy):
     @property
     def summary_vectors(self) -> int:
         """Vectors per sentence summary and KV head."""
-        return 1 + (self.components if self.summary == "pca" else 0)
+        return {"mean": 1, "pca": 1 + self.components, "bounds": 3}[self.summary]
 
     def make_layer(self, layer_idx: int, model: nn.Module) -> SentenceTierLayer:
         store = MmapStore(self.store_dir, prefix=f"sentence-kv-layer{layer_idx:03d}-") if self.store == "mmap" \
@@ -632,7 +645,7 @@ class SentenceTier(CachePolicy):
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
         return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter,
                                  self.coarse_map(layer_idx, model), vote=self.select == "vote", recent=self.recent,
-                                 capacity=self.capacity)
+                                 capacity=self.capacity, bounds=self.summary == "bounds")
 
     def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
         if self.coarse == "none":
