@@ -62,10 +62,10 @@ def make_policy(name: str, budget: float, context: int, tokenizer=None, **settin
     unknown = sorted(set(settings) - set(fields))
     if unknown:
         raise LeanLMError(f"'{spec}': unknown setting(s) {', '.join(unknown)}; {base} settings are: {', '.join(fields)}")
-    policy = CACHE_POLICIES[base].for_budget(budget, context, **settings)
-    if tokenizer is not None and hasattr(policy, "use_tokenizer"):
-        policy.use_tokenizer(tokenizer)
-    return policy
+    cls = CACHE_POLICIES[base]
+    if tokenizer is not None and hasattr(cls, "use_tokenizer"):
+        settings["tokenizer"] = tokenizer  # before sizing: what the policy keeps may depend on it
+    return cls.for_budget(budget, context, **settings)
 
 
 __all__ = ["CACHE_POLICIES", "CachePolicy", "FullPrecisionLayer", "HeavyHitter", "ObservationWindow", "PolicyCache",

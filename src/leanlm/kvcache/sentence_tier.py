@@ -61,7 +61,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, PolicyCache, PolicyLayer, check_budget, tensor_bytes
 from leanlm.kvcache.reconstruction import CoarseMap, CoarseMaps
-from leanlm.kvcache.sentence_index import SemanticIndex, shared_encoder
+from leanlm.kvcache.sentence_index import SemanticIndex, minilm_installed, shared_encoder
 from leanlm.models import decoder_layers
 
 SINK = -1  # the "sentence" of the attention-sink tokens
@@ -331,12 +331,13 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
 class SentenceTierLayer(PolicyLayer):
     def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter,
                  coarse: CoarseMap | None = None, vote: bool = False, recent: int = 0, capacity: int | None = None,
-                 bounds: bool = False):
+                 bounds: bool = False, recent_share: float = 0.0):
         super().__init__()
         self.capacity = capacity  # most tokens of retrieved sentences resident at once (None: B alone bounds)
         self.retrieve, self.components, self.slow, self.vote = retrieve, components, store, vote
         self.recent = recent  # of the B, the latest closed sentences always attended
         self.bounds = bounds  # summaries are mean, min, max keys (else mean + principal directions)
+        self.recent_share = recent_share  # the latest sentences also fill this share of ``capacity``
         self.segmenter = segmenter  # replaced by the cache's shared one in SentenceTier.hooks
         self.coarse = coarse  # None: sentences not fetched are dropped; else one pseudo-token each
         self.index: SemanticIndex | None = None  # set by SentenceTier.hooks with index="minilm"
@@ -366,7 +367,7 @@ class SentenceTierLayer(PolicyLayer):
         elif closed == 0 or self.retrieve == 0:
             chosen = []
         else:
-            latest = list(range(closed - 1, max(-1, closed - 1 - self.recent), -1))  # always wanted first
+            latest = self.latest(closed)  # always wanted first
             if self.index is not None:
                 ranked = self.index.top(closed, closed)
             else:
@@ -380,6 +381,17 @@ class SentenceTierLayer(PolicyLayer):
             self.resident.move_to_end(sentence)
         self.trim()
         self.chosen = sorted(chosen)
+
+    def latest(self, closed: int) -> list[int]:
+        """The latest closed sentences, newest first: ``recent`` of them, and at least ``recent_share`` of capacity."""
+        share = self.recent_share * (self.capacity or 0)
+        out, tokens = [], 0
+        for sentence in range(closed - 1, -1, -1):
+            if len(out) >= self.recent and tokens >= share:
+                break
+            out.append(sentence)
+            tokens += self.lengths[sentence]
+        return out
 
     def fill(self, ranked: list[int]) -> list[int]:
         """The first sentences of ``ranked`` that fit: at most B, and at most ``capacity`` tokens."""
@@ -591,10 +603,12 @@ class SentenceTier(CachePolicy):
     max_sentence: int = 64  # a sentence closes at this many tokens if no boundary came first
     retrieve: int = 8  # B: sentences whose token K/V may be in fast memory at once
     recent: int = 0  # of the B, this many latest closed sentences are always attended (the rest by score)
+    recent_share: float = 0.5  # ... and the latest sentences fill at least this share of ``capacity`` tokens
     capacity: int | None = None  # most tokens of retrieved sentences in fast memory (None: B sentences bound it)
     summary: str = "mean"  # "mean": the mean key; "pca": + top principal directions; "bounds": + min, max keys
     select: str = "mean"  # "mean": top-B by the mean query's logits; "vote": by averaged per-query softmax
-    index: str = "keys"  # what ranks sentences: "keys" (queries · summaries) | "minilm" (a sentence encoder)
+    index: str = "auto"  # what ranks sentences: "keys" (queries · summaries) | "minilm" (a sentence encoder) |
+    # "auto": minilm when a tokenizer was given and its weights are installed, else keys
     query_tokens: int = 64  # index="minilm": the recent tokens embedded as the step's query
     components: int = 2  # principal directions per sentence and KV head (summary="pca")
     store: str = "memory"  # slow tier: "memory" (CPU tensors) | "mmap" (a file per layer)
@@ -613,8 +627,10 @@ class SentenceTier(CachePolicy):
             raise LeanLMError(f"sentence_tier summary must be 'mean', 'pca' or 'bounds', got '{self.summary}'")
         if self.select not in ("mean", "vote"):
             raise LeanLMError(f"sentence_tier select must be 'mean' or 'vote', got '{self.select}'")
-        if self.index not in ("keys", "minilm"):
-            raise LeanLMError(f"sentence_tier index must be 'keys' or 'minilm', got '{self.index}'")
+        if self.index not in ("keys", "minilm", "auto"):
+            raise LeanLMError(f"sentence_tier index must be 'keys', 'minilm' or 'auto', got '{self.index}'")
+        if not 0 <= self.recent_share <= 1:
+            raise LeanLMError(f"sentence_tier recent_share must be in [0, 1], got {self.recent_share}")
         if self.store not in SLOW_STORES:
             raise LeanLMError(f"sentence_tier store must be one of {', '.join(SLOW_STORES)}, got '{self.store}'")
         if self.coarse not in ("none", "mean", "learned"):
@@ -645,7 +661,8 @@ class SentenceTier(CachePolicy):
         segmenter = Segmenter(self.boundary_table, self.max_sentence, self.sink)
         return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter,
                                  self.coarse_map(layer_idx, model), vote=self.select == "vote", recent=self.recent,
-                                 capacity=self.capacity, bounds=self.summary == "bounds")
+                                 capacity=self.capacity, bounds=self.summary == "bounds",
+                                 recent_share=self.recent_share)
 
     def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
         if self.coarse == "none":
@@ -673,8 +690,15 @@ class SentenceTier(CachePolicy):
             handles.append(layer.self_attn.register_forward_pre_hook(select, with_kwargs=True))
         return handles
 
+    @property
+    def resolved_index(self) -> str:
+        """The index this policy uses ("auto" resolved)."""
+        if self.index != "auto":
+            return self.index
+        return "minilm" if self.tokenizer is not None and minilm_installed() else "keys"
+
     def semantic_index(self) -> SemanticIndex | None:
-        if self.index == "keys":
+        if self.resolved_index == "keys":
             return None
         if self.tokenizer is None:
             raise LeanLMError("sentence_tier index='minilm' needs the tokenizer (make_policy(..., tokenizer) "
@@ -689,7 +713,7 @@ class SentenceTier(CachePolicy):
         """
         sentences = -(-2 * context // self.max_sentence)
         retrieved = self.max_sentence * self.retrieve if self.capacity is None else min(self.capacity, self.max_sentence * self.retrieve)
-        keys_kept = self.index == "keys" or self.coarse != "none"  # minilm alone: ~0 (one small vector per sentence)
+        keys_kept = self.resolved_index == "keys" or self.coarse != "none"  # minilm alone: ~0 (one small vector per sentence)
         vectors = self.summary_vectors * keys_kept + (self.coarse != "none")  # a coarse tier keeps the mean value too
         return self.sink + self.max_sentence + retrieved + sentences * vectors / 2
 
@@ -711,15 +735,18 @@ class SentenceTier(CachePolicy):
         if settings.get("bits") is not None:
             raise LeanLMError("sentence_tier keeps K/V in full precision: it does not combine with +int8/+int4/+int2")
         settings.pop("bits", None)
-        policy = cls(**settings)
+        tokenizer = settings.pop("tokenizer", None)
+        with_tokenizer = lambda p: p.use_tokenizer(tokenizer) if tokenizer is not None else p  # noqa: E731
+        policy = with_tokenizer(cls(**settings))
         if budget >= 1:
-            return replace(policy, retrieve=max(1, context))
-        room = max(0, int(budget * context - replace(policy, retrieve=0).nominal_tokens(context)))
-        return replace(policy, retrieve=room // 16, capacity=room)
+            return with_tokenizer(replace(policy, retrieve=max(1, context)))
+        room = max(0, int(budget * context - with_tokenizer(replace(policy, retrieve=0)).nominal_tokens(context)))
+        return with_tokenizer(replace(policy, retrieve=room // 16, capacity=room))
 
     def describe(self) -> dict:
         described = super().describe()
         described["boundaries"] = "length only" if self.boundary_table is None else "tokenizer table"
+        described["index"] = self.resolved_index
         return described
 
 
