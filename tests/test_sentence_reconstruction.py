@@ -270,3 +270,40 @@ def test_recent_sentences_are_always_attended(model, ids):
                     assert {closed - 1, closed - 2} <= set(attended)
                     checked += 1
     assert checked > 10
+
+
+def test_latest_sentences_fill_their_share_of_the_capacity(model, ids):
+    policy = SentenceTier(sink=4, max_sentence=8, retrieve=50, capacity=40, recent_share=0.5).use_boundaries(BOUNDARY)
+    with attach(model, policy) as cache:
+        run_chunks(model, ids, cache, 8)
+        layer = cache.layers[0]
+        latest = layer.latest(len(layer.lengths))
+        tokens = [layer.lengths[s] for s in latest]
+        assert latest == list(range(len(layer.lengths) - 1, len(layer.lengths) - 1 - len(latest), -1))
+        assert sum(tokens) >= 20 and sum(tokens[:-1]) < 20  # just enough of the newest to reach 50% of 40
+
+
+def test_bounds_summary_scores_the_best_token_a_sentence_can_offer():
+    from leanlm.kvcache.sentence_tier import sentence_scores, summarize
+
+    keys = torch.randn(1, 1, 5, 4)
+    summary = summarize(keys, 0, bounds=True)  # mean, min, max
+    assert summary.shape == (1, 1, 3, 4)
+    query = torch.randn(1, 1, 1, 4)
+    bound = sentence_scores(query, summary[:, :, None], bounds=True)  # one sentence
+    best = (keys[0, 0] @ query[0, 0, 0]).max()
+    assert bound[0] >= best - 1e-6  # an upper bound on q·k over the sentence's tokens
+    exact = (query[0, 0, 0].clamp(min=0) * keys[0, 0].amax(0) + query[0, 0, 0].clamp(max=0) * keys[0, 0].amin(0)).sum()
+    torch.testing.assert_close(bound[0], exact)
+
+
+def test_auto_index_is_keys_without_a_tokenizer_and_minilm_with_one(monkeypatch):
+    import leanlm.kvcache.sentence_tier as sentence_tier
+
+    assert SentenceTier().resolved_index == "keys"
+    monkeypatch.setattr(sentence_tier, "minilm_installed", lambda: True)
+    policy = SentenceTier()
+    policy.tokenizer = IdTokenizer()
+    assert policy.resolved_index == "minilm" and policy.describe()["index"] == "minilm"
+    monkeypatch.setattr(sentence_tier, "minilm_installed", lambda: False)
+    assert policy.resolved_index == "keys"

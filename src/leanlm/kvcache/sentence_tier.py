@@ -609,7 +609,7 @@ class SentenceTier(CachePolicy):
     select: str = "mean"  # "mean": top-B by the mean query's logits; "vote": by averaged per-query softmax
     index: str = "auto"  # what ranks sentences: "keys" (queries · summaries) | "minilm" (a sentence encoder) |
     # "auto": minilm when a tokenizer was given and its weights are installed, else keys
-    query_tokens: int = 64  # index="minilm": the recent tokens embedded as the step's query
+    query_tokens: int = 16  # index="minilm": the recent tokens embedded as the step's query (16: the question, not the page)
     components: int = 2  # principal directions per sentence and KV head (summary="pca")
     store: str = "memory"  # slow tier: "memory" (CPU tensors) | "mmap" (a file per layer)
     store_dir: str | None = None  # where "mmap" files go (default: the system temp dir)
