@@ -72,7 +72,7 @@ def shared_encoder(path: str | None = None) -> SentenceEncoder:
 class SemanticIndex:
     """Shared by the layers of one cache: embeds closed sentences, ranks them for each step."""
 
-    def __init__(self, encoder: SentenceEncoder, decode: Callable[[list[int]], str], query_tokens: int = 64):
+    def __init__(self, encoder: SentenceEncoder, decode: Callable[[list[int]], str], query_tokens: int = 16):
         self.encoder, self.decode = encoder, decode
         self.recent: deque[int] = deque(maxlen=query_tokens)
         self.tokens: dict[int, list[int]] = {}  # token ids of sentences not embedded yet
