@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -177,10 +178,15 @@ def markdown(result: dict) -> str:
     for r in [result["baseline"], *result["rows"]]:
         pk = r.get("passkey_normalised") or r.get("passkey")
         pk = ", ".join(f"{k}: {fmt(v, '.2f')}" for k, v in pk.items()) if pk else (r.get("error") or "—")
-        lines.append(f"| {r['method']} | {r['source']} | {r['budget']} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
+        lines.append(f"| {short(r['method'])} | {r['source']} | {r['budget']} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
                      f"{fmt(r.get('ppl_ratio'))} | {fmt(r.get('kl'))} | {fmt(r.get('stream_ppl_ratio'))} | {pk} | "
                      f"{fmt(r.get('decode_tokens_per_s'), '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def short(method: str) -> str:
+    """A method name for tables and legends: file paths in settings shortened to their file name."""
+    return re.sub(r"(maps|store_dir)=[^,]*/", r"\1=", method)
 
 
 def pareto_plot(result: dict, path: Path) -> None:
@@ -189,7 +195,7 @@ def pareto_plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     methods = sorted({(r["method"], r["source"]) for r in result["rows"] if r.get("ppl_ratio") is not None})
     colors = plt.get_cmap("tab20").colors
     top = 1.6  # a collapsed method (ratios of 2-4) would flatten everyone else: clip, and say so
@@ -198,7 +204,7 @@ def pareto_plot(result: dict, path: Path) -> None:
         pts = sorted((r["bytes_per_token"], r["ppl_ratio"]) for r in result["rows"]
                      if r["method"] == method and r["source"] == source and r.get("ppl_ratio") is not None)
         ax.plot(*zip(*pts), marker="o" if source == "leanlm" else "x", linestyle="-" if source == "leanlm" else ":",
-                label=f"{method} ({source})", color=colors[index % len(colors)])
+                label=f"{short(method)} ({source})", color=colors[index % len(colors)])
     base = result["baseline"]
     ax.scatter([base["bytes_per_token"]], [1.0], color="black", zorder=5, label="full bf16 cache")
     ax.set_xscale("log")
@@ -211,7 +217,7 @@ def pareto_plot(result: dict, path: Path) -> None:
     ax.set_ylabel("perplexity / full cache (continuation protocol)")
     ax.set_title("KV-cache policies on SmolLM2-135M, WikiText-2 test")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay readable
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -14,18 +14,25 @@ sentence for every row: the batch shares one segmentation.
 
 Per layer (``SentenceTierLayer``):
 - fast tier: sinks, the open sentence, one summary per closed sentence and KV head (the mean key;
-  ``summary="pca"`` adds the top principal directions scaled by their spread), and the token K/V of
-  at most ``retrieve`` (B) fetched sentences, kept in an LRU;
+  ``summary="pca"`` adds the top principal directions scaled by their spread, ``"bounds"`` the
+  channel-wise min and max), and the token K/V of the retrieved sentences, kept in an LRU bounded
+  by ``retrieve`` (B) sentences and ``capacity`` tokens;
 - slow tier (``SlowStore``): every closed sentence's token K/V — ``MemoryStore`` (CPU tensors, pinned
   when the model runs on a GPU) or ``MmapStore`` (raw bytes appended to one file per layer, read back
   through a memory map, so the slow tier can outgrow RAM). Token K/V really leave the fast tier: a
   sentence that is not retrieved is not held there at all (the published SentenceKV code masks).
-- each step, an attention pre-hook scores the summaries with the step's queries (mean over the
-  queries and the KV group's query heads of q·s_j; one choice per layer, shared by all KV heads and
-  the batch), fetches the top-B sentences that are not resident, evicts the least recently used
-  beyond B, and resizes the step's causal mask to what this layer attends to (layers differ, the
-  model builds one mask). Attention runs over sinks + retrieved sentences (text order) + open
-  sentence + new tokens: with B >= the number of sentences that is the full cache, bit for bit.
+- each step, an attention pre-hook picks the sentences to attend: first the latest closed ones
+  (``recent`` of them and at least ``recent_share`` of ``capacity``), then the best ranked by the
+  index, while they fit B and ``capacity``; it fetches those not resident, evicts the least recently
+  used beyond the bounds, and resizes the step's causal mask to what this layer attends to (layers
+  differ, the model builds one mask). Attention runs over sinks + retrieved sentences (text order) +
+  open sentence + new tokens: with B >= the number of sentences that is the full cache, bit for bit.
+- the index: ``"keys"`` scores the summaries with the step's queries (mean over the queries and the
+  KV group's query heads of q·s_j, or a per-query softmax vote with ``select="vote"``; one choice
+  per layer, shared by the KV heads and the batch); ``"minilm"`` asks a frozen sentence encoder
+  (``sentence_index.py``) which closed sentences resemble the last ``query_tokens`` tokens — one
+  ranking for all layers; ``"auto"`` (default) is minilm when a tokenizer was given and its weights
+  are installed. Measured on SmolLM2-135M, minilm is the better index by far (README).
 - a sentence that closes is summarized, written to the slow store and enters the LRU as most
   recently used (the next tokens are likely to look at it).
 
