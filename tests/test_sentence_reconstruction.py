@@ -307,3 +307,13 @@ def test_auto_index_is_keys_without_a_tokenizer_and_minilm_with_one(monkeypatch)
     assert policy.resolved_index == "minilm" and policy.describe()["index"] == "minilm"
     monkeypatch.setattr(sentence_tier, "minilm_installed", lambda: False)
     assert policy.resolved_index == "keys"
+
+
+def test_a_budget_with_no_room_to_fetch_warns(caplog):
+    with caplog.at_level("WARNING", logger="leanlm"):
+        policy = make_policy("sentence_tier", 0.25, 256)  # 64 token-equivalents: sinks + open sentence eat it
+    assert policy.capacity == 0 and "no room to fetch" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="leanlm"):
+        make_policy("sentence_tier", 0.25, 2048)
+    assert "no room" not in caplog.text

@@ -54,6 +54,7 @@ tier, per-row segmentation for batches.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import weakref
@@ -72,6 +73,7 @@ from leanlm.kvcache.sentence_index import SemanticIndex, minilm_installed, share
 from leanlm.models import decoder_layers
 
 SINK = -1  # the "sentence" of the attention-sink tokens
+log = logging.getLogger("leanlm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,6 +750,10 @@ class SentenceTier(CachePolicy):
         if budget >= 1:
             return with_tokenizer(replace(policy, retrieve=max(1, context)))
         room = max(0, int(budget * context - with_tokenizer(replace(policy, retrieve=0)).nominal_tokens(context)))
+        if room == 0:  # legal, but the model then sees only the sinks and the open sentence: say so
+            log.warning("sentence_tier: a budget of %g x %d tokens leaves no room to fetch sentences (only sinks + "
+                        "the open sentence are attended); raise the budget or the context, or lower max_sentence",
+                        budget, context)
         return with_tokenizer(replace(policy, retrieve=room // 16, capacity=room))
 
     def describe(self) -> dict:
