@@ -310,6 +310,9 @@ def test_auto_index_is_keys_without_a_tokenizer_and_minilm_with_one(monkeypatch)
 
 
 def test_a_budget_with_no_room_to_fetch_warns(caplog):
+    from leanlm.kvcache.sentence_tier import warn_no_room
+
+    warn_no_room.cache_clear()
     with caplog.at_level("WARNING", logger="leanlm"):
         policy = make_policy("sentence_tier", 0.25, 256)  # 64 token-equivalents: sinks + open sentence eat it
     assert policy.capacity == 0 and "no room to fetch" in caplog.text

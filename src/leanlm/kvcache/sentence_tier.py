@@ -54,6 +54,7 @@ tier, per-row segmentation for batches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -751,9 +752,7 @@ class SentenceTier(CachePolicy):
             return with_tokenizer(replace(policy, retrieve=max(1, context)))
         room = max(0, int(budget * context - with_tokenizer(replace(policy, retrieve=0)).nominal_tokens(context)))
         if room == 0:  # legal, but the model then sees only the sinks and the open sentence: say so
-            log.warning("sentence_tier: a budget of %g x %d tokens leaves no room to fetch sentences (only sinks + "
-                        "the open sentence are attended); raise the budget or the context, or lower max_sentence",
-                        budget, context)
+            warn_no_room(budget, context)
         return with_tokenizer(replace(policy, retrieve=room // 16, capacity=room))
 
     def describe(self) -> dict:
@@ -761,6 +760,12 @@ class SentenceTier(CachePolicy):
         described["boundaries"] = "length only" if self.boundary_table is None else "tokenizer table"
         described["index"] = self.resolved_index
         return described
+
+
+@functools.lru_cache(maxsize=None)  # once per setting: a protocol sizes a policy for every window
+def warn_no_room(budget: float, context: int) -> None:
+    log.warning("sentence_tier: a budget of %g x %d tokens leaves no room to fetch sentences (only sinks + the open "
+                "sentence are attended); raise the budget or the context, or lower max_sentence", budget, context)
 
 
 # ---------------------------------------------------------------------------------------------
