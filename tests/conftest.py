@@ -8,6 +8,14 @@ import torch
 from leanlm.models import load_model, load_tokenizer, tiny_llama
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The KV-cache tests' tiny GQA model (kv_helpers.tiny_kv_model), one per test module."""
+    from kv_helpers import tiny_kv_model
+
+    return tiny_kv_model()
+
+
 @pytest.fixture
 def tiny_mha():
     return tiny_llama(num_layers=2, num_heads=4, num_kv_heads=None)

@@ -15,16 +15,11 @@ from leanlm.kvcache.heavy_hitter import HeavyHitterLayer
 from leanlm.kvcache.quant import QuantizedTensor, dequantize, error_bound, pack, quantize, unpack
 from leanlm.kvcache.sink_window import rerotate
 
-from kv_helpers import run_chunks as feed_chunks, tiny_kv_model
+from kv_helpers import run_chunks as feed_chunks
 
 CONTEXT = 64
 CHUNK = 8
 EVICTING = ["sink_window", "heavy_hitter", "observation_window"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_kv_model()
 
 
 @pytest.fixture(scope="module")

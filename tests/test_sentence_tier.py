@@ -25,11 +25,6 @@ BOUNDARY = torch.arange(256) % 7 == 0  # synthetic boundary table: ids divisible
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_kv_model()
-
-
-@pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 256, (1, CONTEXT), generator=torch.Generator().manual_seed(5))
 
