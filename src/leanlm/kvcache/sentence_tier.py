@@ -552,10 +552,15 @@ def fit_mask(mask: torch.Tensor | None, held: int, q_len: int, device=None) -> t
     return torch.cat([past, mask[..., -q_len:]], dim=-1)
 
 
+def step_cache(kwargs: dict):
+    """The cache a forward was given: ``cache=`` since transformers 5.24, ``past_key_values=`` before."""
+    return kwargs["cache"] if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+
+
 def feed_token_ids(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache, segmenter: Segmenter,
                    index: SemanticIndex | None = None) -> None:
     """Forward pre-hook on the base model: segment the step's token ids (when this cache is used)."""
-    if kwargs.get("past_key_values") is not cache:
+    if step_cache(kwargs) is not cache:
         return
     ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else (args[0] if args else None)
     if ids is not None:
@@ -568,7 +573,7 @@ def feed_token_ids(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCa
 
 def select_and_fit_mask(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache):
     """Forward pre-hook on an attention module: retrieve this layer's sentences, resize the mask."""
-    if kwargs.get("past_key_values") is not cache:
+    if step_cache(kwargs) is not cache:
         return None
     layer = cache.layers[module.layer_idx]
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (batch, q, hidden)
