@@ -211,7 +211,8 @@ def test_hooks_are_removed_after_attach(model):
     lambda: make_policy("nope", 0.5, 64),
     lambda: make_policy("sink_window", 1.5, 64),
     lambda: make_policy("quantized+int4", 0.5, 64),
-    lambda: Quantized(bits=3),
+    lambda: Quantized(bits=5),
+    lambda: make_policy("quantized:bits=3,group=4", 0.5, 64),  # 3-bit codes pack 8 at a time
     lambda: SinkWindow(window=0),
 ])
 def test_bad_settings_raise_one_clear_error(bad):

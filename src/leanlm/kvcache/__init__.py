@@ -55,8 +55,8 @@ def make_policy(name: str, budget: float, context: int, tokenizer=None, **settin
     if base not in CACHE_POLICIES:
         raise LeanLMError(f"unknown KV-cache policy '{name}': choose from {', '.join(CACHE_POLICIES)}")
     if suffix:
-        if base == "quantized" or suffix not in ("int8", "int4", "int2"):
-            raise LeanLMError(f"'{name}': only eviction policies combine with +int8, +int4 or +int2")
+        if base == "quantized" or suffix not in ("int8", "int4", "int3", "int2"):
+            raise LeanLMError(f"'{name}': only eviction policies combine with +int8, +int4, +int3 or +int2")
         settings["bits"] = int(suffix[3:])
     fields = [f.name for f in dataclasses.fields(CACHE_POLICIES[base])] + ["group", "bits"]  # for_budget reads these
     unknown = sorted(set(settings) - set(fields))

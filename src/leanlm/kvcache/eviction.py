@@ -47,15 +47,15 @@ class FullStore:
 class QuantStore:
     """Per-token K and V codes (groups along head_dim), so any token can be kept or dropped."""
 
-    def __init__(self, bits: int, group: int):
+    def __init__(self, bits: int, group: int, rotate: bool = False):
         check_bits(bits)
-        self.bits, self.group = bits, group
+        self.bits, self.group, self.rotate = bits, group, rotate
         self.keys: QuantizedTensor | None = None
         self.values: QuantizedTensor | None = None
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
-        qk = quantize(keys[:, :, -new:], self.bits, self.group)  # only the new tokens are quantized
-        qv = quantize(values[:, :, -new:], self.bits, self.group)
+        qk = quantize(keys[:, :, -new:], self.bits, self.group, self.rotate)  # only the new tokens are quantized
+        qv = quantize(values[:, :, -new:], self.bits, self.group, self.rotate)
         self.keys = qk if self.keys is None else concat(self.keys, qk)
         self.values = qv if self.values is None else concat(self.values, qv)
 
@@ -78,22 +78,22 @@ def concat(a: QuantizedTensor, b: QuantizedTensor) -> QuantizedTensor:
     """Two per-token quantized tensors joined along the token dim (dim 2)."""
     shape = (*a.shape[:2], a.shape[2] + b.shape[2], a.shape[3])
     return QuantizedTensor(torch.cat([a.codes, b.codes], 2), torch.cat([a.scale, b.scale], 2),
-                           torch.cat([a.low, b.low], 2), a.bits, shape, a.dtype)
+                           torch.cat([a.low, b.low], 2), a.bits, shape, a.dtype, a.rotated)
 
 
 def select_quantized(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
     shape = (*q.shape[:2], index.shape[2], q.shape[3])
     return QuantizedTensor(gather_tokens(q.codes, index), gather_tokens(q.scale, index),
-                           gather_tokens(q.low, index), q.bits, shape, q.dtype)
+                           gather_tokens(q.low, index), q.bits, shape, q.dtype, q.rotated)
 
 
 class EvictionLayer(PolicyLayer):
     """Holds at most ``capacity`` tokens; ``keep`` names which survive each step."""
 
-    def __init__(self, capacity: int, bits: int | None = None, group: int = 32):
+    def __init__(self, capacity: int, bits: int | None = None, group: int = 32, rotate: bool = False):
         super().__init__()
         self.capacity = capacity
-        self.held = FullStore() if bits is None else QuantStore(bits, group)
+        self.held = FullStore() if bits is None else QuantStore(bits, group, rotate)
 
     def materialize(self):
         return self.held.materialize()
@@ -163,7 +163,15 @@ def attention_probs(queries: torch.Tensor, keys: torch.Tensor, new: int, chunk: 
     return total
 
 
-def tokens_for_budget(budget: float, context: int, bits: int | None, group: int, dtype_bytes: int = 2) -> int:
-    """Tokens a store can hold within ``budget`` × the full-precision cache of ``context`` tokens."""
+def tokens_for_budget(budget: float, context: int, bits: int | None, group: int, dtype_bytes: int = 2,
+                      state_bytes: float = 0.0, head_dim: int = 64) -> int:
+    """Tokens a store can hold within ``budget`` × the full-precision cache of ``context`` tokens.
+
+    ``state_bytes``: bookkeeping held per token and KV head beside its K and V (H2O's float32 score),
+    so that the policy's measured bytes, bookkeeping included, stay within the budget. Sizing assumes
+    ``head_dim`` 64 (SmolLM2 and most Llama-family models); ``nbytes()`` measures what is really held.
+    """
     per_value = dtype_bytes if bits is None else quantized_bytes_per_value(bits, group)
-    return max(1, int(budget * context * dtype_bytes / per_value))
+    full_token = 2 * head_dim * dtype_bytes  # K and V of one token and KV head, full precision
+    held_token = 2 * head_dim * per_value + state_bytes
+    return max(1, int(budget * context * full_token / held_token))

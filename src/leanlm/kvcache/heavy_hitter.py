@@ -20,9 +20,12 @@ from leanlm.kvcache.base import CachePolicy, check_budget
 from leanlm.kvcache.eviction import EvictionLayer, attention_probs, gather_tokens, recent_and_top, tokens_for_budget
 
 
+SCORE_BYTES = 4  # one float32 accumulated-attention score per held token and KV head
+
+
 class HeavyHitterLayer(EvictionLayer):
-    def __init__(self, capacity: int, recent: int, bits: int | None, group: int):
-        super().__init__(capacity, bits, group)
+    def __init__(self, capacity: int, recent: int, bits: int | None, group: int, rotate: bool = False):
+        super().__init__(capacity, bits, group, rotate)
         self.recent = recent
         self.scores: torch.Tensor | None = None  # (batch, kv_heads, held) accumulated attention, float32
 
@@ -51,6 +54,7 @@ class HeavyHitter(CachePolicy):
     recent_fraction: float = 0.5  # H2O's split: half recent, half heavy hitters
     bits: int | None = None
     group: int = 32
+    rotate: bool = True  # with bits: quantize K/V after a Hadamard rotation of head_dim (quant.hadamard)
 
     def __post_init__(self):
         if self.capacity < 2 or not 0 < self.recent_fraction < 1:
@@ -59,9 +63,13 @@ class HeavyHitter(CachePolicy):
 
     def make_layer(self, layer_idx: int, model: nn.Module) -> HeavyHitterLayer:
         recent = min(self.capacity - 1, max(1, round(self.capacity * self.recent_fraction)))
-        return HeavyHitterLayer(self.capacity, recent, self.bits, self.group)
+        return HeavyHitterLayer(self.capacity, recent, self.bits, self.group, bool(self.rotate))
 
     @classmethod
     def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> HeavyHitter:
         check_budget(budget)
-        return cls(capacity=max(2, tokens_for_budget(budget, context, bits, settings.get("group", 32))), bits=bits, **settings)
+        group = settings.get("group", cls.group)
+        # at a full budget nothing is evicted (the scores then come on top: the measured bytes say so)
+        tokens = context if budget >= 1 and bits is None else \
+            tokens_for_budget(budget, context, bits, group, state_bytes=SCORE_BYTES)
+        return cls(capacity=max(2, tokens), bits=bits, **settings)

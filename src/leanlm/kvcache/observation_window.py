@@ -22,8 +22,8 @@ from leanlm.kvcache.eviction import EvictionLayer, attention_probs, recent_and_t
 
 
 class ObservationWindowLayer(EvictionLayer):
-    def __init__(self, capacity: int, window: int, kernel: int, bits: int | None, group: int):
-        super().__init__(capacity, bits, group)
+    def __init__(self, capacity: int, window: int, kernel: int, bits: int | None, group: int, rotate: bool = False):
+        super().__init__(capacity, bits, group, rotate)
         self.window, self.kernel = window, kernel
         self.recent_queries: torch.Tensor | None = None  # (batch, heads, <= window, head_dim)
 
@@ -54,6 +54,7 @@ class ObservationWindow(CachePolicy):
     kernel: int = 7
     bits: int | None = None
     group: int = 32
+    rotate: bool = True  # with bits: quantize K/V after a Hadamard rotation of head_dim (quant.hadamard)
 
     def __post_init__(self):
         if self.capacity < 2 or self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
@@ -61,7 +62,7 @@ class ObservationWindow(CachePolicy):
                               f"{self.capacity}, {self.window}, {self.kernel}")
 
     def make_layer(self, layer_idx: int, model: nn.Module) -> ObservationWindowLayer:
-        return ObservationWindowLayer(self.capacity, self.window, self.kernel, self.bits, self.group)
+        return ObservationWindowLayer(self.capacity, self.window, self.kernel, self.bits, self.group, bool(self.rotate))
 
     @classmethod
     def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> ObservationWindow:

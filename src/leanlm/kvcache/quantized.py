@@ -22,7 +22,7 @@ from torch import nn
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyLayer, check_budget, tensor_bytes
-from leanlm.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, check_bits, dequantize, quantize, quantized_bytes_per_value
+from leanlm.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, check_bits, check_group, dequantize, quantize, quantized_bytes_per_value
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape_dim: int) -> QuantizedTensor:
@@ -32,13 +32,13 @@ def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape
     shape = list(a.shape)
     shape[shape_dim] += b.shape[shape_dim]
     return QuantizedTensor(torch.cat([a.codes, b.codes], dim), torch.cat([a.scale, b.scale], dim),
-                           torch.cat([a.low, b.low], dim), a.bits, tuple(shape), a.dtype)
+                           torch.cat([a.low, b.low], dim), a.bits, tuple(shape), a.dtype, a.rotated)
 
 
 class KiviLayer(PolicyLayer):
-    def __init__(self, bits: int, group: int, residual: int, value_bits: int | None = None):
+    def __init__(self, bits: int, group: int, residual: int, value_bits: int | None = None, rotate: bool = False):
         super().__init__()
-        self.bits, self.group, self.residual = bits, group, residual
+        self.bits, self.group, self.residual, self.rotate = bits, group, residual, rotate
         self.value_bits = value_bits or bits
         self.qkeys: QuantizedTensor | None = None  # shape (batch, kv_heads, head_dim, tokens): per channel
         self.qvalues: QuantizedTensor | None = None  # shape (batch, kv_heads, tokens, head_dim): per token
@@ -63,7 +63,7 @@ class KiviLayer(PolicyLayer):
         if full:
             block_k = tail_k[:, :, :full].transpose(2, 3).contiguous()  # (batch, kv_heads, head_dim, full)
             self.qkeys = cat_quantized(self.qkeys, quantize(block_k, self.bits, self.group), dim=3, shape_dim=3)
-            self.qvalues = cat_quantized(self.qvalues, quantize(tail_v[:, :, :full], self.value_bits, self.group),
+            self.qvalues = cat_quantized(self.qvalues, quantize(tail_v[:, :, :full], self.value_bits, self.group, self.rotate),
                                          dim=2, shape_dim=2)
         # clone: a view would keep the whole step's K/V tensor alive
         self.keys, self.values = tail_k[:, :, full:].clone(), tail_v[:, :, full:].clone()
@@ -86,12 +86,13 @@ class Quantized(CachePolicy):
     group: int = 32
     residual: int = 128
     value_bits: int | None = None  # None: the same as bits
+    rotate: bool = True  # values (quantized per token) after a Hadamard rotation of head_dim (quant.hadamard)
 
     def __post_init__(self):
         if self.bits != 16:
-            check_bits(self.bits)
-            if self.value_bits is not None:
-                check_bits(self.value_bits)
+            for bits in (self.bits, self.value_bits or self.bits):
+                check_bits(bits)
+                check_group(bits, self.group)
         if self.group < 1 or self.residual < self.group or self.residual % self.group:
             raise LeanLMError(f"quantized needs residual to be a positive multiple of group, got "
                               f"group={self.group}, residual={self.residual}")
@@ -103,7 +104,7 @@ class Quantized(CachePolicy):
             model.config.hidden_size // model.config.num_attention_heads
         if head_dim % self.group:
             raise LeanLMError(f"head_dim {head_dim} is not a multiple of the quantization group {self.group}")
-        return KiviLayer(self.bits, self.group, self.residual, self.value_bits)
+        return KiviLayer(self.bits, self.group, self.residual, self.value_bits, bool(self.rotate))
 
     def nominal_fraction(self, context: int) -> float:
         """Bytes held for a ``context``-token text / the bf16 cache's, before any measurement."""
@@ -126,8 +127,11 @@ class Quantized(CachePolicy):
             return cls(bits=16, **settings)
         groups = (settings.pop("group"),) if "group" in settings else (32, 64)
         residual = settings.pop("residual", 64)
+        key_bits = (settings.pop("bits"),) if "bits" in settings else SUPPORTED_BITS
+        value_bits = (settings.pop("value_bits"),) if settings.get("value_bits") else None
         candidates = [cls(bits=k, value_bits=v, group=g, residual=residual, **settings)
-                      for k in SUPPORTED_BITS for v in SUPPORTED_BITS if v <= k for g in groups]
+                      for k in key_bits for v in (value_bits or [b for b in SUPPORTED_BITS if b <= k])
+                      for g in groups]
         fitting = [c for c in candidates if c.nominal_fraction(context) <= budget]
         if not fitting:
             return min(candidates, key=lambda c: c.nominal_fraction(context))

@@ -37,8 +37,9 @@ def rerotate(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Te
 
 
 class SinkWindowLayer(EvictionLayer):
-    def __init__(self, sink: int, window: int, inv_freq: torch.Tensor | None, bits: int | None, group: int):
-        super().__init__(sink + window, bits, group)
+    def __init__(self, sink: int, window: int, inv_freq: torch.Tensor | None, bits: int | None, group: int,
+                 rotate: bool = False):
+        super().__init__(sink + window, bits, group, rotate)
         self.sink, self.window = sink, window
         self.inv_freq = inv_freq  # set in "cache" positions mode: keys are re-rotated as they slide
 
@@ -66,6 +67,7 @@ class SinkWindow(CachePolicy):
     position_mode: str = "original"  # "original" | "cache" (see the module doc)
     bits: int | None = None  # store kept tokens quantized (per token) at this width
     group: int = 32
+    rotate: bool = True  # with bits: quantize K/V after a Hadamard rotation of head_dim (quant.hadamard)
 
     def __post_init__(self):
         if self.sink < 0 or self.window < 1:
@@ -81,7 +83,7 @@ class SinkWindow(CachePolicy):
 
     def make_layer(self, layer_idx: int, model: nn.Module) -> SinkWindowLayer:
         inv_freq = model.model.rotary_emb.inv_freq if self.position_mode == "cache" else None
-        return SinkWindowLayer(self.sink, self.window, inv_freq, self.bits, self.group)
+        return SinkWindowLayer(self.sink, self.window, inv_freq, self.bits, self.group, bool(self.rotate))
 
     @classmethod
     def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> SinkWindow:
