@@ -12,7 +12,7 @@ from leanlm.errors import LeanLMError
 from leanlm.kvcache import CACHE_POLICIES, HeavyHitter, ObservationWindow, Quantized, SinkWindow, attach, make_policy
 from leanlm.kvcache.eviction import attention_probs, recent_and_top
 from leanlm.kvcache.heavy_hitter import HeavyHitterLayer
-from leanlm.kvcache.quant import QuantizedTensor, dequantize, error_bound, pack, quantize, unpack
+from leanlm.kvcache.quant import QuantizedTensor, dequantize, error_bound, hadamard, pack, quantize, unpack
 from leanlm.kvcache.sink_window import rerotate
 
 from kv_helpers import run_chunks as feed_chunks
@@ -59,7 +59,8 @@ def test_full_budget_reproduces_uncompressed_logits_exactly(model, ids, name):
     assert torch.equal(logits, reference)
 
 
-@pytest.mark.parametrize("name", EVICTING + ["quantized", "heavy_hitter+int4", "sink_window+int8"])
+@pytest.mark.parametrize("name", EVICTING + ["quantized", "quantized:bits=4,value_bits=3", "heavy_hitter+int4",
+                                          "heavy_hitter+int3", "sink_window+int8"])
 def test_nbytes_equals_the_tensors_actually_held_and_respects_the_budget(model, ids, name):
     with attach(model, make_policy(name, 0.25, CONTEXT, group=16, **({"residual": 16} if name == "quantized" else {}))) as cache:
         run_chunks(model, ids, cache)
@@ -161,7 +162,7 @@ def test_observation_window_keeps_what_the_last_queries_look_at(model):
     assert kept[-2:] == [8, 9] and 2 in kept and 5 in kept and len(kept) == 6
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantize_dequantize_error_within_the_analytic_bound(bits):
     x = torch.randn(3, 2, 40, 64) * torch.linspace(0.1, 4, 64)  # channels of different scales
     for dtype in (torch.float32, torch.bfloat16):
@@ -171,10 +172,42 @@ def test_quantize_dequantize_error_within_the_analytic_bound(bits):
         assert q.codes.numel() == x.numel() * bits // 8  # really packed
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_unpack_round_trip(bits):
     codes = torch.randint(0, 1 << bits, (5, 64), dtype=torch.uint8)
     assert torch.equal(unpack(pack(codes, bits), bits), codes)
+
+
+def test_three_bit_codes_pack_eight_in_three_bytes_low_bits_first():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
+    word = sum(c << (3 * i) for i, c in enumerate([1, 2, 3, 4, 5, 6, 7, 0]))  # 24 bits
+    assert pack(codes, 3).tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
+
+
+def test_hadamard_is_orthonormal_and_its_own_inverse():
+    h = hadamard(64)
+    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6) and torch.equal(h, h.T)
+    assert set((h * 8).unique().tolist()) == {-1.0, 1.0}
+    with pytest.raises(LeanLMError, match="power-of-2"):
+        hadamard(48)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rotated_quantization_error_within_the_bound_of_the_rotated_vector(bits):
+    # The rotation is orthonormal: the error's norm is the rotated vector's quantization error's norm.
+    x = torch.randn(2, 3, 40, 64) * torch.linspace(0.1, 4, 64)
+    error = dequantize(quantize(x, bits, 32, rotate=True)) - x
+    bound = error_bound(x @ hadamard(64), bits, 32)
+    assert (error.norm(dim=-1) <= bound.norm(dim=-1) * (1 + 1e-5)).all()
+
+
+def test_rotation_spreads_an_outlier_channel_so_per_token_codes_lose_less():
+    # A KV vector with one huge channel: unrotated, the outlier sets every group's step; rotated, it is spread.
+    x = torch.randn(500, 64)
+    x[:, 7] = 40.0
+    plain = (dequantize(quantize(x, 3, 64)) - x).norm()
+    rotated = (dequantize(quantize(x, 3, 64, rotate=True)) - x).norm()
+    assert rotated < 0.5 * plain
 
 
 def test_quantized_policy_keeps_recent_tokens_exact_and_older_ones_packed(model, ids):
