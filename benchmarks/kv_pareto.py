@@ -43,8 +43,8 @@ from leanlm.models.loading import resolve_source
 from leanlm.report import atomic_write_json, git_info, versions
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = ["quantized", "sink_window", "heavy_hitter", "observation_window", "heavy_hitter+int4",
-            "observation_window+int4"]
+POLICIES = ["quantized", "quantized:rotate=0", "sink_window", "heavy_hitter", "observation_window",
+            "heavy_hitter+int4:group=64", "observation_window+int4:group=64"]
 PRESSES = ["streaming_llm", "snapkv", "knorm", "expected_attention", "observed_attention", "quantized"]
 
 
@@ -83,7 +83,8 @@ def row(method: str, source: str, budget: float, cont, baseline_cont, **extra) -
             "top1_agreement": cont.top1_agreement, "peak_bytes": cont.peak_bytes, **extra}
 
 
-def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey) -> list[dict]:
+def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey, checkpoint=None) -> list[dict]:
+    """One row per (policy, budget); ``checkpoint(rows)`` after each, so an interrupted run keeps them."""
     rows = []
     for name in args.policies:
         for budget in args.budgets:
@@ -105,6 +106,8 @@ def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey) ->
             rows.append(row(name, "leanlm", budget, cont, refs["cont"].result, **extra))
             print(f"{name:>26} @ {budget:<5}: ppl x{rows[-1]['ppl_ratio']:.4f}  kl {cont.kl:.4f}  "
                   f"{cont.bytes_per_token:,.0f} B/token", file=sys.stderr, flush=True)
+            if checkpoint:
+                checkpoint(rows)
     return rows
 
 
@@ -238,7 +241,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--passkey-budgets", type=floats, default=[0.25], help="budgets also run on passkey retrieval")
     p.add_argument("--context", type=int, default=2048, help="continuation protocol: context tokens")
     p.add_argument("--continuation", type=int, default=128, help="continuation protocol: scored tokens")
-    p.add_argument("--windows", type=int, default=4, help="continuation protocol: windows")
+    p.add_argument("--windows", type=int, default=8, help="continuation protocol: windows")
     p.add_argument("--stream-tokens", type=int, default=4096, help="streaming protocol: tokens (windows of --context)")
     p.add_argument("--stream-chunk", type=int, default=32, help="streaming protocol: tokens per forward")
     p.add_argument("--passkey-lengths", type=ints, default=(2048, 4096, 8192))
@@ -346,17 +349,24 @@ def main() -> int:
                 "passkey_loglik": base_passkey.answer_loglik,
                 "passkey_normalised": {k: 1.0 if v else None for k, v in base_passkey.accuracy.items()},
                 "decode_tokens_per_s": decode_speed(model, None, refs["cont_windows"][0][: args.context])}
-    rows = run_leanlm(model, tok, args, refs, items, base_passkey)
+    partial = args.out.with_name(args.out.stem + ".partial.json")  # the rows so far, if the run is interrupted
+    rows = run_leanlm(model, tok, args, refs, items, base_passkey,
+                      checkpoint=lambda done: atomic_write_json(partial, assemble(args, refs, baseline, done, None)))
     kvpress = None if args.no_kvpress else run_kvpress(args, refs, items)
     if kvpress and "rows" in kvpress:
         rows += kvpress_rows(kvpress, base.perplexity)
-    result = {"protocol": {"model": args.model, "continuation": base.protocol, "streaming": refs["stream"].result.protocol,
-                           "passkey": dataclasses.asdict(refs["passkey_protocol"])},
-              "baseline": baseline, "rows": rows, "targets": targets(rows, baseline["bytes_per_token"]),
-              "kvpress": None if kvpress is None else {k: v for k, v in kvpress.items() if k not in ("rows",)},
-              "versions": versions(), "git": git_info()}
-    write_outputs(result, args.out)
+    write_outputs(assemble(args, refs, baseline, rows, kvpress), args.out)
+    partial.unlink(missing_ok=True)
     return 0
+
+
+def assemble(args, refs: dict, baseline: dict, rows: list[dict], kvpress: dict | None) -> dict:
+    return {"protocol": {"model": args.model, "continuation": refs["cont"].result.protocol,
+                         "streaming": refs["stream"].result.protocol,
+                         "passkey": dataclasses.asdict(refs["passkey_protocol"])},
+            "baseline": baseline, "rows": rows, "targets": targets(rows, baseline["bytes_per_token"]),
+            "kvpress": None if kvpress is None else {k: v for k, v in kvpress.items() if k not in ("rows",)},
+            "versions": versions(), "git": git_info()}
 
 
 if __name__ == "__main__":
