@@ -13,6 +13,7 @@ from leanlm.kvcache import CACHE_POLICIES, HeavyHitter, ObservationWindow, Quant
 from leanlm.kvcache.eviction import attention_probs, recent_and_top
 from leanlm.kvcache.heavy_hitter import HeavyHitterLayer
 from leanlm.kvcache.quant import QuantizedTensor, dequantize, error_bound, hadamard, pack, quantize, unpack
+from leanlm.models import tiny_llama
 from leanlm.kvcache.sink_window import rerotate
 
 from kv_helpers import run_chunks as feed_chunks
@@ -274,3 +275,24 @@ def test_quantized_budget_picks_the_most_bits_that_fit_and_measured_bytes_agree(
         assert cache.held_tokens() == CONTEXT
         assert cache.nbytes() / bf16_bytes == pytest.approx(1.25 / 4)
         assert cache.nbytes() / bf16_bytes <= policy.nominal_fraction(CONTEXT)  # the nominal bound holds
+
+
+def test_quantized_for_budget_picks_the_most_bits_that_fit_and_honours_given_widths():
+    # At 2,048 tokens the 64-token exact residual counts: 4-bit K + 2-bit V in groups of 64 fits 1/4.
+    chosen = make_policy("quantized", 0.25, 2048)
+    assert (chosen.bits, chosen.value_bits, chosen.group) == (4, 2, 64)
+    assert chosen.nominal_fraction(2048) <= 0.25 and chosen.rotate
+    given = make_policy("quantized:bits=4,value_bits=3,group=64", 0.25, 2048)
+    assert (given.bits, given.value_bits, given.group) == (4, 3, 64)  # over the budget by its residual
+    assert make_policy("quantized:bits=4", 1.0, 2048).bits == 16  # a full budget keeps everything
+
+
+@pytest.mark.parametrize("name", ["heavy_hitter", "heavy_hitter+int4:group=64"])
+def test_heavy_hitter_bytes_with_its_scores_stay_within_the_budget(name):
+    # head_dim 64 and bf16, as the sizing assumes: the float32 scores must fit in the budget too.
+    model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, hidden_size=128).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(1))
+    with attach(model, make_policy(name, 0.125, 256)) as cache:
+        run_chunks(model, ids, cache, 32)
+        full_bf16 = 2 * 2 * 2 * 64 * 2 * 256  # layers x kv_heads x (K, V) x head_dim x bytes x tokens
+        assert 0.9 * 0.125 * full_bf16 < cache.nbytes() <= 0.125 * full_bf16
