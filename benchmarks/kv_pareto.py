@@ -173,6 +173,18 @@ def targets(rows: list[dict], baseline_bytes: float) -> dict:
     return out
 
 
+PPL_HOLDS = 1.05  # a perplexity ratio this close to 1 can hide a retrieval loss: such rows are flagged
+
+
+def retrieval_flag(row: dict) -> str | None:
+    """'perplexity holds, retrieval drops at N tokens' when both are true of a row, else None."""
+    norm = row.get("passkey_normalised") or {}
+    dropped = [length for length, ratio in norm.items() if ratio is not None and ratio < 1]
+    if not dropped or row.get("ppl_ratio") is None or row["ppl_ratio"] > PPL_HOLDS:
+        return None
+    return f"perplexity holds, retrieval drops at {', '.join(dropped)} tokens"
+
+
 def markdown(result: dict) -> str:
     lines = ["| method | source | budget | bytes/token | ppl ratio | KL | stream ppl ratio | passkey (norm.) | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -181,6 +193,7 @@ def markdown(result: dict) -> str:
     for r in [result["baseline"], *result["rows"]]:
         pk = r.get("passkey_normalised") or r.get("passkey")
         pk = ", ".join(f"{k}: {fmt(v, '.2f')}" for k, v in pk.items()) if pk else (r.get("error") or "—")
+        pk += f" ⚠ {r['flag']}" if r.get("flag") else ""
         lines.append(f"| {short(r['method'])} | {r['source']} | {r['budget']} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
                      f"{fmt(r.get('ppl_ratio'))} | {fmt(r.get('kl'))} | {fmt(r.get('stream_ppl_ratio'))} | {pk} | "
                      f"{fmt(r.get('decode_tokens_per_s'), '.1f')} |")
@@ -316,6 +329,8 @@ def add_kvpress(args) -> int:
 
 
 def write_outputs(result: dict, out: Path) -> None:
+    for r in result["rows"]:
+        r["flag"] = retrieval_flag(r)
     atomic_write_json(out, result)
     out.with_suffix(".md").write_text(markdown(result))
     pareto_plot(result, out.with_name(out.stem + "-pareto.png"))

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from leanlm.errors import LeanLMError
+from leanlm.models.compat import with_cache
 
 
 @dataclass
@@ -55,10 +56,10 @@ def stream(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, cach
     batch = prompt_ids.shape[0]
     with torch.inference_mode():
         for part in prompt_ids.split(prefill_chunk, dim=1):
-            logits = model(part, past_key_values=cache, position_ids=next_positions(cache, part.shape[1], batch),
+            logits = model(part, **with_cache(cache), position_ids=next_positions(cache, part.shape[1], batch),
                            use_cache=True, logits_to_keep=1).logits[:, -1]
         for _ in range(max_new_tokens):
             token = pick(logits, sampling, generator)  # (batch, 1)
             yield token[:, 0]
-            logits = model(token, past_key_values=cache, position_ids=next_positions(cache, 1, batch),
+            logits = model(token, **with_cache(cache), position_ids=next_positions(cache, 1, batch),
                            use_cache=True).logits[:, -1]

@@ -45,6 +45,7 @@ from leanlm.errors import LeanLMError
 from leanlm.evaluate.memory import cache_tensors
 from leanlm.generate import next_positions
 from leanlm.kvcache import CachePolicy, attach
+from leanlm.models.compat import with_cache
 
 PolicyArg = CachePolicy | Callable[[int], CachePolicy] | None
 JOINS = ("raw", "paper")
@@ -102,7 +103,7 @@ def forward_hidden(model, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
     """Feed ``ids`` (1-D) through the cache; the final post-norm hidden states, (len(ids), hidden)."""
     device = next(model.parameters()).device
     ids = ids.to(device).unsqueeze(0)  # (1, n)
-    out = model.model(input_ids=ids, past_key_values=cache, position_ids=next_positions(cache, ids.shape[1], device=device),
+    out = model.model(input_ids=ids, **with_cache(cache), position_ids=next_positions(cache, ids.shape[1], device=device),
                       use_cache=True)
     return out.last_hidden_state[0]  # (n, hidden)
 

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
+from leanlm.models.compat import with_cache
 
 
 @dataclass
@@ -73,7 +74,7 @@ def decode_step_times(model, batch: int, prompt: int, new_tokens: int) -> list[f
         cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
         for _ in range(new_tokens):
             start = time.perf_counter()
-            out = model(next_ids, past_key_values=cache, use_cache=True)
+            out = model(next_ids, **with_cache(cache), use_cache=True)
             next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(time.perf_counter() - start)
     return steps
