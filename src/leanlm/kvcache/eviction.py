@@ -10,6 +10,7 @@ head_dim (per token, so tokens can be dropped one by one) — eviction + quantiz
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 import torch
 
@@ -77,14 +78,14 @@ class QuantStore:
 def concat(a: QuantizedTensor, b: QuantizedTensor) -> QuantizedTensor:
     """Two per-token quantized tensors joined along the token dim (dim 2)."""
     shape = (*a.shape[:2], a.shape[2] + b.shape[2], a.shape[3])
-    return QuantizedTensor(torch.cat([a.codes, b.codes], 2), torch.cat([a.scale, b.scale], 2),
-                           torch.cat([a.low, b.low], 2), a.bits, shape, a.dtype, a.rotated)
+    return dataclasses.replace(a, codes=torch.cat([a.codes, b.codes], 2), scale=torch.cat([a.scale, b.scale], 2),
+                               low=torch.cat([a.low, b.low], 2), shape=shape)
 
 
 def select_quantized(q: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
     shape = (*q.shape[:2], index.shape[2], q.shape[3])
-    return QuantizedTensor(gather_tokens(q.codes, index), gather_tokens(q.scale, index),
-                           gather_tokens(q.low, index), q.bits, shape, q.dtype, q.rotated)
+    return dataclasses.replace(q, codes=gather_tokens(q.codes, index), scale=gather_tokens(q.scale, index),
+                               low=gather_tokens(q.low, index), shape=shape)
 
 
 class EvictionLayer(PolicyLayer):

@@ -16,6 +16,7 @@ really shrink; every step dequantizes the whole cache for attention, a transient
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,8 +34,8 @@ def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape
         return b
     shape = list(a.shape)
     shape[shape_dim] += b.shape[shape_dim]
-    return QuantizedTensor(torch.cat([a.codes, b.codes], dim), torch.cat([a.scale, b.scale], dim),
-                           torch.cat([a.low, b.low], dim), a.bits, tuple(shape), a.dtype, a.rotated)
+    return dataclasses.replace(a, codes=torch.cat([a.codes, b.codes], dim), scale=torch.cat([a.scale, b.scale], dim),
+                               low=torch.cat([a.low, b.low], dim), shape=tuple(shape))
 
 
 class KiviLayer(PolicyLayer):
