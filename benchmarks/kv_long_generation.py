@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
-from leanlm.evaluate.kv_protocols import LongGenerationProtocol, long_generation, plot_long_generation
+from leanlm.evaluate.kv import LongGenerationProtocol, long_generation, plot_long_generation
 from leanlm.kvcache import SinkWindow
 from leanlm.models import load_model, load_tokenizer
 from leanlm.report import atomic_write_json, git_info, versions

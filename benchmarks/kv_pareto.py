@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from leanlm.errors import LeanLMError
-from leanlm.evaluate.kv_protocols import (ContinuationProtocol, PasskeyProtocol, StreamingProtocol,
+from leanlm.evaluate.kv import (ContinuationProtocol, PasskeyProtocol, StreamingProtocol,
                                           continuation_perplexity, continuation_reference, continuation_windows,
                                           normalise, passkey_eval, passkey_prompts, streaming_perplexity,
                                           streaming_reference)
 from leanlm.generate import stream
 from leanlm.kvcache import attach, make_policy
-from leanlm.kvcache.sentence_tier import tier_stats
+from leanlm.kvcache.sentence import tier_stats
 from leanlm.models import load_model, load_tokenizer
 from leanlm.models.loading import resolve_source
 from leanlm.report import atomic_write_json, git_info, versions

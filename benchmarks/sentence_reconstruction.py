@@ -5,7 +5,7 @@
 For each maximum sentence length L (sentences also close at ., !, ?, newline): segment real windows
 the way `sentence_tier` does, then, per layer, compare attention over sinks + the closed sentences'
 real tokens with three cheap stand-ins — drop them (sinks only), one mean-only pseudo-token per
-sentence, one *learned* pseudo-token per sentence (`leanlm.kvcache.reconstruction`) — as the relative
+sentence, one *learned* pseudo-token per sentence (`leanlm.kvcache.sentence.coarse`) — as the relative
 error of the attention output. The maps are trained on WikiText-2 *validation* windows and the error
 is measured on *test* windows (held out). The bytes saved: a sentence of n tokens keeps 2 vectors
 (mean key, mean value) instead of 2n. Writes FILE.json, FILE.png (error vs bytes kept) and the maps
@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 from leanlm.data import nonoverlapping_windows, tokenize_split  # noqa: E402
 from leanlm.errors import LeanLMError  # noqa: E402
-from leanlm.kvcache.reconstruction import CoarseMaps, attention_errors, collect, fit  # noqa: E402
-from leanlm.kvcache.sentence_tier import boundary_token_ids  # noqa: E402
+from leanlm.kvcache.sentence.coarse import CoarseMaps, attention_errors, collect, fit  # noqa: E402
+from leanlm.kvcache.sentence import boundary_token_ids  # noqa: E402
 from leanlm.models import load_model, load_tokenizer  # noqa: E402
 from leanlm.report import atomic_write_json, git_info, versions  # noqa: E402
 

@@ -7,7 +7,8 @@ from transformers import DynamicCache
 
 from leanlm.data import nonoverlapping_windows
 from leanlm.errors import LeanLMError
-from leanlm.evaluate import kv_protocols as kp
+from leanlm.evaluate import kv as kp
+from leanlm.evaluate.kv import continuation, passkey, streaming
 from leanlm.evaluate import token_nll
 from leanlm.kvcache import SinkWindow, attach, make_policy
 from leanlm.models import tiny_llama
@@ -37,13 +38,14 @@ FILLER = "".join(
 def stream(monkeypatch):
     """A synthetic token stream in place of the tokenized WikiText split."""
     ids = torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(kp, "tokenize_split", lambda tokenizer, split, join="raw": ids)
+    for module in (streaming, continuation):
+        monkeypatch.setattr(module, "tokenize_split", lambda tokenizer, split, join="raw": ids)
     return ids
 
 
 @pytest.fixture
 def filler(monkeypatch):
-    monkeypatch.setattr(kp, "wikitext_text", lambda split, join="raw": FILLER)
+    monkeypatch.setattr(passkey, "wikitext_text", lambda split, join="raw": FILLER)
 
 
 @pytest.fixture

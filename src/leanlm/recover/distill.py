@@ -9,210 +9,39 @@ runs unchanged under `accelerate launch` or `torchrun`. It is resumable: checkpo
 trainable parameters, optimizer, scheduler, RNG and loss history, and the batch of every step is
 fixed by (seed, step), so a killed and resumed run ends bit-for-bit where an uninterrupted one does
 (on CPU; tested).
+
+This module is the loop; its pieces live beside it: ``config`` (DistillConfig, DistillResult),
+``losses`` (kd_loss, kd_loss_topk), ``teacher_cache`` (the teacher's top-k logits), ``windows``
+(training windows and their order); the loss plot is ``leanlm.report.loss_plot``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from leanlm.data import tokenize_split
 from leanlm.errors import LeanLMError
 from leanlm.recover.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from leanlm.recover.config import TRAJECTORY_FIELDS, DistillConfig, DistillResult
+from leanlm.recover.losses import kd_loss, kd_loss_topk
+from leanlm.recover.teacher_cache import TeacherTopK, build_teacher_topk
+from leanlm.recover.windows import stream_windows, windows_fingerprint
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label value that is not scored (the Hugging Face convention)
-
-
-# ----------------------------------------------------------------------------------------- losses
-
-
-def _next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Align for next-token prediction as HF does: logits[:, t] predict labels[:, t + 1].
-
-    Returns the scored positions' logits (tokens, vocab), their labels (tokens,) and the mask
-    (batch, seq - 1) of positions whose label is not IGNORE_INDEX.
-    """
-    targets = labels[:, 1:]  # (batch, seq - 1)
-    keep = targets != IGNORE_INDEX
-    return logits[:, :-1][keep], targets[keep], keep
-
-
-def _check_mix(alpha: float, temperature: float) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise LeanLMError(f"alpha must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise LeanLMError(f"temperature must be positive, got {temperature}")
-
-
-def _combine(kl: torch.Tensor, student: torch.Tensor, targets: torch.Tensor, alpha: float, temperature: float):
-    """Mix the per-token KL (tokens,) with CE on the labels; both averaged over scored tokens."""
-    count = max(targets.numel(), 1)  # "batchmean" over tokens, not over sequences
-    kd = kl.sum() / count
-    # A term whose weight is 0 is still computed for the log, but outside the autograd graph.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
-        ce = F.cross_entropy(student, targets, reduction="sum") / count
-    loss = alpha * temperature**2 * kd + (1 - alpha) * ce
-    return loss, {"kd": kd.detach(), "ce": ce.detach()}
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 0.5,
-    temperature: float = 2.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KD loss on full teacher logits; all (batch, seq, vocab), labels (batch, seq), shifted inside.
-
-    KL(p_teacher^T || p_student^T) is summed over the vocabulary and averaged over the scored token
-    positions (batchmean over tokens; positions whose next label is -100 are skipped, for KL and CE
-    alike). Returns (loss, {"kd": KL at temperature T, unscaled; "ce": cross-entropy}).
-    """
-    _check_mix(alpha, temperature)
-    if student_logits.shape != teacher_logits.shape:
-        shapes = f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        raise LeanLMError(f"student and teacher logits differ in shape: {shapes}")
-    student, targets, keep = _next_token(student_logits, labels)
-    student = student.float()  # (tokens, vocab)
-    teacher = teacher_logits[:, :-1][keep].float()  # (tokens, vocab)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):
-        log_p_student = F.log_softmax(student / temperature, dim=-1)
-        log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (tokens,)
-    return _combine(kl, student, targets, alpha, temperature)
-
-
-def kd_loss_topk(
-    student_logits: torch.Tensor,
-    teacher_topk_values: torch.Tensor,
-    teacher_topk_indices: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float = 0.5,
-    temperature: float = 2.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KD loss against a cached teacher: its k largest logits per position, (batch, seq, k) each.
-
-    Approximation: the teacher distribution is the softmax of its top-k logits / T, renormalised
-    over those k tokens (the tail's mass is dropped); the student keeps its full-vocabulary
-    log_softmax, read at the same k tokens. The result is sum_k p_t (log p_t - log q_s), which is
-    >= 0 and equals the exact KL when k is the vocabulary size. Because q_s is not renormalised, the
-    student is pushed to move its tail mass onto the teacher's top k, so with a flat teacher (or a
-    small k) the value sits above the exact KL by about -log(student mass on the top k). With a
-    peaked LM teacher and k of 32-64 the dropped tail is small at T = 1, not at T > 1: on SmolLM2-135M
-    (WikiText-2) the top 64 logits hold 90% of the teacher's mass at T = 1 but 26% at T = 2.
-    """
-    _check_mix(alpha, temperature)
-    student, targets, keep = _next_token(student_logits, labels)
-    student = student.float()  # (tokens, vocab)
-    values = teacher_topk_values[:, :-1][keep].float()  # (tokens, k)
-    indices = teacher_topk_indices[:, :-1][keep].long()  # (tokens, k)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):
-        log_p_student = F.log_softmax(student / temperature, dim=-1).gather(-1, indices)  # (tokens, k)
-        log_p_teacher = F.log_softmax(values / temperature, dim=-1)  # renormalised over the top k
-        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (tokens,)
-    return _combine(kl, student, targets, alpha, temperature)
-
-
-# ------------------------------------------------------------------------------ config and result
-
-
-@dataclass
-class DistillConfig:
-    """Settings of a distillation run. Fields marked (trajectory) must match when resuming."""
-
-    steps: int = field(default=200, metadata={"help": "optimizer steps to train (trajectory)"})
-    batch_size: int = field(default=4, metadata={"help": "windows per micro-batch and process (trajectory)"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per training window (trajectory)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (trajectory)"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW (trajectory)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (trajectory)"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up before the cosine decay (trajectory)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = no clipping (trajectory)"})
-    alpha: float = field(default=0.5, metadata={"help": "weight of the KD term; 1 - alpha weighs CE on the labels (trajectory)"})
-    temperature: float = field(default=2.0, metadata={"help": "softmax temperature T of the KD term (trajectory)"})
-    seed: int = field(default=0, metadata={"help": "seeds the data order and torch RNG (trajectory)"})
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": "bf16 autocast; None = auto: on with a bf16 GPU, off on CPU (see auto_bf16) (trajectory)"},
-    )
-    checkpoint_every: int = field(
-        default=50, metadata={"help": "save a checkpoint every N steps (and at the end); 0 = only at the end"}
-    )
-    eval_every: int = field(default=0, metadata={"help": "call eval_fn every N steps (and at steps 0 and last); 0 = off"})
-    top_k_teacher: int = field(
-        default=0,
-        metadata={
-            "help": "0 = run the teacher live every step; k > 0 = cache its top-k logits once and never run it "
-            "again; use temperature 1 with it (trajectory)"
-        },
-    )
-    max_minutes: float | None = field(
-        default=None, metadata={"help": "wall-clock budget: stop cleanly after the step that crosses it"}
-    )
-    out_dir: str | None = field(default=None, metadata={"help": "where checkpoints go (the distill() argument wins)"})
-
-    def check(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "lr")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise LeanLMError(f"distill {name} must be positive, got {getattr(self, name)}")
-        non_negative = ("weight_decay", "warmup_steps", "max_grad_norm", "checkpoint_every", "eval_every", "top_k_teacher")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise LeanLMError(f"distill {name} must not be negative, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise LeanLMError(f"distill seq_len must be at least 2, got {self.seq_len}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise LeanLMError(f"max_minutes must be positive when set, got {self.max_minutes}")
-        _check_mix(self.alpha, self.temperature)
-
-
-TRAJECTORY_FIELDS = (
-    "steps", "batch_size", "seq_len", "grad_accum", "lr", "weight_decay", "warmup_steps",
-    "max_grad_norm", "alpha", "temperature", "seed", "top_k_teacher",
-)  # fmt: skip
-
-
-@dataclass
-class DistillResult:
-    """What a run did. Losses are per optimizer step, averaged over its micro-batches (and processes)."""
-
-    steps_done: int
-    seconds: float  # wall clock over all sessions of the run (a resumed run adds up)
-    losses: list[dict[str, float]]  # per step: {"step", "total", "kd", "ce"}
-    eval_curve: list[tuple[int, float]]  # (step, eval_fn value)
-    stopped_early: bool  # max_minutes ran out before config.steps
-    checkpoint: str | None  # directory of the last checkpoint
-    step_seconds: list[float] = field(default_factory=list)  # wall time of each step (teacher included)
-    teacher_cache_seconds: float = 0.0  # building the top-k cache (0 when live or reused)
-    tokens_per_step: int = 0  # input tokens per optimizer step, all processes
-    resumed_from: int = 0  # step the last session started at
-    bf16: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -265,51 +94,6 @@ def train_only(model: nn.Module, name_patterns: list[str] | tuple[str, ...] | st
     return chosen
 
 
-def training_windows(tokenizer, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of WikiText-2 *validation*, (num_windows, seq_len) LongTensor.
-
-    There is deliberately no split argument: training must never see the test split we report on.
-    ``limit`` keeps the first windows only.
-    """
-    if seq_len < 2:
-        raise LeanLMError(f"seq_len must be at least 2, got {seq_len}")
-    if limit is not None and limit < 1:
-        raise LeanLMError(f"limit must be positive when set, got {limit}")
-    ids = tokenize_split(tokenizer, "validation")  # (tokens,)
-    count = len(ids) // seq_len
-    if limit is not None:
-        count = min(count, limit)
-    if count == 0:
-        raise LeanLMError(f"WikiText-2 validation has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return ids[: count * seq_len].reshape(count, seq_len).clone()  # (num_windows, seq_len)
-
-
-@functools.lru_cache(maxsize=8)
-def _epoch_order(num_windows: int, seed: int, epoch: int) -> tuple[int, ...]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(num_windows, generator=generator).tolist())
-
-
-def stream_windows(num_windows: int, seed: int, start: int, count: int) -> list[int]:
-    """Window ids at positions start .. start+count-1 of an endless stream of seeded epoch permutations.
-
-    A step's batch is a slice of this stream at an offset fixed by the step, so it depends only on
-    (seed, step) and a resumed run sees exactly the batches an uninterrupted one would.
-    """
-    ids = []
-    for position in range(start, start + count):
-        epoch, offset = divmod(position, num_windows)
-        ids.append(_epoch_order(num_windows, seed, epoch)[offset])
-    return ids
-
-
-def windows_fingerprint(windows: torch.Tensor) -> str:
-    """A short hash of the training windows, so a resume on different data is refused."""
-    digest = hashlib.sha256(str(tuple(windows.shape)).encode())
-    digest.update(windows.to(torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _make_accelerator(bf16: bool) -> Accelerator:
     precision = "bf16" if bf16 else "no"
     state = AcceleratorState._shared_state
@@ -319,67 +103,6 @@ def _make_accelerator(bf16: bool) -> Accelerator:
         AcceleratorState._reset_state()
     # The schedule counts optimizer steps, so the scheduler must step once per step on every process.
     return Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
-
-
-# ----------------------------------------------------------------------------- teacher top-k cache
-
-
-@dataclass
-class TeacherTopK:
-    """The teacher's k largest logits at every position of the windows a run visits."""
-
-    window_ids: torch.Tensor  # (n,) which rows of `windows` are cached
-    values: torch.Tensor  # (n, seq_len, k) float32 logits
-    indices: torch.Tensor  # (n, seq_len, k) int32 vocabulary ids
-
-    def __post_init__(self) -> None:
-        self._row = {int(w): i for i, w in enumerate(self.window_ids.tolist())}
-
-    def covers(self, ids: list[int]) -> bool:
-        return all(i in self._row for i in ids)
-
-    def lookup(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.tensor([self._row[i] for i in ids])
-        return self.values[rows], self.indices[rows]  # (batch, seq_len, k) each
-
-    def save(self, path: Path, fingerprint: str) -> None:
-        tensors = {"window_ids": self.window_ids, "values": self.values, "indices": self.indices}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, tmp, metadata={"fingerprint": fingerprint})
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path, fingerprint: str, k: int) -> TeacherTopK | None:
-        """The cache at ``path`` if it was built from the same windows with the same k, else None."""
-        if not path.is_file():
-            return None
-        with safe_open(path, framework="pt") as handle:
-            if (handle.metadata() or {}).get("fingerprint") != fingerprint:
-                return None
-        tensors = load_file(path)
-        if tensors["values"].shape[-1] != k:
-            return None
-        return cls(tensors["window_ids"], tensors["values"], tensors["indices"])
-
-
-@torch.no_grad()
-def build_teacher_topk(
-    teacher: nn.Module, windows: torch.Tensor, ids: list[int], k: int, batch_size: int, accelerator: Accelerator
-) -> TeacherTopK:
-    """Run the teacher once over windows[ids] and keep its top-k logits per position."""
-    ids = sorted(set(ids))
-    values, indices = [], []
-    bar = tqdm(range(0, len(ids), batch_size), desc=f"teacher top-{k}", disable=not accelerator.is_local_main_process)
-    for start in bar:
-        batch = windows[ids[start : start + batch_size]].to(accelerator.device)  # (batch, seq_len)
-        with accelerator.autocast():
-            logits = teacher(input_ids=batch, use_cache=False).logits  # (batch, seq_len, vocab)
-        top = logits.float().topk(k, dim=-1)
-        values.append(top.values.cpu())
-        indices.append(top.indices.to(torch.int32).cpu())
-        del logits, top  # the full logits are the large tensor here
-    return TeacherTopK(torch.tensor(ids), torch.cat(values), torch.cat(indices))
 
 
 # -------------------------------------------------------------------------------------- the loop
@@ -678,43 +401,3 @@ def _result(run: _Run) -> DistillResult:
         resumed_from=run.resumed_from,
         bf16=run.bf16,
     )
-
-
-# ---------------------------------------------------------------------------------------- plot
-
-
-def plot_loss_curve(result: DistillResult, path: str | Path) -> None:
-    """Loss per step (total, KD, CE); the eval curve on a second axis if there is one."""
-    import matplotlib  # here, not at the top: it costs a second of import time for every user of distill
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    steps = [row["step"] for row in result.losses]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for key in ("total", "kd", "ce"):
-        ax.plot(steps, [row[key] for row in result.losses], linewidth=1, label=f"{key} loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if result.eval_curve:
-        twin = ax.twinx()
-        eval_steps, values = zip(*result.eval_curve)
-        twin.plot(eval_steps, values, color="black", marker="o", linewidth=1, label="eval")
-        twin.set_ylabel("eval")
-        more = twin.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, fontsize="small")
-    ax.set_title("distillation")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # atomic: temp file, then rename
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

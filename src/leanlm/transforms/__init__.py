@@ -1,7 +1,7 @@
 """Structural transforms: one technique per file behind ``Transform``; ``TRANSFORMS`` maps names to classes."""
 
 from leanlm.transforms.base import Transform, TransformReport
-from leanlm.transforms.compact import is_compact, load_compact, maybe_load_compact, save_compact, sync_shape_config
+from leanlm.models.compact import is_compact, load_compact, maybe_load_compact, save_compact, sync_shape_config
 from leanlm.transforms.prune_heads import PruneHeads, mask_heads, pad_heads, prune_heads, removed_fraction, select_heads
 from leanlm.transforms.prune_layers import PruneLayers, block_influence, prune_layers
 from leanlm.transforms.prune_mlp import PruneMLP, channel_scores, mask_channels, prune_mlp, select_channels

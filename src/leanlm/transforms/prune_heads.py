@@ -35,7 +35,7 @@ from leanlm.transforms.base import (
     scatter_in_features,
     scatter_out_features,
 )
-from leanlm.transforms.compact import KEPT_HEADS_KEY, sync_shape_config
+from leanlm.models.compact import KEPT_HEADS_KEY, sync_shape_config
 
 log = logging.getLogger(__name__)
 

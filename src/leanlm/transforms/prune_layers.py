@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from leanlm.errors import LeanLMError
 from leanlm.models import decoder_layers
 from leanlm.transforms.base import Transform, check_calibration
-from leanlm.transforms.compact import KEPT_HEADS_KEY, LAYERS_KEPT_KEY, sync_shape_config
+from leanlm.models.compact import KEPT_HEADS_KEY, LAYERS_KEPT_KEY, sync_shape_config
 
 log = logging.getLogger(__name__)
 

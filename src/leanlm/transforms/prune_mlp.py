@@ -28,7 +28,7 @@ from leanlm.transforms.base import (
     keep_in_features,
     keep_out_features,
 )
-from leanlm.transforms.compact import sync_shape_config
+from leanlm.models.compact import sync_shape_config
 
 log = logging.getLogger(__name__)
 

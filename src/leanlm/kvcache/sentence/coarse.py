@@ -117,7 +117,7 @@ class LayerSample:
 
 def window_sentences(ids: torch.Tensor, is_boundary: torch.Tensor | None, max_sentence: int, sink: int) -> torch.Tensor:
     """(T,) sentence ids of one window as SentenceTier segments it (-1 for the sinks)."""
-    from leanlm.kvcache.sentence_tier import segment
+    from leanlm.kvcache.sentence.segment import segment
 
     rest, _ = segment(ids[sink:], is_boundary, max_sentence)
     return torch.tensor([-1] * min(sink, len(ids)) + rest)
