@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
+from leanlm.outputs import default_out  # noqa: F401  (its old home; commands import it from leanlm.outputs)
 
 log = logging.getLogger("leanlm")
 
@@ -44,11 +44,6 @@ def tokens_or_all(text: str) -> int | None:
 
 def int_list(text: str) -> tuple[int, ...]:
     return tuple(positive_int(part) for part in text.split(",") if part)
-
-
-def default_out(kind: str, model: str) -> Path:
-    name = Path(model).name.replace("/", "_") or "model"
-    return Path("runs") / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat16") -> None:

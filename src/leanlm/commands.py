@@ -20,7 +20,7 @@ def _command_line() -> str:
 
 
 def _out_dir(args: Namespace, kind: str) -> Path:
-    from leanlm.cli import default_out
+    from leanlm.outputs import default_out
     from leanlm.report import check_new_output
 
     from leanlm.models.loading import resolve_source
@@ -118,7 +118,7 @@ def run_kv_budget(args: Namespace) -> int:
 
 
 def run_run(args: Namespace) -> int:
-    from leanlm.cli import default_out
+    from leanlm.outputs import default_out
     from leanlm.pipeline import run_recipe
     from leanlm.recipe import load_recipe
     from leanlm.report.pipeline_report import comparison_table

@@ -9,24 +9,7 @@ import torch
 
 from leanlm.analyze.kv_budget import analytic_kv_bytes_per_token
 from leanlm.models import ModelSpec
-
-
-def unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Parameters counted once even when shared (tied embeddings share one tensor)."""
-    seen, params = set(), []
-    for param in model.parameters():
-        if param.data_ptr() not in seen:
-            seen.add(param.data_ptr())
-            params.append(param)
-    return params
-
-
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in unique_parameters(model))
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in unique_parameters(model))
+from leanlm.models.weights import param_count, weight_bytes
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:

@@ -6,11 +6,10 @@ from leanlm.models.loading import (
     load_config,
     load_model,
     load_tokenizer,
-    parse_dtype,
-    strip_gguf_quantization,
 )
 from leanlm.models.spec import ModelSpec, decoder_layers
 from leanlm.models.tiny import tiny_llama
+from leanlm.models.weights import param_count, parse_dtype, strip_gguf_quantization
 
 __all__ = [
     "BUNDLED",
@@ -20,6 +19,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "param_count",
     "parse_dtype",
     "strip_gguf_quantization",
     "tiny_llama",

@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from leanlm.errors import LeanLMError
-from leanlm.models import ModelSpec, decoder_layers, parse_dtype, strip_gguf_quantization
-from leanlm.transforms.base import resize_linear
+from leanlm.models.spec import ModelSpec, decoder_layers
+from leanlm.models.weights import parse_dtype, resize_linear, strip_gguf_quantization
 
 log = logging.getLogger(__name__)
 

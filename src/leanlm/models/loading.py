@@ -20,10 +20,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from leanlm.errors import LeanLMError
+from leanlm.models.compact import maybe_load_compact
+from leanlm.models.weights import parse_dtype, strip_gguf_quantization
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -57,25 +58,6 @@ DEFAULT_MODEL = "smollm2-135m"
 def cache_root() -> Path:
     """Where converted bundled models live (``LEANLM_CACHE_DIR``, else ``~/.cache/leanlm``)."""
     return Path(os.environ.get("LEANLM_CACHE_DIR", Path.home() / ".cache" / "leanlm"))
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise LeanLMError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def strip_gguf_quantization(model: PreTrainedModel) -> PreTrainedModel:
-    """Forget that the weights came from GGUF, so ``save_pretrained`` works.
-
-    The weights are already dequantized floats; only the quantizer bookkeeping refuses to save.
-    """
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-    return model
 
 
 def _convert_bundled(name: str) -> Path:
@@ -127,8 +109,6 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32"
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     where, gguf_file = resolve_source(source)
     if gguf_file is None and Path(where).is_dir():
-        from leanlm.models.compact import maybe_load_compact  # late: transforms builds on models
-
         compact = maybe_load_compact(where, torch_dtype)  # per-layer shapes (global pruning), else None
         if compact is not None:
             return compact.eval()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.evaluate.memory import param_count
+from leanlm.models.weights import param_count, resize_linear  # noqa: F401  (resize_linear: re-exported)
 
 
 @dataclass
@@ -120,15 +120,6 @@ def scatter_in_features(linear: nn.Linear, index: Sequence[int], size: int) -> N
     weight[:, idx] = linear.weight
     linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     linear.in_features = size
-
-
-def resize_linear(linear: nn.Linear, out_features: int, in_features: int) -> None:
-    """Give a Linear uninitialized weights of a new shape (the loader fills them from a checkpoint)."""
-    w = linear.weight
-    linear.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=w.dtype, device=w.device))
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(torch.empty(out_features, dtype=w.dtype, device=w.device))
-    linear.out_features, linear.in_features = out_features, in_features
 
 
 def check_calibration(calibration, who: str) -> list[torch.Tensor]:

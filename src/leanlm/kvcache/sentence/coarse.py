@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from leanlm.errors import LeanLMError
+from leanlm.kvcache.sentence.segment import segment
 from leanlm.models import decoder_layers
 
 
@@ -117,8 +118,6 @@ class LayerSample:
 
 def window_sentences(ids: torch.Tensor, is_boundary: torch.Tensor | None, max_sentence: int, sink: int) -> torch.Tensor:
     """(T,) sentence ids of one window as SentenceTier segments it (-1 for the sinks)."""
-    from leanlm.kvcache.sentence.segment import segment
-
     rest, _ = segment(ids[sink:], is_boundary, max_sentence)
     return torch.tensor([-1] * min(sink, len(ids)) + rest)
 
