@@ -55,7 +55,7 @@ def reachable_tensors(obj, seen=None) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", sorted(CACHE_POLICIES))
 def test_full_budget_reproduces_uncompressed_logits_exactly(model, ids, name):
     reference = run_chunks(model, ids, DynamicCache())
-    with attach(model, make_policy(name, 1.0, CONTEXT, group=16)) as cache:
+    with attach(model, make_policy(name, 1.0, CONTEXT, model=model, group=16)) as cache:
         logits = run_chunks(model, ids, cache)
     assert torch.equal(logits, reference)
 
@@ -63,7 +63,8 @@ def test_full_budget_reproduces_uncompressed_logits_exactly(model, ids, name):
 @pytest.mark.parametrize("name", EVICTING + ["quantized", "quantized:bits=4,value_bits=3", "heavy_hitter+int4",
                                           "heavy_hitter+int3", "sink_window+int8"])
 def test_nbytes_equals_the_tensors_actually_held_and_respects_the_budget(model, ids, name):
-    with attach(model, make_policy(name, 0.25, CONTEXT, group=16, **({"residual": 16} if name == "quantized" else {}))) as cache:
+    settings = {"residual": 16} if name == "quantized" else {}
+    with attach(model, make_policy(name, 0.25, CONTEXT, model=model, group=16, **settings)) as cache:
         run_chunks(model, ids, cache)
         held = sum(t.numel() * t.element_size() for layer in cache.layers for t in reachable_tensors(layer))
         assert cache.nbytes() == held
@@ -256,7 +257,7 @@ def test_bad_settings_raise_one_clear_error(bad):
 
 def test_every_policy_describes_itself():
     for name in CACHE_POLICIES:
-        described = make_policy(name, 0.5, 256).describe()
+        described = make_policy(name, 0.5, 256, head_dim=16).describe()
         assert described["policy"] == name
         assert set(f.name for f in dataclasses.fields(CACHE_POLICIES[name])) <= set(described)
 
@@ -287,12 +288,24 @@ def test_quantized_for_budget_picks_the_most_bits_that_fit_and_honours_given_wid
     assert make_policy("quantized:bits=4", 1.0, 2048).bits == 16  # a full budget keeps everything
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("name", ["heavy_hitter", "heavy_hitter+int4:group=64"])
-def test_heavy_hitter_bytes_with_its_scores_stay_within_the_budget(name):
-    # head_dim 64 and bf16, as the sizing assumes: the float32 scores must fit in the budget too.
-    model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, hidden_size=128).to(torch.bfloat16)
+def test_heavy_hitter_bytes_with_its_scores_stay_within_the_budget(name, head_dim):
+    # bf16 K/V: the float32 scores must fit in the budget too, sized with the model's own head_dim.
+    model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=head_dim, hidden_size=128).to(torch.bfloat16)
     ids = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(1))
-    with attach(model, make_policy(name, 0.125, 256)) as cache:
+    with attach(model, make_policy(name, 0.125, 256, model=model)) as cache:
         run_chunks(model, ids, cache, 32)
-        full_bf16 = 2 * 2 * 2 * 64 * 2 * 256  # layers x kv_heads x (K, V) x head_dim x bytes x tokens
+        full_bf16 = 2 * 2 * 2 * head_dim * 2 * 256  # layers x kv_heads x (K, V) x head_dim x bytes x tokens
         assert 0.9 * 0.125 * full_bf16 < cache.nbytes() <= 0.125 * full_bf16
+
+
+@pytest.mark.parametrize("head_dim, tokens", [(32, 496), (64, 504), (128, 508)])
+def test_heavy_hitter_is_sized_with_the_models_head_dim(head_dim, tokens):
+    # 0.125 x 4096 tokens of bf16 K/V, each token also holding a 4-byte score per KV head:
+    # floor(512 x 4 head_dim / (4 head_dim + 4)) = 496, 504, 508 for head_dim 32, 64, 128.
+    config = tiny_llama(num_layers=1, num_heads=2, head_dim=head_dim, hidden_size=64).config
+    assert config.hidden_size // config.num_attention_heads == 32  # so 64 and 128 come from config.head_dim
+    assert make_policy("heavy_hitter", 0.125, 4096, model=config).capacity == tokens
+    with pytest.raises(LeanLMError, match="head_dim"):
+        make_policy("heavy_hitter", 0.125, 4096)  # no model: the sizing cannot guess head_dim

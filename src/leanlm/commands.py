@@ -206,9 +206,13 @@ def run_export(args: Namespace) -> int:
     return 0
 
 
-def policy_from_args(args: Namespace, tokenizer=None):
-    """The KV-cache policy the --kv-* options name, or None for the full cache."""
+def policy_from_args(args: Namespace, tokenizer=None, model=None):
+    """The KV-cache policy the --kv-* options name, or None for the full cache.
+
+    ``model`` (a model or its config) gives the head_dim sizing needs; by default its config is read.
+    """
     from leanlm.kvcache import make_policy
+    from leanlm.models import load_config
 
     if args.kv_cache is None:
         if args.kv_positions != "original":
@@ -217,7 +221,8 @@ def policy_from_args(args: Namespace, tokenizer=None):
     settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
     if settings and not args.kv_cache.startswith("sink_window"):
         raise LeanLMError("--kv-positions cache applies to sink_window only")
-    return make_policy(args.kv_cache, args.kv_budget, args.kv_context, tokenizer, **settings)
+    model = model if model is not None else load_config(args.model)
+    return make_policy(args.kv_cache, args.kv_budget, args.kv_context, tokenizer, model, **settings)
 
 
 def run_generate(args: Namespace) -> int:
@@ -236,7 +241,7 @@ def run_generate(args: Namespace) -> int:
     if not prompt.strip():
         raise LeanLMError("empty prompt: pass it as an argument or on stdin")
     model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
-    policy = policy_from_args(args, tokenizer)
+    policy = policy_from_args(args, tokenizer, model)
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with attach(model, policy) if policy else nullcontext() as cache:
         print(prompt, end="", flush=True)
@@ -274,7 +279,7 @@ def run_eval_kv_cache(args: Namespace) -> int:
     out = _out_dir(args, "eval-kv")
     model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
     settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
-    factory = lambda tokens: make_policy(args.kv_cache, args.kv_budget, tokens, tokenizer, **settings)  # noqa: E731
+    factory = lambda tokens: make_policy(args.kv_cache, args.kv_budget, tokens, tokenizer, model, **settings)  # noqa: E731
     reference = streaming_reference(model, tokenizer, protocol)
     result = streaming_perplexity(model, tokenizer, factory, protocol, reference=reference)
     full = reference.result

@@ -6,6 +6,7 @@ import dataclasses
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyCache, PolicyLayer, attach, tensor_bytes
+from leanlm.kvcache.eviction import model_head_dim
 from leanlm.kvcache.heavy_hitter import HeavyHitter
 from leanlm.kvcache.observation_window import ObservationWindow
 from leanlm.kvcache.quantized import Quantized
@@ -41,13 +42,14 @@ def _setting_value(text: str):
     return text
 
 
-def make_policy(name: str, budget: float, context: int, tokenizer=None, **settings) -> CachePolicy:
+def make_policy(name: str, budget: float, context: int, tokenizer=None, model=None, **settings) -> CachePolicy:
     """A policy holding ``budget`` × the full cache bytes of ``context`` tokens.
 
     ``name`` is a registered policy, optionally with ``+int8``/``+int4``/``+int2`` for eviction
     policies that store their kept tokens quantized (e.g. ``heavy_hitter+int4``), and settings after
     a colon (``parse_policy``). ``tokenizer`` lets text-aware policies (sentence_tier: sentence
-    boundaries) read the token stream.
+    boundaries) read the token stream. ``model`` (a model or its config) gives the ``head_dim`` that
+    sizing needs when a policy keeps bookkeeping per token (heavy_hitter's scores).
     """
     spec, (name, parsed) = name, parse_policy(name)
     settings = parsed | settings
@@ -58,7 +60,9 @@ def make_policy(name: str, budget: float, context: int, tokenizer=None, **settin
         if base == "quantized" or suffix not in ("int8", "int4", "int3", "int2"):
             raise LeanLMError(f"'{name}': only eviction policies combine with +int8, +int4, +int3 or +int2")
         settings["bits"] = int(suffix[3:])
-    fields = [f.name for f in dataclasses.fields(CACHE_POLICIES[base])] + ["group", "bits"]  # for_budget reads these
+    if model is not None:
+        settings.setdefault("head_dim", model_head_dim(model))
+    fields = [f.name for f in dataclasses.fields(CACHE_POLICIES[base])] + ["group", "bits", "head_dim"]  # for_budget reads these
     unknown = sorted(set(settings) - set(fields))
     if unknown:
         raise LeanLMError(f"'{spec}': unknown setting(s) {', '.join(unknown)}; {base} settings are: {', '.join(fields)}")

@@ -14,6 +14,7 @@ import dataclasses
 from abc import abstractmethod
 import torch
 
+from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import PolicyLayer, tensor_bytes
 from leanlm.kvcache.quant import QuantizedTensor, check_bits, dequantize, quantize, quantized_bytes_per_value
 
@@ -164,15 +165,27 @@ def attention_probs(queries: torch.Tensor, keys: torch.Tensor, new: int, chunk: 
     return total
 
 
-def tokens_for_budget(budget: float, context: int, bits: int | None, group: int, dtype_bytes: int = 2,
-                      state_bytes: float = 0.0, head_dim: int = 64) -> int:
+def tokens_for_budget(budget: float, context: int, bits: int | None, group: int, head_dim: int | None,
+                      dtype_bytes: int = 2, state_bytes: float = 0.0) -> int:
     """Tokens a store can hold within ``budget`` × the full-precision cache of ``context`` tokens.
 
     ``state_bytes``: bookkeeping held per token and KV head beside its K and V (H2O's float32 score),
-    so that the policy's measured bytes, bookkeeping included, stay within the budget. Sizing assumes
-    ``head_dim`` 64 (SmolLM2 and most Llama-family models); ``nbytes()`` measures what is really held.
+    so that the policy's measured bytes, bookkeeping included, stay within the budget. ``head_dim`` is
+    the model's (``model_head_dim``); it cancels out when there is no bookkeeping, so only then may it
+    be None. ``nbytes()`` measures what is really held.
     """
+    if head_dim is None:
+        if state_bytes:
+            raise LeanLMError("sizing a cache with per-token bookkeeping needs the model's head_dim: "
+                              "pass model= to make_policy (or head_dim=)")
+        head_dim = 1  # no bookkeeping: every token costs 2 × head_dim × per_value, head_dim cancels
     per_value = dtype_bytes if bits is None else quantized_bytes_per_value(bits, group)
     full_token = 2 * head_dim * dtype_bytes  # K and V of one token and KV head, full precision
     held_token = 2 * head_dim * per_value + state_bytes
     return max(1, int(budget * context * full_token / held_token))
+
+
+def model_head_dim(model) -> int:
+    """The head_dim of a model or its config: ``config.head_dim``, else hidden_size // attention heads."""
+    config = getattr(model, "config", model)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

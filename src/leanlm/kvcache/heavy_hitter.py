@@ -66,10 +66,11 @@ class HeavyHitter(CachePolicy):
         return HeavyHitterLayer(self.capacity, recent, self.bits, self.group, bool(self.rotate))
 
     @classmethod
-    def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> HeavyHitter:
+    def for_budget(cls, budget: float, context: int, bits: int | None = None, head_dim: int | None = None,
+                   **settings) -> HeavyHitter:
         check_budget(budget)
         group = settings.get("group", cls.group)
         # at a full budget nothing is evicted (the scores then come on top: the measured bytes say so)
         tokens = context if budget >= 1 and bits is None else \
-            tokens_for_budget(budget, context, bits, group, state_bytes=SCORE_BYTES)
+            tokens_for_budget(budget, context, bits, group, head_dim, state_bytes=SCORE_BYTES)
         return cls(capacity=max(2, tokens), bits=bits, **settings)

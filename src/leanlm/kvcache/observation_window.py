@@ -65,7 +65,8 @@ class ObservationWindow(CachePolicy):
         return ObservationWindowLayer(self.capacity, self.window, self.kernel, self.bits, self.group, bool(self.rotate))
 
     @classmethod
-    def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> ObservationWindow:
+    def for_budget(cls, budget: float, context: int, bits: int | None = None, head_dim: int | None = None,
+                   **settings) -> ObservationWindow:
         check_budget(budget)
-        capacity = max(2, tokens_for_budget(budget, context, bits, settings.get("group", 32)))
+        capacity = max(2, tokens_for_budget(budget, context, bits, settings.get("group", 32), head_dim))
         return cls(capacity=capacity, window=min(32, capacity // 2 or 1), bits=bits, **settings)

@@ -126,6 +126,7 @@ class Quantized(CachePolicy):
         given), a 64-token residual (unless ``residual`` is given).
         """
         check_budget(budget)
+        settings.pop("head_dim", None)  # sizing is per value: head_dim does not enter it
         if budget >= 1:
             settings.pop("bits", None)
             return cls(bits=16, **settings)

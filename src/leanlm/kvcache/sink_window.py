@@ -86,9 +86,10 @@ class SinkWindow(CachePolicy):
         return SinkWindowLayer(self.sink, self.window, inv_freq, self.bits, self.group, bool(self.rotate))
 
     @classmethod
-    def for_budget(cls, budget: float, context: int, bits: int | None = None, **settings) -> SinkWindow:
+    def for_budget(cls, budget: float, context: int, bits: int | None = None, head_dim: int | None = None,
+                   **settings) -> SinkWindow:
         check_budget(budget)
-        capacity = tokens_for_budget(budget, context, bits, settings.get("group", 32))
+        capacity = tokens_for_budget(budget, context, bits, settings.get("group", 32), head_dim)
         sink = min(settings.pop("sink", 4), capacity - 1)  # the budget sets the window; sinks may be chosen
         return cls(sink=sink, window=capacity - sink, bits=bits, **settings)
 
