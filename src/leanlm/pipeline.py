@@ -34,7 +34,7 @@ from leanlm.recover import add_lora, distill, merge_lora, train_only, training_w
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
 from leanlm.report.pipeline_report import describe_transform, write_pipeline_report
 from leanlm.transforms import Transform, load_compact, save_compact
-from leanlm.transforms.context import transform_context
+from leanlm.transforms.context import CalibrationSettings, transform_context
 
 log = logging.getLogger("leanlm")
 
@@ -108,10 +108,11 @@ def transform_keys(recipe: Recipe) -> list[str]:
     return [f"t{i}-{t.name}" for i, t in enumerate(recipe.transforms, 1)]
 
 
-def apply_transform(transform: Transform, model, tokenizer, recipe: Recipe) -> tuple[dict, HeadScores | None]:
+def apply_transform(transform: Transform, model, tokenizer, calibration: CalibrationSettings,
+                    score_dtype: str = "bfloat16") -> tuple[dict, HeadScores | None]:
     """Build the context the transform needs (on the model as it is now), apply it in place; JSON record."""
     started = time.perf_counter()
-    context = transform_context(transform, model, tokenizer, recipe.calibration, score_dtype=recipe.dtype)
+    context = transform_context(transform, model, tokenizer, calibration, score_dtype)
     report = transform.apply(model, **context)
     record = {"settings": transform.to_dict(), **report.to_dict(), "seconds": time.perf_counter() - started,
               "spec": ModelSpec.from_model(model).to_dict()}
@@ -135,13 +136,13 @@ def transform_stages(run: RunDir, teacher, tokenizer, recipe: Recipe) -> tuple[o
         record_path = stages / f"{key}-report.json"
         if i > last:
             log.info("transform %d of %d: %s", i + 1, len(keys), transform.to_dict())
-            record, _ = apply_transform(transform, model, tokenizer, recipe)
+            record, _ = apply_transform(transform, model, tokenizer, recipe.calibration, recipe.dtype)
             save_compact(model, None, stages / f".{key}-model.tmp")
             (stages / key).mkdir(exist_ok=True)
             (stages / f".{key}-model.tmp").rename(stages / key / "model")
             atomic_write_json(record_path, record)
             if i > 0:  # only the latest model is needed to resume
-                shutil.rmtree(stages / keys[i - 1] / "model", ignore_errors=True)
+                shutil.rmtree(stages / keys[i - 1], ignore_errors=True)
         elif not record_path.exists():
             raise LeanLMError(f"'{run.path}' is inconsistent: {key} has a model but no {record_path.name}; start a new run")
         record = json.loads(record_path.read_text())
