@@ -14,8 +14,8 @@ from leanlm.report.head_plots import plot_head_heatmap  # noqa: E402
 from leanlm.report.markdown import human_bytes  # noqa: E402
 from leanlm.report.results import atomic_write_text  # noqa: E402
 
-ROWS = [("baseline", "original"), ("pruned", "pruned, no recovery"), ("kd_oproj", "pruned + KD, no LoRA (o_proj trains)"),
-        ("lora_kd", "pruned + LoRA + KD"), ("reference", "unpruned + LoRA + CE (domain-adaptation reference)")]
+RECOVERY_ROWS = [("kd_oproj", "pruned + KD, no LoRA (o_proj trains)"), ("lora_kd", "pruned + LoRA + KD"),
+                 ("reference", "unpruned + LoRA + CE (domain-adaptation reference)")]
 
 
 def describe_transform(record: dict) -> str:
@@ -40,7 +40,7 @@ def _rows(results: dict) -> list[tuple[str, dict]]:
     for i, step in enumerate(steps, 1):
         label = f"after {i}. {step['name']}" + (" (no recovery)" if i == len(steps) else "")
         rows.append((label, step["metrics"]))
-    rows += [(label, results[key]) for key, label in ROWS[2:] if results.get(key)]
+    rows += [(label, results[key]) for key, label in RECOVERY_ROWS if results.get(key)]
     return rows
 
 
