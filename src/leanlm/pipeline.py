@@ -130,7 +130,10 @@ def transform_stages(run: RunDir, teacher, tokenizer, recipe: Recipe) -> tuple[o
     keys, stages = transform_keys(recipe), run.path / "stages"
     saved = [i for i, key in enumerate(keys) if (stages / key / "model").is_dir()]
     last = saved[-1] if saved else -1
-    model = load_compact(stages / keys[last] / "model").to(teacher.device) if last >= 0 else copy.deepcopy(teacher)
+    if last >= 0:  # frozen like the teacher it came from (recovery chooses what trains)
+        model = load_compact(stages / keys[last] / "model").to(teacher.device).requires_grad_(False)
+    else:
+        model = copy.deepcopy(teacher)
     steps = []
     for i, (key, transform) in enumerate(zip(keys, recipe.transforms)):
         record_path = stages / f"{key}-report.json"
