@@ -12,7 +12,6 @@ does not use. Every transform must be the identity at its no-change setting (``i
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
