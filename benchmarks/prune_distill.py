@@ -61,13 +61,15 @@ def main() -> int:
         recipe = load_recipe(args.recipe)
         run_dir = args.run_dir or Path("runs") / f"bench-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         results = run_recipe(recipe, run_dir, resume=args.resume, with_reference=args.with_reference)
-        original = eval_copy(load_model(recipe.model, "float32"), recipe.dtype)
-        candidate = eval_copy(load_model(str(run_dir / "model"), "float32"), recipe.dtype)
+        original = eval_copy(load_model(recipe.model, "float32", recipe.device), recipe.dtype)
+        candidate = eval_copy(load_model(str(run_dir / "model"), "float32", recipe.device), recipe.dtype)
         speed = side_by_side_speed(original, candidate, args.speed_rounds)
     except LeanLMError as err:
         print(f"prune_distill: error: {err}", file=sys.stderr)
         return 2
-    base, pruned, rec = results["baseline"], results["pruned"], results["recovered"] or results["pruned"]
+    base = results["baseline"]
+    pruned = results["pruned"] or base  # a recipe without transforms: recovery of the original
+    rec = results["recovered"] or pruned
     main_training = results["training"].get("lora_kd") or next(iter(results["training"].values()), {})
     report = {
         "ppl_baseline": base["perplexity"],
@@ -82,7 +84,7 @@ def main() -> int:
         "ood_ppl_ratio_recovered": ratio(results, "recovered", "ood_perplexity"),
         "ood_ppl_ratio_reference": ratio(results, "reference", "ood_perplexity"),
         "ood_text": base.get("ood_protocol", {}).get("text_source"),
-        "heads_removed_fraction": results["heads_removed_fraction"],
+        "heads_removed_fraction": results.get("heads_removed_fraction"),  # None without a prune_heads transform
         "kv_bytes_ratio": rec["kv_bytes_per_token"] / base["kv_bytes_per_token"],
         "params_ratio": rec["params"] / base["params"],
         "prefill_speed_ratio": speed["prefill_tokens_per_s:2048"]["ratio"],

@@ -167,8 +167,11 @@ def test_analyze_prune_distill_export_commands(capsys, tmp_path, tiny_model_dir)
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["prune", "--fraction", "1.0"], "--fraction must be in [0, 1)"),
-    (["prune", "--scorer", "vibes"], "unknown scorer 'vibes'"),
+    (["prune", "--fraction", "1.0"], "fraction of heads to remove must be in [0, 1)"),
+    (["prune", "--scorer", "vibes"], "'prune_heads.scorer' must be one of kl, magnitude, taylor, got 'vibes'"),
+    (["prune", "--what", "experts"], "--what must be one of heads, layers, mlp"),
+    (["prune", "--what", "layers", "--fraction", "0.2"], "--fraction does not apply to --what layers"),
+    (["prune", "--what", "mlp", "--granularity", "query"], "--granularity does not apply to --what mlp"),
 ])
 def test_prune_bad_input(capsys, tmp_path, argv, fragment):
     code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "p"))
@@ -199,3 +202,19 @@ def test_generate_streams_through_a_policy_and_rejects_bad_policies(capsys, tiny
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--kv-cache", "sink_window",
                            "--kv-budget", "2", "hi")
     assert code == 2 and "budget" in err
+
+
+@pytest.mark.real_model  # bundled tokenizer + WikiText-2 validation (calibration), tiny model
+@pytest.mark.parametrize("what,options,check", [
+    ("layers", ["--num-layers", "1"], lambda spec: spec.num_layers == 1),
+    ("mlp", ["--fraction", "0.25", "--layout", "global"], lambda spec: sum(spec.intermediate_per_layer) == 192),
+])
+def test_prune_layers_and_mlp_from_the_cli(capsys, tmp_path, tiny_model_dir, what, options, check):
+    from leanlm.models import ModelSpec, load_model
+
+    out = tmp_path / what
+    code, printed, _ = run_cli(capsys, "prune", "--what", what, *options, "--model", str(tiny_model_dir), "--out",
+                               str(out), "--device", "cpu", "--calib-samples", "2", "--calib-len", "16")
+    assert code == 0 and "parameters" in printed
+    assert check(ModelSpec.from_model(load_model(str(out / "model"))))  # 2 x 128 channels, a quarter removed
+    assert json.loads((out / "prune.json").read_text())["transform"]["settings"]["name"] == f"prune_{what}"

@@ -314,7 +314,7 @@ def test_mlp_selection_rules():
 def test_registry_and_options():
     assert set(TRANSFORMS) >= {"prune_heads", "prune_layers", "prune_mlp"}
     assert TRANSFORMS["prune_mlp"].from_dict({"fraction": 0.1}) == PruneMLP(fraction=0.1)
-    with pytest.raises(LeanLMError, match="no option fracton"):
+    with pytest.raises(LeanLMError, match="unknown key .prune_heads.fracton"):
         TRANSFORMS["prune_heads"].from_dict({"fracton": 0.1})
     with pytest.raises(LeanLMError, match="layout"):
         PruneHeads(layout="sideways")

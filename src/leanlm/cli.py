@@ -53,6 +53,17 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat
     parser.add_argument("--dtype", default=dtype_default, choices=["bfloat16", "float32", "float16"],
                         help="dtype the model runs in; bfloat16 is ~4x faster than float32 on CPUs with AVX-512 BF16 "
                              "and agrees within 1%% on perplexity (default: %(default)s)")
+    add_device_arg(parser)
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # leanlm.models.device.DEVICES (not imported here: --help stays fast)
+
+
+def add_device_arg(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    parser.add_argument("--device", default=default, choices=DEVICE_CHOICES,
+                        help="where the model runs: auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda "
+                             "(an error without CUDA)" + (" (default: %(default)s)" if default else
+                                                          " (default: the recipe's device:)"))
 
 
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:
@@ -132,19 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("recipe", type=Path, help="YAML recipe file")
     rn.add_argument("--out", type=Path, help="run directory (default runs/NAME-TIME)")
     rn.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_device_arg(rn, default=None)
     rn.add_argument("--with-reference", action="store_true",
                     help="also give the unpruned model the same LoRA + CE budget on the same data (domain-adaptation reference)")
 
-    pr = sub.add_parser("prune", help="score and physically remove attention heads; writes a loadable model directory",
-                        description="Score heads on WikiText-2 validation and remove a fraction of them physically.")
+    pr = sub.add_parser("prune", help="remove attention heads, whole layers or MLP channels physically; writes a loadable model",
+                        description="Score the model on WikiText-2 validation and physically remove attention heads "
+                                    "(--what heads), decoder blocks (layers) or MLP channels (mlp). Options a technique "
+                                    "does not take are refused; the others default to the transform's own defaults.")
     add_model_args(pr, dtype_default="float32")
     pr.add_argument("--out", type=Path, required=True, help="new directory; the model goes to DIR/model")
-    pr.add_argument("--fraction", type=float, default=0.25, help="share of query heads to remove, in [0, 1) (default: %(default)s)")
-    pr.add_argument("--layout", default="global", choices=["uniform", "global"],
-                    help="uniform: same count per layer (stock config); global: ranked across layers (default: %(default)s)")
-    pr.add_argument("--granularity", default="query", choices=["query", "kv_group"],
-                    help="query: heads inside each KV group; kv_group: whole groups, shrinks the KV cache (default: %(default)s)")
-    pr.add_argument("--scorer", default="kl", help="kl | magnitude | taylor (default: %(default)s)")
+    pr.add_argument("--what", default="heads", help="heads | layers | mlp (default: %(default)s)")
+    pr.add_argument("--fraction", type=float, help="heads, mlp: share to remove, in [0, 1) (default: 0.25)")
+    pr.add_argument("--layout", help="heads, mlp: uniform (same share per layer) | global (ranked across layers) "
+                                     "(default: global for heads, uniform for mlp)")
+    pr.add_argument("--granularity", help="heads: query (heads inside each KV group) | kv_group (whole groups, "
+                                          "shrinks the KV cache) (default: query)")
+    pr.add_argument("--scorer", help="heads: kl | magnitude | taylor (default: kl)")
+    pr.add_argument("--num-layers", type=int, help="layers: how many blocks to remove, lowest Block Influence first (default: 1)")
+    pr.add_argument("--layers", type=lambda text: [int(x) for x in text.split(",") if x], help="layers: explicit comma "
+                                                                                                "list of block indices")
     add_calibration_args(pr)
 
     di = sub.add_parser("distill", help="recover a pruned model: LoRA + knowledge distillation from the original",
@@ -161,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default: %(default)s)")
     di.add_argument("--top-k-teacher", type=int, default=0, help="cache the teacher's top-k logits once (0 = live teacher)")
     di.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_device_arg(di)
 
     ex = sub.add_parser("export", help="write a reloadable checkpoint (stock transformers where possible) with a model card",
                         description="Export a model directory: stock save_pretrained when every layer has the same "
@@ -168,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="model to export (directory, bundled name, .gguf)")
     ex.add_argument("--out", type=Path, required=True, help="new directory")
     ex.add_argument("--no-padded", action="store_true", help="do not write the padded stock copy of a per-layer model")
+    add_device_arg(ex)
 
     kv = sub.add_parser("kv-budget", help="KV-cache bytes per token and per sequence: MHA, GQA, MQA, MLA, quantized",
                         description="Tabulate KV-cache sizes for a model's shape (or one you give) under each layout.")
@@ -192,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     _quiet_libraries()
     try:
+        if getattr(args, "device", None) is not None:
+            from leanlm.models import resolve_device
+
+            resolve_device(args.device)  # `--device cuda` without CUDA fails before any work
         from leanlm import commands
 
         handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,

@@ -49,7 +49,7 @@ def run_eval(args: Namespace) -> int:
     if protocol.split != "botchan":
         wikitext_lines(protocol.split)  # fail on missing data before loading the model
     log.info("loading %s (%s)", args.model, args.dtype)
-    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
     config = EvalConfig(protocol, speed, measure_speed=not args.no_speed)
     results = evaluate(model, tokenizer, config)
     header = {"model": args.model, "command": _command_line(), "config": dataclasses.asdict(config)}
@@ -70,7 +70,7 @@ def run_analyze(args: Namespace) -> int:
     if unknown or not names:
         raise LeanLMError(f"unknown scorer '{','.join(unknown)}': choose from {', '.join(SCORERS)}")
     out = _out_dir(args, "analyze")
-    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
     scores = score_heads(model, tokenizer, names, num_samples=args.calib_samples, seq_len=args.calib_len, seed=args.seed)
     with staged_output(out) as stage:
         (stage / "plots").mkdir()
@@ -124,6 +124,8 @@ def run_run(args: Namespace) -> int:
     from leanlm.report.pipeline_report import comparison_table
 
     recipe = load_recipe(args.recipe)
+    if args.device is not None:  # the command line wins over the recipe's `device:`
+        recipe = dataclasses.replace(recipe, device=args.device)
     if args.resume and not args.out:
         raise LeanLMError("--resume needs --out: the run directory to continue")
     out = args.out or default_out(recipe.name, recipe.model)
@@ -133,36 +135,52 @@ def run_run(args: Namespace) -> int:
     return 0
 
 
+PRUNE_OPTIONS = {"fraction": "fraction", "layout": "layout", "granularity": "granularity", "scorer": "scorer",
+                 "num_layers": "num_layers", "layers": "layers"}  # argparse dest -> transform setting
+
+
+def prune_transform(args: Namespace):
+    """The transform `leanlm prune --what W` names, with the options the user gave (the rest: its defaults)."""
+    from leanlm.transforms import TRANSFORMS, Transform
+
+    whats = [name.removeprefix("prune_") for name in TRANSFORMS if name.startswith("prune_")]
+    if args.what not in whats:
+        raise LeanLMError(f"--what must be one of {', '.join(whats)}, got '{args.what}'")
+    cls = TRANSFORMS[f"prune_{args.what}"]
+    settings = {field: getattr(args, dest) for dest, field in PRUNE_OPTIONS.items() if getattr(args, dest) is not None}
+    known = {f.name for f in dataclasses.fields(cls)}
+    foreign = [f"--{dest.replace('_', '-')}" for dest, field in PRUNE_OPTIONS.items() if field in settings and field not in known]
+    if foreign:
+        raise LeanLMError(f"{', '.join(foreign)} does not apply to --what {args.what} "
+                          f"(its options: {', '.join('--' + k.replace('_', '-') for k in sorted(known))})")
+    return Transform.from_dict({"name": cls.name, **settings})
+
+
 def run_prune(args: Namespace) -> int:
-    from leanlm.analyze import SCORERS, score_heads
     from leanlm.export import export_model, model_card, stock_layout
     from leanlm.models import ModelSpec, load_model, load_tokenizer
-    from leanlm.pipeline import eval_copy
+    from leanlm.pipeline import apply_transform
     from leanlm.report import atomic_write_json, staged_output
-    from leanlm.transforms import prune_heads, removed_fraction, select_heads
+    from leanlm.report.pipeline_report import describe_transform
+    from leanlm.transforms.context import CalibrationSettings
 
-    if args.scorer not in SCORERS:
-        raise LeanLMError(f"unknown scorer '{args.scorer}': choose from {', '.join(SCORERS)}")
-    if not 0 <= args.fraction < 1:
-        raise LeanLMError(f"--fraction must be in [0, 1), got {args.fraction}")
+    transform = prune_transform(args)  # bad options fail before the model loads
+    calibration = CalibrationSettings(samples=args.calib_samples, seq_len=args.calib_len)
     out = _out_dir(args, "prune")
-    model, tokenizer = load_model(args.model, "float32"), load_tokenizer(args.model)
-    spec = ModelSpec.from_model(model)
-    scores = score_heads(eval_copy(model, args.dtype), tokenizer, [args.scorer], args.calib_samples, args.calib_len)[args.scorer]
-    remove = select_heads(scores, args.fraction, args.layout, args.granularity, spec)
-    prune_heads(model, remove)
-    fraction = removed_fraction(remove, spec)
+    model, tokenizer = load_model(args.model, "float32", args.device), load_tokenizer(args.model)
+    record, scores = apply_transform(transform, model, tokenizer, calibration, score_dtype=args.dtype)
+    summary = describe_transform(record)
     with staged_output(out) as stage:
-        scores.save_json(stage / f"scores_{args.scorer}.json")
-        steps = [f"Scored heads of `{args.model}` with `{args.scorer}` on WikiText-2 validation.",
-                 f"Removed {fraction:.2%} of the query heads ({args.layout}, {args.granularity}); no recovery."]
-        card = model_card(f"{args.model}, {fraction:.0%} of attention heads pruned by leanlm", steps, [],
-                          ModelSpec.from_model(model), stock=stock_layout(model))
+        if scores is not None:
+            scores.save_json(stage / f"scores_{scores.scorer}.json")
+        steps = [f"{summary} of `{args.model}`; no recovery."]
+        card = model_card(f"{args.model}, {transform.name} by leanlm", steps, [], ModelSpec.from_model(model),
+                          stock=stock_layout(model))
         exported = export_model(model, tokenizer, stage / "model", card)
         atomic_write_json(stage / "prune.json", {"model": args.model, "command": _command_line(),
-                                                 "heads_removed": {str(k): v for k, v in remove.items()},
-                                                 "heads_removed_fraction": fraction, "export": exported.to_dict()})
-    print(f"removed {fraction:.2%} of the query heads; model in {out}/model" + (" (+ model-padded)" if exported.padded_path else ""))
+                                                 "transform": record, "export": exported.to_dict()})
+    print(f"{summary}; parameters {record['params_before']:,} -> {record['params_after']:,}; model in {out}/model"
+          + (" (+ model-padded)" if exported.padded_path else ""))
     return 0
 
 
@@ -179,8 +197,8 @@ def run_distill(args: Namespace) -> int:
     out = Path(args.out)
     if (out / "model").exists():
         raise LeanLMError(f"'{out}/model' already exists; results are never overwritten, pick a new --out")
-    student = add_lora(load_model(args.student, "float32"), settings)
-    teacher, tokenizer = load_model(args.teacher, "float32"), load_tokenizer(args.student)
+    student = add_lora(load_model(args.student, "float32", args.device), settings)
+    teacher, tokenizer = load_model(args.teacher, "float32", args.device), load_tokenizer(args.student)
     result = distill(student, teacher, training_windows(tokenizer, config.seq_len), config, out_dir=out, resume=args.resume)
     merged = merge_lora(student)
     save_compact(merged, tokenizer, out / "model.tmp")
@@ -197,7 +215,7 @@ def run_export(args: Namespace) -> int:
     from leanlm.report import check_new_output
 
     check_new_output(args.out)
-    model, tokenizer = load_model(args.model, "float32"), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, "float32", args.device), load_tokenizer(args.model)
     spec = ModelSpec.from_model(model)
     card = model_card(f"{args.model}, exported by leanlm", [f"Exported `{args.model}`."], [], spec, stock=stock_layout(model))
     exported = export_model(model, tokenizer, args.out, card, padded=not args.no_padded)
@@ -240,9 +258,9 @@ def run_generate(args: Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise LeanLMError("empty prompt: pass it as an argument or on stdin")
-    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
     policy = policy_from_args(args, tokenizer, model)
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)  # (1, prompt tokens)
     with attach(model, policy) if policy else nullcontext() as cache:
         print(prompt, end="", flush=True)
         generated: list[int] = []
@@ -277,7 +295,7 @@ def run_eval_kv_cache(args: Namespace) -> int:
     protocol.validate()
     policy_from_args(args)  # bad policy settings fail before the model loads
     out = _out_dir(args, "eval-kv")
-    model, tokenizer = load_model(args.model, args.dtype), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
     settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
     factory = lambda tokens: make_policy(args.kv_cache, args.kv_budget, tokens, tokenizer, model, **settings)  # noqa: E731
     reference = streaming_reference(model, tokenizer, protocol)

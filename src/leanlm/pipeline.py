@@ -1,33 +1,40 @@
 """Run a recipe end to end:
-load -> baseline eval -> score heads -> prune -> eval -> recover (LoRA + KD) -> merge -> eval -> export -> report.
+load -> baseline eval -> each transform in order, each followed by its eval -> recover (LoRA + KD)
+-> merge -> eval -> export -> report.
 
-The run directory is written as the run goes: each finished stage leaves `stages/<name>.json`
-(and recovered models under `stages/`), distillation checkpoints every N steps, and
-`results.json` is written last. An interrupted run is continued with `--resume` (finished stages
-are read back, distillation resumes from its checkpoint); a finished run is never overwritten.
+The run directory is written as the run goes: each finished stage leaves `stages/<name>.json`; each
+finished transform leaves `stages/t<i>-<name>/model` (only the latest is kept: it is all a resume
+needs) and `stages/t<i>-<name>-report.json`; recovered models go under `stages/`; distillation
+checkpoints every N steps; `results.json` is written last. An interrupted run is continued with
+`--resume` (finished stages are read back, the latest transformed model is loaded, distillation
+resumes from its checkpoint); a finished run is never overwritten, and a resume with a changed
+recipe is refused. A transform whose ``needs`` names head scores or calibration gets them computed
+on the model as it is when the transform starts (``leanlm.transforms.context``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
+import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import yaml
 
-from leanlm.analyze import HeadScores, score_heads
+from leanlm.analyze import HeadScores
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import EvalConfig, PerplexityProtocol, SpeedConfig, evaluate, perplexity
 from leanlm.export import export_model, model_card, stock_layout
-from leanlm.models import ModelSpec, load_model, load_tokenizer, parse_dtype
+from leanlm.models import ModelSpec, load_model, load_tokenizer, parse_dtype, resolve_device
 from leanlm.recipe import Recipe
-from leanlm.recover import DistillConfig, LoraSettings, add_lora, distill, merge_lora, train_only, training_windows
+from leanlm.recover import add_lora, distill, merge_lora, train_only, training_windows
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
-from leanlm.transforms import load_compact, prune_heads, removed_fraction, save_compact, select_heads
+from leanlm.report.pipeline_report import describe_transform, write_pipeline_report
+from leanlm.transforms import Transform, load_compact, save_compact
+from leanlm.transforms.context import CalibrationSettings, transform_context
 
 log = logging.getLogger("leanlm")
 
@@ -48,6 +55,17 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()) and not resume:
             raise LeanLMError(f"'{self.path}' holds an unfinished run: pass --resume to continue it, or pick a new --out")
         (self.path / "stages").mkdir(parents=True, exist_ok=True)
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Write config.yaml; on resume, refuse a recipe that differs from the one the run started with."""
+        path, text = self.path / "config.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+        if path.exists() and yaml.safe_load(path.read_text()) != yaml.safe_load(text):
+            raise LeanLMError(f"'{self.path}' was started with another recipe (see its config.yaml); "
+                              "resume it with that recipe, or pick a new --out")
+        atomic_write_text(path, text)
+
+    def done(self, name: str) -> bool:
+        return (self.path / "stages" / f"{name}.json").exists()
 
     def stage(self, name: str, compute) -> dict:
         """The stage's saved result, or compute it and save it."""
@@ -82,9 +100,79 @@ def measure(model, tokenizer, recipe: Recipe) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------- transforms
+
+
+def transform_keys(recipe: Recipe) -> list[str]:
+    """Stage names of the recipe's transforms, in order: t1-prune_layers, t2-prune_heads, ..."""
+    return [f"t{i}-{t.name}" for i, t in enumerate(recipe.transforms, 1)]
+
+
+def apply_transform(transform: Transform, model, tokenizer, calibration: CalibrationSettings,
+                    score_dtype: str = "bfloat16") -> tuple[dict, HeadScores | None]:
+    """Build the context the transform needs (on the model as it is now), apply it in place; JSON record."""
+    started = time.perf_counter()
+    context = transform_context(transform, model, tokenizer, calibration, score_dtype)
+    report = transform.apply(model, **context)
+    record = {"settings": transform.to_dict(), **report.to_dict(), "seconds": time.perf_counter() - started,
+              "spec": ModelSpec.from_model(model).to_dict()}
+    scores = context.get("scores")
+    if scores is not None:
+        record["scores"] = scores.to_dict()
+    return record, scores
+
+
+def transform_stages(run: RunDir, teacher, tokenizer, recipe: Recipe) -> tuple[object, list[dict]]:
+    """Apply every transform in order, each saved and measured; returns (final model, per-transform records).
+
+    Resuming starts from the latest saved transformed model; earlier transforms are read back.
+    """
+    keys, stages = transform_keys(recipe), run.path / "stages"
+    saved = [i for i, key in enumerate(keys) if (stages / key / "model").is_dir()]
+    last = saved[-1] if saved else -1
+    if last >= 0:  # frozen like the teacher it came from (recovery chooses what trains)
+        model = load_compact(stages / keys[last] / "model").to(teacher.device).requires_grad_(False)
+    else:
+        model = copy.deepcopy(teacher)
+    steps = []
+    for i, (key, transform) in enumerate(zip(keys, recipe.transforms)):
+        record_path = stages / f"{key}-report.json"
+        if i > last:
+            log.info("transform %d of %d: %s", i + 1, len(keys), transform.to_dict())
+            record, _ = apply_transform(transform, model, tokenizer, recipe.calibration, recipe.dtype)
+            save_compact(model, None, stages / f".{key}-model.tmp")
+            (stages / key).mkdir(exist_ok=True)
+            (stages / f".{key}-model.tmp").rename(stages / key / "model")
+            atomic_write_json(record_path, record)
+            if i > 0:  # only the latest model is needed to resume
+                shutil.rmtree(stages / keys[i - 1], ignore_errors=True)
+        elif not record_path.exists():
+            raise LeanLMError(f"'{run.path}' is inconsistent: {key} has a model but no {record_path.name}; start a new run")
+        record = json.loads(record_path.read_text())
+        if i < last and not run.done(key):
+            raise LeanLMError(f"'{run.path}' is inconsistent: {key} was never measured; start a new run")
+        metrics = run.stage(key, lambda: measure(model, tokenizer, recipe))
+        steps.append({"stage": key, "name": transform.name, "record": record, "metrics": metrics})
+    return model, steps
+
+
+def transform_summary(steps: list[dict], baseline: dict) -> dict:
+    """Top-level numbers of the transforms (heads_removed_fraction: of the heads prune_heads saw)."""
+    summary = {}
+    heads = [s["record"]["removed"] for s in steps if s["name"] == "prune_heads"]
+    if heads:
+        summary["heads_removed_fraction"] = heads[-1]["fraction_achieved"]
+    if steps:
+        summary["transforms_params_removed"] = baseline["params"] - steps[-1]["metrics"]["params"]
+    return summary
+
+
+# ---------------------------------------------------------------------------------- recovery
+
+
 def monitor_fn(tokenizer, recipe: Recipe):
     """Perplexity on the first test tokens during training: a curve for the report, never used to select."""
-    protocol = PerplexityProtocol("test", "nonoverlap", 512, 512, recipe.recover.distill.eval_tokens)
+    protocol = PerplexityProtocol("test", "nonoverlap", 512, 512, recipe.recover.eval_tokens)
 
     def monitor(model) -> float:
         return perplexity(model, tokenizer, protocol).perplexity
@@ -92,36 +180,28 @@ def monitor_fn(tokenizer, recipe: Recipe):
     return monitor
 
 
-def distill_config(recipe: Recipe, **overrides) -> DistillConfig:
-    d = recipe.recover.distill
-    fields = dict(steps=d.steps, max_minutes=d.max_minutes, batch_size=d.batch_size, seq_len=d.seq_len,
-                  grad_accum=d.grad_accum, lr=d.lr, warmup_steps=d.warmup_steps, alpha=d.alpha, temperature=d.temperature,
-                  top_k_teacher=d.top_k_teacher, checkpoint_every=d.checkpoint_every, eval_every=d.eval_every)
-    return DistillConfig(**(fields | overrides))
-
-
 def recover(variant: str, start, teacher, tokenizer, recipe: Recipe, work: Path, **overrides):
     """Train a copy of `start` with one recovery variant; returns (merged model, DistillResult dict).
 
-    Student and teacher weights are in `recover.distill.dtype` (bfloat16: ~3x faster steps on a CPU
-    with AVX-512 BF16; peft keeps the LoRA adapters in float32 on a bf16 base).
+    Student and teacher weights are in `recover.dtype` (bfloat16: ~3x faster steps on a CPU
+    with AVX-512 BF16; peft keeps the LoRA adapters in float32 on a bf16 base). `overrides` replace
+    fields of `recover.distill` (a DistillConfig) for this run only.
     """
-    dtype = parse_dtype(recipe.recover.distill.dtype)
+    device, dtype = start.device, parse_dtype(recipe.recover.dtype)
     student = copy.deepcopy(start).to(dtype)
     teacher = teacher if teacher.dtype == dtype else copy.deepcopy(teacher).to(dtype)
     if variant in ("lora_kd", "reference_lora_ce"):
-        lora = recipe.recover.lora
-        student = add_lora(student, LoraSettings(rank=lora.rank, alpha=lora.alpha, include_mlp=lora.include_mlp))
+        student = add_lora(student, recipe.recover.lora)
     elif variant == "kd_oproj":
         train_only(student, [r"self_attn\.o_proj\.weight"])
-    windows = training_windows(tokenizer, recipe.recover.distill.seq_len)
-    config = distill_config(recipe, **overrides)
+    config = dataclasses.replace(recipe.recover.distill, **overrides)
+    windows = training_windows(tokenizer, config.seq_len)
     monitor = monitor_fn(tokenizer, recipe) if config.eval_every else None
     result = distill(student, teacher, windows, config, out_dir=work / "checkpoints", resume=True, eval_fn=monitor)
     merged = merge_lora(student) if variant != "kd_oproj" else student
     for param in merged.parameters():
         param.requires_grad_(False)
-    return merged.eval(), result.to_dict()
+    return merged.to(device).eval(), result.to_dict()  # accelerate may have moved it: back to the run's device
 
 
 def recovered_stage(run: RunDir, variant: str, start, teacher, tokenizer, recipe: Recipe, **overrides):
@@ -130,7 +210,7 @@ def recovered_stage(run: RunDir, variant: str, start, teacher, tokenizer, recipe
     model_dir = work / "model"
     record_path = run.path / "stages" / f"{variant}-training.json"
     if model_dir.exists() and record_path.exists():
-        model, training = load_compact(model_dir), json.loads(record_path.read_text())
+        model, training = load_compact(model_dir).to(start.device), json.loads(record_path.read_text())
     else:
         model, training = recover(variant, start, teacher, tokenizer, recipe, work, **overrides)
         save_compact(model, None, model_dir)
@@ -139,56 +219,44 @@ def recovered_stage(run: RunDir, variant: str, start, teacher, tokenizer, recipe
     return model, metrics, training
 
 
+# ---------------------------------------------------------------------------------- the run
+
+
 def run_recipe(recipe: Recipe, out: Path, resume: bool = False, with_reference: bool = False) -> dict:
     """Run every step of `recipe` into `out`; returns the results dict also written to results.json."""
     started = time.perf_counter()
+    device = resolve_device(recipe.device)  # a cuda recipe on a machine without CUDA fails before anything is written
     run = RunDir(out, resume)
-    atomic_write_text(run.path / "config.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    teacher, tokenizer = load_model(recipe.model, "float32"), load_tokenizer(recipe.model)
+    run.check_recipe(recipe)
+    teacher, tokenizer = load_model(recipe.model, "float32", device), load_tokenizer(recipe.model)
     for param in teacher.parameters():
         param.requires_grad_(False)
-    spec = ModelSpec.from_model(teacher)
-    results = {"name": recipe.name, "model": recipe.model, "recipe": recipe.to_dict()}
+    results = {"name": recipe.name, "model": recipe.model, "device": str(device), "recipe": recipe.to_dict()}
     results["baseline"] = run.stage("baseline", lambda: measure(teacher, tokenizer, recipe))
 
-    scores = HeadScores(**run.stage("scores", lambda: _score(teacher, tokenizer, recipe).to_dict()))
-    p = recipe.prune
-    remove = select_heads(scores, p.fraction, p.layout, p.granularity, spec)
-    pruned = prune_heads(copy.deepcopy(teacher), remove)
-    results |= {"heads_removed": {str(k): v for k, v in sorted(remove.items())},
-                "heads_removed_fraction": removed_fraction(remove, spec), "scores_seconds": scores.seconds}
-    results["pruned"] = run.stage("pruned", lambda: measure(pruned, tokenizer, recipe))
+    pruned, steps = transform_stages(run, teacher, tokenizer, recipe)
+    results["transforms"] = steps
+    results["pruned"] = steps[-1]["metrics"] if steps else None
+    results |= transform_summary(steps, results["baseline"])
 
     models, training = {}, {}
     for variant in recipe.recover.variants if recipe.recover else []:
         models[variant], results[variant], training[variant] = recovered_stage(run, variant, pruned, teacher, tokenizer, recipe)
-    if recipe.recover and "lora_kd" in models:
-        results["recovered"], main = results["lora_kd"], "lora_kd"
-    else:
-        main = next(iter(models), None)
-        results["recovered"] = results[main] if main else None
+    main = "lora_kd" if "lora_kd" in models else next(iter(models), None)
+    results["recovered"] = results[main] if main else None
     if with_reference and main:
-        steps = training[main]["steps_done"]  # same LoRA budget in steps, CE only, on the unpruned model
+        steps_done = training[main]["steps_done"]  # same LoRA budget in steps, CE only, on the unpruned model
         _, results["reference"], training["reference_lora_ce"] = recovered_stage(
-            run, "reference_lora_ce", teacher, teacher, tokenizer, recipe, alpha=0.0, steps=steps, max_minutes=None)
+            run, "reference_lora_ce", teacher, teacher, tokenizer, recipe, alpha=0.0, steps=steps_done, max_minutes=None)
     results["training"] = {v: _training_summary(t) for v, t in training.items()}
     results["params"] = {k: results[k]["params"] for k in ("baseline", "pruned", "recovered") if results.get(k)}
     final = models.get(main, pruned)
     if recipe.export.enabled:
         results["export"] = _export(final, tokenizer, run.path / "model", recipe, results)
     results |= {"seconds_total": time.perf_counter() - started, "versions": versions(), "git": git_info()}
-    from leanlm.report.pipeline_report import write_pipeline_report
-
-    write_pipeline_report(run.path, results, training, scores)
+    write_pipeline_report(run.path, results, training)
     atomic_write_json(run.path / "results.json", results)  # last: its presence marks a finished run
     return results
-
-
-def _score(teacher, tokenizer, recipe: Recipe) -> HeadScores:
-    s = recipe.score
-    scored = score_heads(eval_copy(teacher, recipe.dtype), tokenizer, [s.scorer], num_samples=s.calib_samples,
-                         seq_len=s.calib_len, seed=s.seed)
-    return scored[s.scorer]
 
 
 def _training_summary(record: dict) -> dict:
@@ -203,13 +271,11 @@ def _training_summary(record: dict) -> dict:
 
 
 def _export(model, tokenizer, path: Path, recipe: Recipe, results: dict) -> dict:
-    base, rec = results["baseline"], results.get("recovered") or results["pruned"]
-    steps = [
-        f"Loaded `{recipe.model}`; baseline WikiText-2 test perplexity {base['perplexity']:.3f}.",
-        f"Scored attention heads with `{recipe.score.scorer}` on WikiText-2 validation.",
-        f"Removed {results['heads_removed_fraction']:.1%} of the query heads ({recipe.prune.layout} layout, "
-        f"{recipe.prune.granularity} granularity); perplexity {results['pruned']['perplexity']:.3f} without recovery.",
-    ]
+    base, rec = results["baseline"], results.get("recovered") or results.get("pruned") or results["baseline"]
+    steps = [f"Loaded `{recipe.model}`; baseline WikiText-2 test perplexity {base['perplexity']:.3f}."]
+    for step in results["transforms"]:
+        steps.append(f"{describe_transform(step['record'])}; perplexity {step['metrics']['perplexity']:.3f} "
+                     "without recovery.")
     if results.get("recovered"):
         t = results["training"].get("lora_kd") or next(iter(results["training"].values()))
         steps.append(f"Recovered with LoRA (rank {recipe.recover.lora.rank}) + knowledge distillation from the original "
@@ -223,7 +289,7 @@ def _export(model, tokenizer, path: Path, recipe: Recipe, results: dict) -> dict
     ]
     if "ood_perplexity" in rec:
         metrics.append(("perplexity, out of domain (Botchan)", f"{rec['ood_perplexity']:.3f} (original {base['ood_perplexity']:.3f})"))
-    card = model_card(f"{recipe.name}: {recipe.model}, pruned and recovered by leanlm", steps, metrics,
+    card = model_card(f"{recipe.name}: {recipe.model}, compressed and recovered by leanlm", steps, metrics,
                       ModelSpec.from_model(model), stock=stock_layout(model))
     exported = export_model(model, tokenizer, path, card, padded=recipe.export.padded)
     return exported.to_dict()

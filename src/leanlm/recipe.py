@@ -1,26 +1,49 @@
 """Typed recipes: YAML -> dataclasses, with every mistake reported at once.
 
-A recipe names the model and each step of the pipeline
-(load -> baseline eval -> score -> prune -> eval -> recover -> merge -> eval -> export -> report).
+A recipe names the model, the device, and each step of the pipeline:
+load -> baseline eval -> each transform in order (with its own eval) -> recover -> merge -> eval -> export -> report.
+
+    transforms:
+      - {name: prune_layers, num_layers: 2}
+      - {name: prune_heads, fraction: 0.25, granularity: kv_group, scorer: kl}
+      - {name: prune_mlp, fraction: 0.1}
+
+Each item is built through the ``TRANSFORMS`` registry (its settings are the transform's own
+dataclass fields); ``recover.distill`` *is* a ``DistillConfig`` and ``recover.lora`` a
+``LoraSettings``, so every training setting (``weight_decay``, ``max_grad_norm``, ``seed``...) can be
+set. Allowed values live next to the code that uses them (field metadata ``choices``).
 Unknown keys are errors (a typo must not silently fall back to a default).
+
+Old recipes (``score:`` + ``prune:`` sections) are read as ``calibration:`` + a one-item
+``transforms: [prune_heads]`` list (see ``upgrade_legacy``), with a logged note on how to update.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from leanlm.errors import LeanLMError
+from leanlm.evaluate.perplexity import METHODS
+from leanlm.models import DEVICES
+from leanlm.recover import DistillConfig, LoraSettings
+from leanlm.settings import build, choices, to_plain
+from leanlm.transforms import Transform, transform_from_dict
+from leanlm.transforms.context import CalibrationSettings
+
+log = logging.getLogger(__name__)
+
+TRAIN_DTYPES = ("bfloat16", "float32")
+VARIANTS = ("lora_kd", "kd_oproj")  # recovery runs; their titles are in pipeline.VARIANT_TITLES
 
 
 @dataclass
 class EvalStep:
-    method: str = field(default="sliding", metadata={"help": "perplexity protocol: sliding | nonoverlap"})
+    method: str = field(default="sliding", metadata=choices(METHODS, "perplexity protocol"))
     window: int = field(default=1024, metadata={"help": "tokens per window"})
     stride: int = field(default=512, metadata={"help": "sliding window step"})
     max_tokens: int | None = field(default=16384, metadata={"help": "first N test tokens (null = all)"})
@@ -30,54 +53,22 @@ class EvalStep:
 
 
 @dataclass
-class ScoreStep:
-    scorer: str = field(default="kl", metadata={"help": "kl | magnitude | taylor"})
-    calib_samples: int = field(default=8, metadata={"help": "calibration windows from validation"})
-    calib_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
-    seed: int = 0
-
-
-@dataclass
-class PruneStep:
-    fraction: float = field(default=0.25, metadata={"help": "share of attention heads to remove, in [0, 1)"})
-    layout: str = field(default="global", metadata={"help": "uniform (same count per layer) | global"})
-    granularity: str = field(default="query", metadata={"help": "query (heads inside KV groups) | kv_group"})
-
-
-@dataclass
-class LoraStep:
-    rank: int = 8
-    alpha: int = 16
-    include_mlp: bool = False
-
-
-@dataclass
-class DistillStep:
-    steps: int = field(default=200, metadata={"help": "optimizer steps (upper bound)"})
-    dtype: str = field(default="bfloat16", metadata={"help": "weights of student and teacher while training; "
-                                                              "bfloat16 is ~3x faster than float32 on this CPU"})
-    max_minutes: float | None = field(default=20.0, metadata={"help": "wall-clock budget; stops after the step that crosses it"})
-    batch_size: int = 4
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up before the cosine decay"})
-    alpha: float = field(default=0.5, metadata={"help": "weight of the KD term; 1 - alpha weighs cross-entropy"})
-    temperature: float = 2.0
-    top_k_teacher: int = field(default=0, metadata={"help": "0 = run the teacher live; k = cache its top-k logits once"})
-    checkpoint_every: int = 50
-    eval_every: int = field(default=0, metadata={"help": "perplexity checkpoints during training (0 = off)"})
-    eval_tokens: int = field(default=4096, metadata={"help": "test tokens for the in-training perplexity curve"})
-
-
-@dataclass
 class RecoverStep:
-    lora: LoraStep = field(default_factory=LoraStep)
-    distill: DistillStep = field(default_factory=DistillStep)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dtype: str = field(default="bfloat16", metadata=choices(TRAIN_DTYPES, "weights of student and teacher while "
+                                                                         "training; bfloat16 is ~3x faster on this CPU"))
+    eval_tokens: int = field(default=4096, metadata={"help": "test tokens for the in-training perplexity curve"})
     variants: list[str] = field(
         default_factory=lambda: ["lora_kd"],
-        metadata={"help": "recovery runs from the same pruned model: lora_kd, kd_oproj (KD, only o_proj trains)"},
+        metadata=choices(VARIANTS, "recovery runs from the same pruned model: lora_kd, kd_oproj (KD, only o_proj trains)"),
     )
+
+    def __post_init__(self) -> None:
+        self.distill.check()
+        self.lora.check()
+        if self.distill.out_dir is not None:
+            raise LeanLMError("'recover.distill.out_dir' is set by the pipeline (the run directory); remove it")
 
 
 @dataclass
@@ -90,97 +81,107 @@ class ExportStep:
 class Recipe:
     name: str
     model: str = "smollm2-135m"
-    dtype: str = "bfloat16"
+    dtype: str = field(default="bfloat16", metadata=choices(TRAIN_DTYPES, "evaluation (and head scoring) dtype"))
+    device: str = field(default="auto", metadata=choices(DEVICES, "where the model runs; auto = CUDA when present"))
     eval: EvalStep = field(default_factory=EvalStep)
-    score: ScoreStep = field(default_factory=ScoreStep)
-    prune: PruneStep = field(default_factory=PruneStep)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    transforms: list[Transform] = field(default_factory=list)
     recover: RecoverStep | None = field(default_factory=RecoverStep)
     export: ExportStep = field(default_factory=ExportStep)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as YAML-able data; ``load_recipe`` of its YAML gives the same recipe."""
+        data = {key: value for key, value in to_plain(self).items() if key != "transforms"}
+        return {**data, "transforms": [t.to_dict() for t in self.transforms]}
 
 
-def _build(cls, data, where: str, errors: list[str]):
-    """Instantiate dataclass `cls` from a mapping, collecting every problem in `errors`."""
-    if not isinstance(data, dict):
-        errors.append(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
+def _transforms(value, where: str, errors: list[str]) -> list[Transform] | None:
+    if not isinstance(value, list):
+        errors.append(f"'{where}' must be a list of {{name: ..., settings}} items, got {value!r}")
         return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            errors.append(f"unknown key '{where}{key}' (expected one of: {', '.join(fields)})")
-    values = {}
-    for name, value in data.items():
-        if name not in fields:
-            continue
-        hint = hints[name]
-        nested = _dataclass_in(hint)
-        if nested is not None and value is not None:
-            built = _build(nested, value, f"{where}{name}.", errors)
-            if built is not None:  # on failure keep the default, so later checks still run
-                values[name] = built
-        elif not _type_ok(hint, value):
-            errors.append(f"'{where}{name}' should be {_type_name(hint)}, got {value!r}")
-        else:
-            values[name] = value
-    missing = [f.name for f in fields.values() if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and f.name not in data]
-    errors += [f"missing key '{where}{name}'" for name in missing]
-    try:
-        return cls(**values)
-    except TypeError:
-        return None
+    built = [transform_from_dict(item, f"{where}[{i}]", errors) for i, item in enumerate(value)]
+    return None if any(t is None for t in built) else built
 
 
-def _dataclass_in(hint):
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
-    return next((o for o in options if dataclasses.is_dataclass(o)), None)
+LEGACY_HINT = (
+    "replace the 'score:' and 'prune:' sections by 'calibration: {{samples: {samples}, seq_len: {seq_len}, seed: {seed}}}' "
+    "and 'transforms: [{{name: prune_heads, fraction: {fraction}, layout: {layout}, granularity: {granularity}, "
+    "scorer: {scorer}}}]'; move 'recover.distill.dtype' and 'recover.distill.eval_tokens' to 'recover.dtype' and "
+    "'recover.eval_tokens'"
+)
+LEGACY_SCORE = {"scorer": "scorer", "calib_samples": "samples", "calib_len": "seq_len", "seed": "seed"}
+LEGACY_PRUNE = ("fraction", "layout", "granularity")
+LEGACY_DISTILL = ("dtype", "eval_tokens")  # keys that moved from recover.distill to recover
 
 
-def _type_ok(hint, value) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(option, value) for option in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        return isinstance(value, list) and all(_type_ok(typing.get_args(hint)[0], v) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+def upgrade_legacy(data: dict, errors: list[str]) -> tuple[dict, str | None]:
+    """Translate an old recipe (``score:`` / ``prune:`` sections) to the transforms form.
+
+    Returns the new mapping and the update hint (None when the recipe is already new). Unknown keys
+    inside the old sections are reported under their old names.
+    """
+    if not isinstance(data, dict) or not {"score", "prune"} & set(data):
+        return data, None
+    data = copy.deepcopy(data)
+    if "transforms" in data or "calibration" in data:
+        errors.append("a recipe has either 'transforms:' + 'calibration:' or the old 'score:' + 'prune:' sections, not both")
+        return data, None
+    score, prune = data.pop("score", None) or {}, data.pop("prune", None) or {}
+    for section, mapping, known in (("score", score, LEGACY_SCORE), ("prune", prune, LEGACY_PRUNE)):
+        if not isinstance(mapping, dict):
+            errors.append(f"'{section}' must be a mapping, got {type(mapping).__name__}")
+            return data, None
+        errors += [f"unknown key '{section}.{key}' (expected one of: {', '.join(known)})" for key in mapping if key not in known]
+    item = {"name": "prune_heads", **{k: prune[k] for k in LEGACY_PRUNE if k in prune}, "scorer": score.get("scorer", "kl")}
+    data["transforms"] = [item]
+    data["calibration"] = {new: score[old] for old, new in LEGACY_SCORE.items() if old in score and new != "scorer"}
+    distill = (data.get("recover") or {}).get("distill") if isinstance(data.get("recover"), dict) else None
+    if isinstance(distill, dict):
+        for key in LEGACY_DISTILL:
+            if key in distill:
+                data["recover"][key] = distill.pop(key)
+    defaults = {**CalibrationSettings().__dict__, **Transform.from_dict({"name": "prune_heads"}).to_dict()}
+    hint = LEGACY_HINT.format(**{**defaults, **data["calibration"], **item})
+    return data, hint
 
 
-def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+def _check_moved_keys(data: dict, errors: list[str]) -> None:
+    """In a new-format recipe, say where the keys that left ``recover.distill`` went."""
+    recover = data.get("recover") if isinstance(data, dict) else None
+    distill = recover.get("distill") if isinstance(recover, dict) else None
+    if isinstance(distill, dict):
+        for key in LEGACY_DISTILL:
+            if key in distill:
+                errors.append(f"'recover.distill.{key}' moved to 'recover.{key}'")
+                distill.pop(key)
 
 
-VALID_CHOICES = {
-    ("eval", "method"): ("sliding", "nonoverlap"),
-    ("score", "scorer"): ("kl", "magnitude", "taylor"),
-    ("prune", "layout"): ("uniform", "global"),
-    ("prune", "granularity"): ("query", "kv_group"),
-    (None, "dtype"): ("bfloat16", "float32"),
-}
+def _legacy_names(error: str) -> str:
+    renames = {"'transforms[0].scorer'": "'score.scorer'", "'transforms[0]": "'prune", "transforms[0]:": "prune:",
+               "'calibration.samples'": "'score.calib_samples'", "'calibration.seq_len'": "'score.calib_len'",
+               "'calibration.seed'": "'score.seed'", "calibration:": "score:"}
+    for new, old in renames.items():
+        error = error.replace(new, old)
+    return error
 
 
-def _check_values(recipe: Recipe, errors: list[str]) -> None:
-    for (section, key), allowed in VALID_CHOICES.items():
-        holder = getattr(recipe, section) if section else recipe
-        value = getattr(holder, key)
-        if value not in allowed:
-            errors.append(f"'{(section + '.') if section else ''}{key}' must be one of {', '.join(allowed)}, got {value!r}")
-    if recipe.recover is not None and recipe.recover.distill.dtype not in ("bfloat16", "float32"):
-        errors.append(f"'recover.distill.dtype' must be bfloat16 or float32, got {recipe.recover.distill.dtype!r}")
-    if not 0 <= recipe.prune.fraction < 1:
-        errors.append(f"'prune.fraction' must be in [0, 1), got {recipe.prune.fraction}")
-    if recipe.recover is not None:
-        bad = [v for v in recipe.recover.variants if v not in ("lora_kd", "kd_oproj")]
-        if bad:
-            errors.append(f"'recover.variants' has unknown {bad}: use lora_kd and/or kd_oproj")
+def parse_recipe(data, source: str = "recipe") -> Recipe:
+    """Validate recipe data (a YAML mapping); raise one LeanLMError listing every problem."""
+    errors: list[str] = []
+    data, hint = upgrade_legacy(data, errors)
+    if hint is None and isinstance(data, dict):
+        data = copy.deepcopy(data)
+        _check_moved_keys(data, errors)
+    recipe = build(Recipe, data, "", errors, nested={"transforms": _transforms})
+    if errors and hint:  # name the problems of an old recipe by its own section names
+        errors = [_legacy_names(error) for error in errors]
+    if errors:
+        suffix = f" (this recipe uses the old format; to update it: {hint})" if hint else ""
+        raise LeanLMError(f"{source} has {len(errors)} problem(s): " + "; ".join(errors) + suffix)
+    if hint:
+        log.warning("%s uses the old score:/prune: format, read as one prune_heads transform; to update it: %s",
+                    source, hint)
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -192,10 +193,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise LeanLMError(f"cannot read recipe '{path}': {err.strerror}") from err
     except yaml.YAMLError as err:
         raise LeanLMError(f"recipe '{path}' is not valid YAML: {str(err).splitlines()[0]}") from err
-    errors: list[str] = []
-    recipe = _build(Recipe, data, "", errors)
-    if recipe is not None:
-        _check_values(recipe, errors)
-    if errors:
-        raise LeanLMError(f"recipe '{path}' has {len(errors)} problem(s): " + "; ".join(errors))
-    return recipe
+    return parse_recipe(data, f"recipe '{path}'")
+
+
+__all__ = ["VARIANTS", "EvalStep", "ExportStep", "Recipe", "RecoverStep", "load_recipe", "parse_recipe"]

@@ -25,7 +25,7 @@ def cache_tensors(cache) -> list[torch.Tensor]:
 def measured_kv_bytes_per_token(model, num_tokens: int = 64) -> float:
     """Run a forward pass over `num_tokens` tokens and count the bytes the returned cache holds, per token."""
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(0))  # CPU, moved below
     with torch.inference_mode():
         cache = model(ids.to(device), use_cache=True, logits_to_keep=1).past_key_values
     return sum(t.numel() * t.element_size() for t in cache_tensors(cache)) / num_tokens

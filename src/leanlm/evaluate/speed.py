@@ -7,7 +7,6 @@ Timings on a shared machine are noisy: each number is the median of `repeats` ru
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
 from leanlm.models.compat import with_cache
+from leanlm.models.device import model_device, synced_clock
 
 
 @dataclass
@@ -47,36 +47,36 @@ class SpeedResult:
 
 
 def _random_ids(model, batch: int, length: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(batch * 100_003 + length)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
-    return ids.to(next(model.parameters()).device)
+    generator = torch.Generator().manual_seed(batch * 100_003 + length)  # CPU: the same ids on every device
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)  # (batch, length)
+    return ids.to(model_device(model))
 
 
 def time_prefill(model, length: int, warmup: int, repeats: int) -> float:
     """Median tokens/s of one forward pass over `length` tokens that builds the cache (as generate does)."""
-    ids = _random_ids(model, 1, length)
+    ids, device = _random_ids(model, 1, length), model_device(model)
     seconds = []
     with torch.inference_mode():
         for run in range(warmup + repeats):
-            start = time.perf_counter()
+            start = synced_clock(device)
             model(ids, use_cache=True, logits_to_keep=1)
             if run >= warmup:
-                seconds.append(time.perf_counter() - start)
+                seconds.append(synced_clock(device) - start)
     return length / statistics.median(seconds)
 
 
 def decode_step_times(model, batch: int, prompt: int, new_tokens: int) -> list[float]:
     """Greedy decode of `new_tokens` after a prompt; returns the seconds of each decode step."""
-    ids = _random_ids(model, batch, prompt)
+    ids, device = _random_ids(model, batch, prompt), model_device(model)
     steps = []
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
         for _ in range(new_tokens):
-            start = time.perf_counter()
+            start = synced_clock(device)
             out = model(next_ids, **with_cache(cache), use_cache=True)
             next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(time.perf_counter() - start)
+            steps.append(synced_clock(device) - start)
     return steps
 
 

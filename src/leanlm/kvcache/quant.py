@@ -77,7 +77,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @functools.cache
-def hadamard(n: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The orthonormal Sylvester-Hadamard matrix of order n (a power of 2), float32, symmetric: H @ H = I.
 
     Rotating a vector by it spreads one large channel over all channels (QuaRot's trick), so a group's
@@ -85,10 +86,13 @@ def hadamard(n: int) -> torch.Tensor:
     """
     if n < 1 or n & (n - 1):
         raise LeanLMError(f"a Hadamard rotation needs a power-of-2 dimension, got {n}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
+    # Built once per (n, device) and shared by every call (never written to); a normal tensor even when
+    # first asked for under inference_mode, so autograd code can use it later.
+    with torch.inference_mode(False):
+        h = torch.ones(1, 1, device=device)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h / n**0.5
 
 
 def quantize(x: torch.Tensor, bits: int, group: int, rotate: bool = False) -> QuantizedTensor:
@@ -100,7 +104,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, rotate: bool = False) -> Qu
     check_bits(bits)
     dtype = x.dtype
     if rotate:
-        x = x.float() @ hadamard(x.shape[-1]).to(x.device)
+        x = x.float() @ hadamard(x.shape[-1], x.device)
     if x.shape[-1] % group:
         raise LeanLMError(f"last dimension {x.shape[-1]} is not a multiple of the quantization group {group}")
     check_group(bits, group)
@@ -117,7 +121,7 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     codes = unpack(q.codes, q.bits).float()  # (..., groups, group)
     x = (codes * q.scale.float() + q.low.float()).view(q.shape)
     if q.rotated:
-        x = x @ hadamard(q.shape[-1]).to(x.device)  # H is its own inverse
+        x = x @ hadamard(q.shape[-1], x.device)  # H is its own inverse
     return x.to(q.dtype)
 
 

@@ -45,8 +45,9 @@ class SinkWindowLayer(EvictionLayer):
 
     def keep(self, keys: torch.Tensor, new: int) -> torch.Tensor:
         tokens = self.held.tokens()
-        index = torch.cat([torch.arange(self.sink), torch.arange(tokens - self.window, tokens)])
-        return index.to(keys.device).expand(keys.shape[0], keys.shape[1], -1)
+        device = keys.device
+        index = torch.cat([torch.arange(self.sink, device=device), torch.arange(tokens - self.window, tokens, device=device)])
+        return index.expand(keys.shape[0], keys.shape[1], -1)
 
     def after_eviction(self, index: torch.Tensor) -> None:
         if self.inv_freq is None:

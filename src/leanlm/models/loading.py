@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from leanlm.errors import LeanLMError
 from leanlm.models.compact import maybe_load_compact
+from leanlm.models.device import resolve_device
 from leanlm.models.weights import parse_dtype, strip_gguf_quantization
 
 log = logging.getLogger(__name__)
@@ -104,21 +105,27 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     )
 
 
-def load_model(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> PreTrainedModel:
-    """Load a causal LM in eval mode. ``source``: bundled name, directory, .gguf file or hub id."""
+def load_model(
+    source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode on ``device`` (auto | cpu | cuda; auto = CUDA when present).
+
+    ``source``: bundled name, directory, .gguf file or hub id.
+    """
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    target = resolve_device(device)  # a cuda request without CUDA fails before minutes of loading
     where, gguf_file = resolve_source(source)
     if gguf_file is None and Path(where).is_dir():
         compact = maybe_load_compact(where, torch_dtype)  # per-layer shapes (global pruning), else None
         if compact is not None:
-            return compact.eval()
+            return compact.to(target).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as err:
         raise LeanLMError(f"could not load model '{source}': {_first_line(err)}") from err
     if gguf_file is not None:
         strip_gguf_quantization(model)
-    return model.eval()
+    return model.to(target).eval()
 
 
 def load_tokenizer(source: str = DEFAULT_MODEL):

@@ -9,11 +9,39 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from leanlm.analyze.scoring import HeadScores  # noqa: E402
+from leanlm.report.head_plots import plot_head_heatmap  # noqa: E402
 from leanlm.report.markdown import human_bytes  # noqa: E402
 from leanlm.report.results import atomic_write_text  # noqa: E402
 
-ROWS = [("baseline", "original"), ("pruned", "pruned, no recovery"), ("kd_oproj", "pruned + KD, no LoRA (o_proj trains)"),
-        ("lora_kd", "pruned + LoRA + KD"), ("reference", "unpruned + LoRA + CE (domain-adaptation reference)")]
+RECOVERY_ROWS = [("kd_oproj", "pruned + KD, no LoRA (o_proj trains)"), ("lora_kd", "pruned + LoRA + KD"),
+                 ("reference", "unpruned + LoRA + CE (domain-adaptation reference)")]
+
+
+def describe_transform(record: dict) -> str:
+    """One sentence on what a transform did, from its record (settings + what it removed)."""
+    name, settings, removed = record["name"], record["settings"], record["removed"]
+    if name == "prune_heads":
+        return (f"Removed {removed['fraction_achieved']:.1%} of the query heads ({settings['layout']} layout, "
+                f"{settings['granularity']} granularity, scored by `{settings['scorer']}` on WikiText-2 validation)")
+    if name == "prune_layers":
+        return (f"Removed decoder blocks {removed['layers']} of {removed['layers_before']}"
+                + (" (lowest Block Influence on WikiText-2 validation)" if removed.get("block_influence") else ""))
+    if name == "prune_mlp":
+        return f"Removed {removed['fraction_achieved']:.1%} of the MLP channels ({settings['layout']} layout, activation x weight)"
+    options = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "name")
+    return f"Applied `{name}` ({options}); parameters {record['params_before']:,} -> {record['params_after']:,}"
+
+
+def _rows(results: dict) -> list[tuple[str, dict]]:
+    """(label, metrics) of every measured model: original, after each transform, each recovery."""
+    rows = [("original", results["baseline"])]
+    steps = results.get("transforms") or []
+    for i, step in enumerate(steps, 1):
+        label = f"after {i}. {step['name']}" + (" (no recovery)" if i == len(steps) else "")
+        rows.append((label, step["metrics"]))
+    rows += [(label, results[key]) for key, label in RECOVERY_ROWS if results.get(key)]
+    return rows
 
 
 def _speed(metrics: dict, key: str, sub: str) -> str:
@@ -25,10 +53,7 @@ def comparison_table(results: dict) -> str:
     base = results["baseline"]
     lines = ["| model | ppl (test) | ratio | ppl (Botchan, OOD) | ratio | KV bytes/token | params | weights | prefill tok/s @2048 | decode tok/s @1 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for key, label in ROWS:
-        m = results.get(key)
-        if not m:
-            continue
+    for label, m in _rows(results):
         ood, base_ood = m.get("ood_perplexity"), base.get("ood_perplexity")
         ood_cells = f"{ood:.3f} | {ood / base_ood:.3f}" if ood and base_ood else "– | –"
         lines.append(
@@ -63,29 +88,30 @@ def plot_training(training: dict[str, dict], path: Path, which: str) -> bool:
     return drawn
 
 
-def write_pipeline_report(out: Path, results: dict, training: dict[str, dict], scores) -> None:
-    from leanlm.report.head_plots import plot_head_heatmap
-
+def write_pipeline_report(out: Path, results: dict, training: dict[str, dict]) -> None:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     images = []
-    plot_head_heatmap(scores, plots / "head_scores.png")
-    images.append("plots/head_scores.png")
+    for step in results.get("transforms") or []:
+        if step["record"].get("scores"):
+            image = f"plots/{step['stage']}-head_scores.png"
+            plot_head_heatmap(HeadScores(**step["record"]["scores"]), out / image)
+            images.append(image)
     for which in ("eval", "loss"):
         if plot_training(training, plots / f"training_{which}.png", which):
             images.append(f"plots/training_{which}.png")
     base = results["baseline"]
     protocol = base["protocol"]
+    done = [f"{i}. {describe_transform(s['record'])}." for i, s in enumerate(results.get("transforms") or [], 1)]
     parts = [
         f"# leanlm run: {results['name']}", "",
-        f"Model `{results['model']}`; {results['heads_removed_fraction']:.2%} of the attention query heads removed "
-        f"({results['recipe']['prune']['layout']} layout, {results['recipe']['prune']['granularity']} granularity, "
-        f"scored by `{results['recipe']['score']['scorer']}`).", "",
+        f"Model `{results['model']}` on `{results.get('device', 'cpu')}`. Transforms, in order:", "",
+        *(done or ["(none)"]), "",
         comparison_table(results), "",
         f"Perplexity protocol (every row): WikiText-2 test, `{protocol['method']}`, window {protocol['window']}, "
         f"stride {protocol['stride']}, {protocol['tokens_scored']:,} tokens scored, {protocol['dtype']}. Out-of-domain: "
-        f"{base.get('ood_protocol', {}).get('text_source', 'not measured')}, same protocol. Training data: "
-        "WikiText-2 validation only. Speeds are from separate runs on a shared machine: compare them with care "
+        f"{base.get('ood_protocol', {}).get('text_source', 'not measured')}, same protocol. Calibration and training "
+        "data: WikiText-2 validation only. Speeds are from separate runs on a shared machine: compare them with care "
         "(the benchmark measures speed ratios side by side).", "",
         "## Recovery runs", "", "| variant | steps | minutes | stopped by time budget | final loss |", "| --- | ---: | ---: | --- | ---: |",
     ]

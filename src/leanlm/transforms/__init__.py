@@ -1,16 +1,12 @@
 """Structural transforms: one technique per file behind ``Transform``; ``TRANSFORMS`` maps names to classes."""
 
-from leanlm.transforms.base import Transform, TransformReport
+from leanlm.transforms.base import TRANSFORMS, Transform, TransformReport, register, transform_from_dict
 from leanlm.models.compact import is_compact, load_compact, maybe_load_compact, save_compact, sync_shape_config
 from leanlm.transforms.prune_heads import PruneHeads, mask_heads, pad_heads, prune_heads, removed_fraction, select_heads
 from leanlm.transforms.prune_layers import PruneLayers, block_influence, prune_layers
 from leanlm.transforms.prune_mlp import PruneMLP, channel_scores, mask_channels, prune_mlp, select_channels
 
-TRANSFORMS: dict[str, type[Transform]] = {
-    PruneHeads.name: PruneHeads,
-    PruneLayers.name: PruneLayers,
-    PruneMLP.name: PruneMLP,
-}
+# TRANSFORMS (name -> class) is filled by the @register decorator of each technique imported above.
 
 __all__ = [
     "TRANSFORMS",
@@ -30,9 +26,11 @@ __all__ = [
     "prune_heads",
     "prune_layers",
     "prune_mlp",
+    "register",
     "removed_fraction",
     "save_compact",
     "select_channels",
     "select_heads",
     "sync_shape_config",
+    "transform_from_dict",
 ]

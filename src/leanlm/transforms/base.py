@@ -1,14 +1,17 @@
-"""The base of every structural transform, and the Linear-slicing helpers they share.
+"""The base of every structural transform, its registry, and the Linear-slicing helpers they share.
 
 A transform is a typed config dataclass whose ``apply(model, **context)`` changes the model in place
-and returns a ``TransformReport``. The context carries what a transform may need and the pipeline
-already has: ``scores`` (head scores from ``leanlm.analyze``), ``calibration`` (a list of
-``(batch, seq)`` LongTensors of token ids), ``tokenizer``. A transform ignores context it does not use.
+and returns a ``TransformReport``. Each technique file decorates its class with ``@register``, so
+``TRANSFORMS`` (name -> class) lists every technique and ``Transform.from_dict({"name": ..., ...})``
+builds any of them from a recipe item. The context carries what a transform may need and the
+pipeline provides when the transform's ``needs`` names it: ``scores`` (head scores from
+``leanlm.analyze``, computed with the scorer the transform's ``scorer`` setting names), ``calibration``
+(a list of ``(batch, seq)`` LongTensors of token ids), ``tokenizer``. A transform ignores context it
+does not use. Every transform must be the identity at its no-change setting (``identity_settings``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +22,7 @@ from torch import nn
 
 from leanlm.errors import LeanLMError
 from leanlm.models.weights import param_count, resize_linear  # noqa: F401  (resize_linear: re-exported)
+from leanlm.settings import build, to_plain
 
 
 @dataclass
@@ -38,20 +42,37 @@ class TransformReport:
         return {**asdict(self), "params_removed": self.params_removed}
 
 
+def param_count(model: nn.Module) -> int:
+    """Parameters of the model; ``parameters()`` yields a tied (shared) tensor once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+CONTEXT_KEYS = ("scores", "calibration", "tokenizer")  # what a transform's ``needs`` may name
+
+
 @dataclass
 class Transform(ABC):
     """One structural technique. Subclasses are dataclasses of their options and implement ``modify``."""
 
     name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()  # context the pipeline must build for ``apply`` (CONTEXT_KEYS)
+    identity_settings: ClassVar[dict[str, Any]] = {}  # settings at which the transform changes nothing
 
     @classmethod
     def from_dict(cls, options: dict) -> "Transform":
-        """Build from recipe options; an unknown key is a user mistake, not a silent default."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise LeanLMError(f"{cls.name} has no option {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
-        return cls(**options)
+        """Build from recipe options; every unknown key or bad value is reported in one LeanLMError.
+
+        On the base class, ``options["name"]`` picks the technique from ``TRANSFORMS``.
+        """
+        errors: list[str] = []
+        built = transform_from_dict(options, "", errors, cls if cls is not Transform else None)
+        if errors:
+            raise LeanLMError("; ".join(errors))
+        return built
+
+    def to_dict(self) -> dict:
+        """``{"name": ..., settings}``: the recipe item that builds this transform again."""
+        return {"name": self.name, **to_plain(self)}
 
     def apply(self, model: nn.Module, **context) -> TransformReport:
         """Change ``model`` in place and report what went and the parameter counts around it."""
@@ -62,6 +83,44 @@ class Transform(ABC):
     @abstractmethod
     def modify(self, model: nn.Module, **context) -> dict[str, Any]:
         """Change the model in place; return a JSON-able description of what was removed."""
+
+
+TRANSFORMS: dict[str, type[Transform]] = {}
+
+
+def register(cls: type[Transform]) -> type[Transform]:
+    """Class decorator: make a technique reachable by its ``name`` from recipes and the CLI."""
+    if cls.name in TRANSFORMS and TRANSFORMS[cls.name] is not cls:
+        raise ValueError(f"two transforms are named '{cls.name}'")
+    bad = [key for key in cls.needs if key not in CONTEXT_KEYS]
+    if bad:
+        raise ValueError(f"{cls.__name__} needs unknown context {bad}; known: {CONTEXT_KEYS}")
+    TRANSFORMS[cls.name] = cls
+    return cls
+
+
+def transform_from_dict(item, where: str, errors: list[str], cls: type[Transform] | None = None) -> Transform | None:
+    """Build one transform from ``{"name": ..., settings}``; problems go to ``errors`` (None on failure).
+
+    ``where`` names the item in messages (e.g. ``"transforms[1]"``); with ``cls`` the name is optional.
+    """
+    label = where or "transform"
+    if not isinstance(item, dict):
+        errors.append(f"'{label}' must be a mapping like {{name: prune_heads, fraction: 0.25}}, got {item!r}")
+        return None
+    options = dict(item)
+    name = options.pop("name", None if cls is None else cls.name)
+    if cls is None:
+        if name not in TRANSFORMS:
+            what = f"unknown transform '{name}'" if name is not None else "no transform 'name'"
+            errors.append(f"'{label}': {what}; choose one of {', '.join(TRANSFORMS)}")
+            return None
+        cls = TRANSFORMS[name]
+    elif name != cls.name:
+        errors.append(f"'{label}': name '{name}' does not match {cls.name}")
+        return None
+    prefix = f"{where}." if where else f"{cls.name}."
+    return build(cls, options, prefix, errors)
 
 
 def check_fraction(fraction: float, what: str) -> None:

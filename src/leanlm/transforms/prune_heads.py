@@ -17,12 +17,13 @@ import contextlib
 import copy
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from leanlm.analyze import SCORERS
 from leanlm.errors import LeanLMError
 from leanlm.models import ModelSpec, decoder_layers
 from leanlm.transforms.base import (
@@ -30,12 +31,14 @@ from leanlm.transforms.base import (
     check_choice,
     check_fraction,
     head_rows,
+    register,
     keep_in_features,
     keep_out_features,
     scatter_in_features,
     scatter_out_features,
 )
 from leanlm.models.compact import KEPT_HEADS_KEY, sync_shape_config
+from leanlm.settings import choices
 
 log = logging.getLogger(__name__)
 
@@ -276,19 +279,27 @@ def pad_heads(model: nn.Module) -> nn.Module:
     return padded
 
 
+@register
 @dataclass
 class PruneHeads(Transform):
     """Remove the least important attention heads (needs ``scores`` from ``leanlm.analyze``)."""
 
     name: ClassVar[str] = "prune_heads"
-    fraction: float = 0.25  # share of all query heads to remove, in [0, 1)
-    layout: str = "global"  # "global": rank across layers; "uniform": the same share in every layer
-    granularity: str = "query"  # "query": k heads per KV group; "kv_group": whole groups (smaller KV cache)
+    needs: ClassVar[tuple[str, ...]] = ("scores",)
+    identity_settings: ClassVar[dict] = {"fraction": 0.0}
+    fraction: float = field(default=0.25, metadata={"help": "share of all query heads to remove, in [0, 1)"})
+    layout: str = field(default="global", metadata=choices(LAYOUTS, "global: rank steps across layers; "
+                                                                    "uniform: the same share in every layer"))
+    granularity: str = field(default="query", metadata=choices(GRANULARITIES, "query: k heads per KV group; "
+                                                                              "kv_group: whole groups (smaller KV cache)"))
+    scorer: str = field(default="kl", metadata=choices(tuple(SCORERS), "head importance measure the pipeline runs "
+                                                                      "on the model as it is when this step starts"))
 
     def __post_init__(self) -> None:
         check_fraction(self.fraction, "heads")
         check_choice(self.layout, LAYOUTS, "layout")
         check_choice(self.granularity, GRANULARITIES, "granularity")
+        check_choice(self.scorer, tuple(SCORERS), "scorer")
 
     def modify(self, model: nn.Module, scores=None, **context) -> dict:
         if scores is None:
@@ -307,5 +318,5 @@ class PruneHeads(Transform):
             "kv_heads_removed": spec.total_kv_heads - after.total_kv_heads,
             "layout": self.layout,
             "granularity": self.granularity,
-            "scorer": getattr(scores, "scorer", None),
+            "scorer": getattr(scores, "scorer", self.scorer),
         }

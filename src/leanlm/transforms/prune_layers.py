@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
 from leanlm.models import decoder_layers
-from leanlm.transforms.base import Transform, check_calibration
+from leanlm.transforms.base import Transform, check_calibration, register
 from leanlm.models.compact import KEPT_HEADS_KEY, LAYERS_KEPT_KEY, sync_shape_config
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,17 @@ def prune_layers(model: nn.Module, layers_to_remove: Sequence[int]) -> nn.Module
     return model
 
 
+@register
 @dataclass
 class PruneLayers(Transform):
     """Drop the ``num_layers`` blocks of lowest Block Influence (needs ``calibration``), or given ``layers``."""
 
     name: ClassVar[str] = "prune_layers"
-    num_layers: int = 1  # how many blocks to remove
-    layers: list[int] | None = None  # explicit block indices; skips scoring
+    needs: ClassVar[tuple[str, ...]] = ("calibration",)
+    identity_settings: ClassVar[dict] = {"num_layers": 0}
+    num_layers: int = field(default=1, metadata={"help": "how many blocks to remove (lowest Block Influence first)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "explicit block indices to remove; skips scoring "
+                                                                     "(num_layers is then ignored)"})
 
     def __post_init__(self) -> None:
         if self.num_layers < 0:
@@ -106,6 +110,8 @@ class PruneLayers(Transform):
         scores = None
         if self.layers is not None:
             remove = sorted(set(self.layers))
+        elif self.num_layers == 0:
+            remove = []  # nothing to rank
         else:
             if self.num_layers >= total:
                 raise LeanLMError(f"cannot remove {self.num_layers} of the model's {total} layers; keep at least one")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -27,8 +27,10 @@ from leanlm.transforms.base import (
     check_fraction,
     keep_in_features,
     keep_out_features,
+    register,
 )
 from leanlm.models.compact import sync_shape_config
+from leanlm.settings import choices
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +42,19 @@ def channel_scores(model: nn.Module, calibration: Sequence[torch.Tensor]) -> lis
     """Per layer, a (intermediate,) tensor of channel importance (higher = more important)."""
     batches = check_calibration(calibration, "MLP channel scoring")
     layers = decoder_layers(model)
-    abs_sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
+    device = next(model.parameters()).device
+    # float32 sums on the model's device: no copy back to the host per batch
+    abs_sums = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]  # (intermediate,)
     tokens = 0
 
     def accumulate(index):
         def hook(module, args):
             a = args[0].float()  # (batch, seq, intermediate): the input of down_proj
-            abs_sums[index] += a.abs().sum(dim=(0, 1)).cpu()
+            abs_sums[index] += a.abs().sum(dim=(0, 1))
         return hook
 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(accumulate(i)) for i, layer in enumerate(layers)]
     try:
-        device = next(model.parameters()).device
         for batch in tqdm(batches, desc="MLP channel scores", disable=len(batches) < 4):
             model(batch.to(device), use_cache=False, logits_to_keep=1)
             tokens += batch.numel()
@@ -59,7 +62,7 @@ def channel_scores(model: nn.Module, calibration: Sequence[torch.Tensor]) -> lis
         for handle in handles:
             handle.remove()
     return [
-        abs_sum / tokens * layer.mlp.down_proj.weight.detach().float().norm(dim=0).cpu()  # (intermediate,)
+        (abs_sum / tokens * layer.mlp.down_proj.weight.detach().float().norm(dim=0)).cpu()  # (intermediate,)
         for abs_sum, layer in zip(abs_sums, layers)
     ]
 
@@ -133,13 +136,17 @@ def mask_channels(model: nn.Module, remove: dict[int, list[int]]):
                 decoder_layers(model)[layer].mlp.down_proj.weight.copy_(weight)
 
 
+@register
 @dataclass
 class PruneMLP(Transform):
     """Remove the least important MLP channels (needs ``calibration`` batches)."""
 
     name: ClassVar[str] = "prune_mlp"
-    fraction: float = 0.25  # share of MLP channels to remove, in [0, 1)
-    layout: str = "uniform"  # "uniform": same share per layer (stock config); "global": ranked together
+    needs: ClassVar[tuple[str, ...]] = ("calibration",)
+    identity_settings: ClassVar[dict] = {"fraction": 0.0}
+    fraction: float = field(default=0.25, metadata={"help": "share of MLP channels to remove, in [0, 1)"})
+    layout: str = field(default="uniform", metadata=choices(LAYOUTS, "uniform: same share per layer (stock config); "
+                                                                     "global: ranked together (per-layer widths)"))
 
     def __post_init__(self) -> None:
         check_fraction(self.fraction, "MLP channels")
