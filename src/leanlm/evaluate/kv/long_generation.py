@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
+from leanlm.models.device import synced_clock
 from leanlm.evaluate.kv.common import (PolicyArg, dtype_name, encode_text, cache_held_tokens, cache_nbytes, describe_policy,
                                       forward_hidden, open_cache, output_logits, resolve_policy)
 
@@ -95,7 +96,7 @@ def long_generation(model, tokenizer, policy: PolicyArg = None,
         for piece in prompt.split(protocol.prefill_chunk):
             hidden = forward_hidden(model, cache, piece)  # (piece, hidden)
         logits = output_logits(model, hidden[-1:])[0]  # (vocab,)
-        start = time.perf_counter()
+        start = synced_clock(device)
         bar = tqdm(range(1, protocol.new_tokens + 1), desc=f"generate ({resolved.name if resolved else 'none'})",
                    unit="tok", leave=False)
         for step in bar:
@@ -109,7 +110,7 @@ def long_generation(model, tokenizer, policy: PolicyArg = None,
                 nbytes.append(cache_nbytes(cache))
                 held.append(cache_held_tokens(cache))
                 rss.append(_rss_mib())
-                seconds.append(time.perf_counter() - start)
+                seconds.append(synced_clock(device) - start)
     record = {"name": "long_generation", **asdict(protocol), "dtype": dtype_name(model), "bos": False}
     return LongGenerationResult(
         steps=steps, cache_bytes=nbytes, held_tokens=held, rss_mib=rss, seconds=seconds,
