@@ -9,9 +9,15 @@ One process, one model (SmolLM2-135M, bf16), the same token windows for every ro
   in chunks through the policy, every token scored → `stream_ppl_ratio`, `stream_kl`;
 - passkey retrieval at 2K/4K/8K tokens → `passkey` (accuracy by length) and `passkey_normalised`
   (÷ the uncompressed run's own accuracy), and the answer log-likelihood;
-- decode tokens/s after a compressed prefill;
+- decode tokens/s after a compressed prefill, alternated with the full cache's (A, B, A, B ...,
+  `--speed-rounds` rounds) and reported as medians and their ratio (the machine is shared and noisy);
 - kvpress presses on the same windows through `benchmarks/kvpress_driver.py` in its own virtualenv
-  (it pins an older transformers), as rows with `source: kvpress`.
+  (it pins an older transformers), as rows with `source: kvpress`, scored on exactly leanlm's windows
+  (the driver echoes a digest of the token ids it scored; a mismatch stops the run).
+The baseline row ("full") is measured, not written: the uncompressed cache run again through every
+protocol and scored against the reference run (its KL and ratios are what the code computes).
+Bytes: `bytes_per_token` is what a policy counts against its budget (a two-tier cache: its fast
+tier); `total_bytes_per_token` adds a two-tier cache's slow tier (in RAM here).
 Writes FILE.json, FILE.md (table) and FILE-pareto.png. Flat memory over a long generation is
 `benchmarks/kv_long_generation.py`.
 """
@@ -20,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +43,7 @@ from leanlm.evaluate.kv import (ContinuationProtocol, PasskeyProtocol, Streaming
                                           continuation_perplexity, continuation_reference, continuation_windows,
                                           normalise, passkey_eval, passkey_prompts, streaming_perplexity,
                                           streaming_reference)
+from leanlm.evaluate.side_by_side import alternate, median_ratio
 from leanlm.generate import stream
 from leanlm.kvcache import attach, make_policy
 from leanlm.kvcache.sentence import tier_stats
@@ -46,6 +55,11 @@ ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ["quantized", "quantized:rotate=0", "sink_window", "heavy_hitter", "observation_window",
             "heavy_hitter+int4:group=64", "observation_window+int4:group=64"]
 PRESSES = ["streaming_llm", "snapkv", "knorm", "expected_attention", "observed_attention", "quantized"]
+
+
+def windows_digest(windows: list[list[int]]) -> str:
+    """sha256 of the token ids of every window, in order (kvpress_driver.py computes the same)."""
+    return hashlib.sha256(json.dumps([[int(t) for t in w] for w in windows]).encode()).hexdigest()
 
 
 def decode_speed(model, policy_factory, context_ids: list[int], tokens: int = 32, warmup: int = 2,
@@ -77,8 +91,19 @@ class _null:
         return False
 
 
+def side_by_side_decode(model, factory, context_ids: list[int], args, stats: dict | None = None) -> dict:
+    """Decode tokens/s of the full cache and of ``factory``'s policy, alternated; medians and their ratio."""
+    runs = alternate({"full": lambda: decode_speed(model, None, context_ids, args.decode_tokens),
+                      "policy": lambda: decode_speed(model, factory, context_ids, args.decode_tokens, stats=stats)},
+                     args.speed_rounds)
+    both = median_ratio(runs["full"], runs["policy"])
+    return {"decode_tokens_per_s": both["candidate"], "decode_full_tokens_per_s": both["base"],
+            "decode_speed_ratio": both["ratio"], "decode_runs": runs}
+
+
 def row(method: str, source: str, budget: float, cont, baseline_cont, **extra) -> dict:
     return {"method": method, "source": source, "budget": budget, "bytes_per_token": cont.bytes_per_token,
+            "total_bytes_per_token": cont.total_bytes_per_token,
             "ppl": cont.perplexity, "ppl_ratio": cont.perplexity / baseline_cont.perplexity, "kl": cont.kl,
             "top1_agreement": cont.top1_agreement, "peak_bytes": cont.peak_bytes, **extra}
 
@@ -88,18 +113,19 @@ def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey, ch
     rows = []
     for name in args.policies:
         for budget in args.budgets:
-            factory = (lambda n, name=name, budget=budget: make_policy(name, budget, n, tok))
+            factory = (lambda n, name=name, budget=budget: make_policy(name, budget, n, tok, model))
             started = time.perf_counter()
             cont = continuation_perplexity(model, tok, factory, refs["cont_protocol"], reference=refs["cont"])
             extra = {"policy": factory(args.context).describe()}
             if budget in args.stream_budgets:
                 streamed = streaming_perplexity(model, tok, factory, refs["stream_protocol"], reference=refs["stream"])
                 extra |= {"stream_ppl_ratio": streamed.perplexity / refs["stream"].result.perplexity,
-                          "stream_kl": streamed.kl, "stream_bytes_per_token": streamed.bytes_per_token}
+                          "stream_kl": streamed.kl, "stream_bytes_per_token": streamed.bytes_per_token,
+                          "stream_total_bytes_per_token": streamed.total_bytes_per_token}
             if budget in args.passkey_budgets:
                 extra |= passkey_fields(model, tok, factory, passkey_items, refs["passkey_protocol"], baseline_passkey)
             tiers = {}
-            extra["decode_tokens_per_s"] = decode_speed(model, factory, refs["cont_windows"][0][: args.context], stats=tiers)
+            extra |= side_by_side_decode(model, factory, refs["cont_windows"][0][: args.context], args, stats=tiers)
             if tiers:
                 extra["tiers"] = tiers  # fast/slow bytes and bytes moved per generated token
             extra["seconds"] = time.perf_counter() - started
@@ -139,7 +165,16 @@ def run_kvpress(args, refs: dict, passkey_items) -> dict:
                                "--out", str(out)], stderr=None)
         if done.returncode or not out.exists():
             return {"error": f"kvpress driver exited with code {done.returncode}"}
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+    check_same_windows(result.get("windows_sha256"), windows_digest(refs["cont_windows"]), "the kvpress driver")
+    return result
+
+
+def check_same_windows(theirs: str | None, ours: str, who: str) -> None:
+    """Stop unless ``who`` scored exactly the token ids of leanlm's windows (digests equal)."""
+    if theirs != ours:
+        raise LeanLMError(f"{who} scored other windows than leanlm's rows (token-id digest {theirs} != {ours}): "
+                          "its rows would not be comparable")
 
 
 def kvpress_rows(result: dict, lean_baseline_ppl: float) -> list[dict]:
@@ -149,6 +184,7 @@ def kvpress_rows(result: dict, lean_baseline_ppl: float) -> list[dict]:
     for r in result["rows"]:
         ok = r.get("error") is None
         rows.append({**r, "source": "kvpress", "ppl_ratio": r["ppl"] / base["ppl"] if ok else None,
+                     "total_bytes_per_token": r.get("bytes_per_token"),  # one tier: a DynamicCache
                      "passkey_normalised": _norm(r.get("passkey"), base.get("passkey")) if ok else None})
     return rows
 
@@ -186,8 +222,9 @@ def retrieval_flag(row: dict) -> str | None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| method | source | budget | bytes/token | ppl ratio | KL | stream ppl ratio | passkey (norm.) | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | source | budget | bytes/token | total bytes/token | ppl ratio | KL | stream ppl ratio | "
+             "passkey (norm.) | decode tok/s | decode ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     def fmt(x, spec=".4f"):  # noqa: E306
         return "—" if x is None else format(x, spec)
     for r in [result["baseline"], *result["rows"]]:
@@ -195,8 +232,9 @@ def markdown(result: dict) -> str:
         pk = ", ".join(f"{k}: {fmt(v, '.2f')}" for k, v in pk.items()) if pk else (r.get("error") or "—")
         pk += f" ⚠ {r['flag']}" if r.get("flag") else ""
         lines.append(f"| {short(r['method'])} | {r['source']} | {r['budget']} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
+                     f"{fmt(r.get('total_bytes_per_token'), ',.0f')} | "
                      f"{fmt(r.get('ppl_ratio'))} | {fmt(r.get('kl'))} | {fmt(r.get('stream_ppl_ratio'))} | {pk} | "
-                     f"{fmt(r.get('decode_tokens_per_s'), '.1f')} |")
+                     f"{fmt(r.get('decode_tokens_per_s'), '.1f')} | {fmt(r.get('decode_speed_ratio'), '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +260,7 @@ def pareto_plot(result: dict, path: Path) -> None:
         ax.plot(*zip(*pts), marker="o" if source == "leanlm" else "x", linestyle="-" if source == "leanlm" else ":",
                 label=f"{short(method)} ({source})", color=colors[index % len(colors)])
     base = result["baseline"]
-    ax.scatter([base["bytes_per_token"]], [1.0], color="black", zorder=5, label="full bf16 cache")
+    ax.scatter([base["bytes_per_token"]], [base.get("ppl_ratio", 1.0)], color="black", zorder=5, label="full bf16 cache")
     ax.set_xscale("log")
     ax.set_ylim(0.98, top)
     if clipped:
@@ -259,6 +297,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stream-chunk", type=int, default=32, help="streaming protocol: tokens per forward")
     p.add_argument("--passkey-lengths", type=ints, default=(2048, 4096, 8192))
     p.add_argument("--passkey-depths", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.2, 0.5, 0.8))
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode-speed run")
+    p.add_argument("--speed-rounds", type=int, default=3, help="alternated full/policy decode runs (medians)")
     p.add_argument("--no-kvpress", action="store_true", help="skip the kvpress rows")
     p.add_argument("--kvpress-from", type=Path, default=None,
                    help="add kvpress rows to an earlier run's JSON (its leanlm rows are kept as they are; the "
@@ -311,13 +351,14 @@ def add_kvpress(args) -> int:
     """--kvpress-from: the earlier run's rows + kvpress rows on the same windows, written to --out."""
     earlier = json.loads(args.kvpress_from.read_text())
     tok = load_tokenizer(args.model)
-    cont = earlier["protocol"]["continuation"]
-    protocol = ContinuationProtocol(context=cont["context"], continuation=cont["continuation"], windows=cont["windows"])
-    pk = earlier["protocol"]["passkey"]
-    items = passkey_prompts(tok, PasskeyProtocol(lengths=tuple(pk["lengths"]), depths=tuple(pk["depths"]), seed=pk["seed"]))
-    items = [it for it in items if it.length in args.passkey_lengths]
+    protocol, _, pk = earlier_protocols(earlier)  # split, join and prefill chunk included: leanlm's own windows
+    windows = continuation_windows(tok, protocol)
+    if earlier["protocol"].get("continuation_windows_sha256"):
+        check_same_windows(windows_digest(windows), earlier["protocol"]["continuation_windows_sha256"],
+                           "the windows rebuilt from the earlier run's protocol")
+    items = [it for it in passkey_prompts(tok, pk) if it.length in args.passkey_lengths]
     args.continuation = protocol.continuation
-    kvpress = run_kvpress(args, {"cont_windows": continuation_windows(tok, protocol)}, items)
+    kvpress = run_kvpress(args, {"cont_windows": windows}, items)
     rerun = {f"kvpress:{press}" for press in args.presses}  # earlier rows of other presses are kept
     rows = [r for r in earlier["rows"] if r["source"] != "kvpress" or r["method"] not in rerun]
     if "rows" in kvpress:
@@ -358,12 +399,7 @@ def main() -> int:
     items = passkey_prompts(tok, refs["passkey_protocol"])
     base_passkey = passkey_eval(model, tok, None, items, refs["passkey_protocol"])
     base = refs["cont"].result
-    baseline = {"method": "full", "source": "leanlm", "budget": 1.0, "bytes_per_token": base.bytes_per_token,
-                "ppl": base.perplexity, "ppl_ratio": 1.0, "kl": 0.0, "stream_ppl_ratio": 1.0,
-                "stream_ppl": refs["stream"].result.perplexity, "passkey": base_passkey.accuracy,
-                "passkey_loglik": base_passkey.answer_loglik,
-                "passkey_normalised": {k: 1.0 if v else None for k, v in base_passkey.accuracy.items()},
-                "decode_tokens_per_s": decode_speed(model, None, refs["cont_windows"][0][: args.context])}
+    baseline = measured_baseline(model, tok, args, refs, items, base_passkey)
     partial = args.out.with_name(args.out.stem + ".partial.json")  # the rows so far, if the run is interrupted
     rows = run_leanlm(model, tok, args, refs, items, base_passkey,
                       checkpoint=lambda done: atomic_write_json(partial, assemble(args, refs, baseline, done, None)))
@@ -375,8 +411,28 @@ def main() -> int:
     return 0
 
 
+def measured_baseline(model, tok, args, refs: dict, items, base_passkey) -> dict:
+    """The "full" row: the uncompressed cache run again through every protocol, scored like any policy
+    against the reference runs, so its KL and ratios are measured (they come out 0 and 1 only if the
+    runs are deterministic), and its decode speed alternated with itself."""
+    cont = continuation_perplexity(model, tok, None, refs["cont_protocol"], reference=refs["cont"])
+    streamed = streaming_perplexity(model, tok, None, refs["stream_protocol"], reference=refs["stream"])
+    context_ids = refs["cont_windows"][0][: args.context]
+    runs = alternate({"a": lambda: decode_speed(model, None, context_ids, args.decode_tokens),
+                      "b": lambda: decode_speed(model, None, context_ids, args.decode_tokens)}, args.speed_rounds)
+    both = median_ratio(runs["a"], runs["b"])
+    return row("full", "leanlm", 1.0, cont, refs["cont"].result, policy={"policy": "none", "cache": "DynamicCache"},
+               stream_ppl=streamed.perplexity, stream_ppl_ratio=streamed.perplexity / refs["stream"].result.perplexity,
+               stream_kl=streamed.kl, stream_bytes_per_token=streamed.bytes_per_token,
+               stream_total_bytes_per_token=streamed.total_bytes_per_token,
+               **passkey_fields(model, tok, None, items, refs["passkey_protocol"], base_passkey),
+               decode_tokens_per_s=statistics.median(runs["a"] + runs["b"]), decode_speed_ratio=both["ratio"],
+               decode_runs=runs)
+
+
 def assemble(args, refs: dict, baseline: dict, rows: list[dict], kvpress: dict | None) -> dict:
     return {"protocol": {"model": args.model, "continuation": refs["cont"].result.protocol,
+                         "continuation_windows_sha256": windows_digest(refs["cont_windows"]),
                          "streaming": refs["stream"].result.protocol,
                          "passkey": dataclasses.asdict(refs["passkey_protocol"])},
             "baseline": baseline, "rows": rows, "targets": targets(rows, baseline["bytes_per_token"]),

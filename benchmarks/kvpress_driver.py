@@ -20,7 +20,8 @@ baseline's numbers under the press's name, not a rerun.
 Request keys: model, dtype, presses, budgets, windows, continuation, passkey, passkey_budgets,
 decode_tokens; optional threads, quantized (overrides of QUANT_DEFAULTS).
 Output: {kvpress_version, transformers_version, torch_version, attn_implementation, dtype, model,
-n_windows, continuation, threads, baseline: ROW, rows: [ROW, ...]} with ROW = {method ("full" or
+n_windows, continuation, threads, windows_sha256 (of the token ids scored), baseline: ROW, rows: [ROW, ...]}
+with ROW = {method ("full" or
 "kvpress:<press>"), source "kvpress", budget, bytes_per_token (measured after prefill / context tokens),
 nll, ppl, kl, passkey {length: accuracy} | null, passkey_loglik {length: mean} | null,
 decode_tokens_per_s, seconds, seconds_per_window, error (null or "Type: first line")}; quantized rows
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -141,6 +143,11 @@ def greedy(model, cache, last_logits, start: int, n: int) -> tuple[list[int], li
 
 
 # ---------------------------------------------------------------- one (method, budget) configuration
+
+
+def windows_digest(windows) -> str:
+    """sha256 of the token ids of every window scored, in order (the same digest as kv_pareto.windows_digest)."""
+    return hashlib.sha256(json.dumps([[int(t) for t in w] for w in windows]).encode()).hexdigest()
 
 
 def score_windows(model, windows, n_cont, press_name, budget, quant, refs, bar):
@@ -300,7 +307,7 @@ def main(argv=None) -> int:
               "torch_version": torch.__version__, "attn_implementation": attn,
               "dtype": req.get("dtype", "bfloat16"), "model": req["model"], "n_windows": len(req["windows"]),
               "continuation": req["continuation"], "threads": torch.get_num_threads(),
-              "rows": rows, "baseline": baseline}
+              "rows": rows, "baseline": baseline, "windows_sha256": windows_digest(req["windows"])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     return 0

@@ -10,13 +10,13 @@ ratios measured together mean anything), and writes one JSON file with the ratio
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import SpeedConfig, measure_speed
+from leanlm.evaluate.side_by_side import alternate, median_ratio
 from leanlm.models import load_model
 from leanlm.pipeline import eval_copy, run_recipe
 from leanlm.recipe import load_recipe
@@ -26,16 +26,14 @@ from leanlm.report import atomic_write_json, git_info, versions
 def side_by_side_speed(original, candidate, rounds: int = 3) -> dict:
     """Alternate A, B, A, B ... so drifts in machine load hit both; medians per model."""
     config = SpeedConfig(warmup=1, repeats=1)
-    runs = {"original": [], "candidate": []}
-    for _ in range(rounds):
-        for name, model in (("original", original), ("candidate", candidate)):
-            runs[name].append(measure_speed(model, config))
+    runs = alternate({"original": lambda: measure_speed(original, config),
+                      "candidate": lambda: measure_speed(candidate, config)}, rounds)
     ratios = {}
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         for sub in getattr(runs["original"][0], key):
-            a = statistics.median(getattr(r, key)[sub] for r in runs["original"])
-            b = statistics.median(getattr(r, key)[sub] for r in runs["candidate"])
-            ratios[f"{key}:{sub}"] = {"original": a, "candidate": b, "ratio": b / a}
+            series = {name: [getattr(r, key)[sub] for r in runs[name]] for name in runs}
+            both = median_ratio(series["original"], series["candidate"])
+            ratios[f"{key}:{sub}"] = {"original": both["base"], "candidate": both["candidate"], "ratio": both["ratio"]}
     return ratios
 
 

@@ -1,6 +1,7 @@
 import json
 import math
 
+import psutil
 import pytest
 import torch
 from transformers import DynamicCache
@@ -111,7 +112,7 @@ def test_reference_for_another_protocol_is_refused(model, stream):
 
 
 def test_results_serialise(model, stream):
-    result = kp.streaming_perplexity(model, None, make_policy("heavy_hitter+int8", 0.5, 64, group=16), SMALL_STREAM)
+    result = kp.streaming_perplexity(model, None, make_policy("heavy_hitter+int8", 0.5, 64, model=model, group=16), SMALL_STREAM)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["protocol"]["name"] == "streaming" and data["protocol"]["chunk"] == 8
     assert data["policy"]["policy"] == "heavy_hitter" and data["kl"] is None
@@ -149,11 +150,12 @@ def test_continuation_nll_matches_one_full_forward(model, stream):
 
 
 def test_continuation_bytes_are_measured_after_the_prefill(model, stream):
-    small = kp.continuation_perplexity(model, None, make_policy("heavy_hitter", 0.25, 80), SMALL_CONT, reference=True)
+    small = kp.continuation_perplexity(model, None, make_policy("heavy_hitter", 0.25, 80, model=model), SMALL_CONT, reference=True)
     assert small.reference_bytes_per_token == 2 * 2 * 2 * 16 * 4  # the whole context, uncompressed
-    # 19 tokens kept (20 would fit without H2O's scores, which the sizing now counts), plus the float32
+    # 18 tokens kept: floor(20 x 2 x 16 x 2 / (2 x 16 x 2 + 4)), the model's head_dim 16 with H2O's 4-byte
+    # score per token and KV head, sized for a 2-byte cache (this fp32 model could hold 19), plus the float32
     # scores: one per kept token and KV head, per layer. All of it within the budget.
-    assert small.bytes_per_token == pytest.approx((19 * 2 * 2 * 16 * 4 + 19 * 2 * 4) * 2 / 80)
+    assert small.bytes_per_token == pytest.approx((18 * 2 * 2 * 16 * 4 + 18 * 2 * 4) * 2 / 80)
     assert small.bytes_per_token <= 0.25 * small.reference_bytes_per_token
     assert small.kl > 1e-3
 
@@ -204,7 +206,7 @@ def _greedy(model, ids, policy, steps):
     return tokens, loglik
 
 
-@pytest.mark.parametrize("policy", [None, SinkWindow(sink=4, window=150), make_policy("heavy_hitter", 0.5, 300),
+@pytest.mark.parametrize("policy", [None, SinkWindow(sink=4, window=150), make_policy("heavy_hitter", 0.5, 300, head_dim=16),
                                     make_policy("quantized", 0.25, 300, group=16, residual=16)],
                          ids=["none", "sink_window", "heavy_hitter", "quantized"])
 def test_teacher_forced_exact_match_equals_greedy_decode(filler, policy):
@@ -265,7 +267,10 @@ def test_long_generation_sink_window_stays_flat_while_dynamic_grows(model, tmp_p
     assert len(set(window.cache_bytes)) == 1
     assert full.held_tokens == [16 + s for s in full.steps]
     assert full.cache_bytes == [(16 + s) * 2 * 2 * 2 * 16 * 4 for s in full.steps]
-    assert window.tokens_per_s > 0 and window.rss_mib[-1] > 0
+    assert window.tokens_per_s == pytest.approx(100 / window.seconds[-1])  # generated tokens / decode seconds
+    assert window.seconds == sorted(window.seconds) and len(set(window.seconds)) == 5  # sampled as time went on
+    assert abs(window.rss_mib[-1] - psutil.Process().memory_info().rss / 2**20) < 256  # this process's RSS, MiB
+    assert window.total_bytes == window.cache_bytes  # one tier: nothing beside the cache
     again = kp.long_generation(model, tokenizer, None, protocol)
     assert again.text_tail == full.text_tail  # seeded sampling is reproducible
     path = tmp_path / "long.png"

@@ -310,7 +310,7 @@ def test_a_budget_with_no_room_to_fetch_warns(caplog):
     warn_no_room.cache_clear()
     with caplog.at_level("WARNING", logger="leanlm"):
         policy = make_policy("sentence_tier", 0.25, 256)  # 64 token-equivalents: sinks + open sentence eat it
-    assert policy.capacity == 0 and "no room to fetch" in caplog.text
+    assert policy.budget_tokens == 64 and "no room to fetch" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="leanlm"):
         make_policy("sentence_tier", 0.25, 2048)

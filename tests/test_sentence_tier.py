@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import replace
 import os
 import random
 
@@ -12,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from leanlm.errors import LeanLMError
+from leanlm.evaluate.kv.common import cache_total_nbytes
 from leanlm.kvcache import CACHE_POLICIES, attach, make_policy
 from leanlm.kvcache.sentence import (SINK, MemoryStore, MmapStore, Segmenter, SegmentState, SentenceTier,
                                           boundary_token_ids, fit_mask, segment, tier_stats)
@@ -319,16 +319,51 @@ def test_fit_mask_resizes_the_past_and_keeps_the_causal_part():
         fit_mask(padded, held=2, q_len=3)
 
 
-def test_for_budget_fits_the_nominal_fast_tier():
-    assert make_policy("sentence_tier", 1.0, 500).retrieve == 500  # every sentence: exact
-    for budget, context in [(0.25, 2048), (0.5, 1024), (0.1, 8192)]:
-        policy = make_policy("sentence_tier", budget, context, group=32)
-        assert policy.nominal_tokens(context) <= budget * context
-        bigger = replace(policy, capacity=policy.capacity + 1)
-        assert bigger.nominal_tokens(context) > budget * context
-    policy = make_policy("sentence_tier", 0.25, 2048)  # 4 sinks + 64 open + 64 summaries x 0.5 = 100; 412 left
-    assert (policy.capacity, policy.retrieve) == (412, 412 // 16)
+def test_for_budget_gives_the_fast_tier_the_budget_and_no_sentence_count_bound():
+    exact = make_policy("sentence_tier", 1.0, 500)
+    assert (exact.retrieve, exact.budget_tokens, exact.capacity) == (500, None, None)  # every sentence: exact
+    policy = make_policy("sentence_tier", 0.25, 2048)
+    assert (policy.budget_tokens, policy.retrieve, policy.capacity) == (512, 2048, None)
     assert "sentence_tier" in CACHE_POLICIES
+
+
+def narrative(sentences: int, seed: int = 0) -> torch.Tensor:
+    """(1, n) byte ids of short sentences of 2-4 words (at most 29 bytes each), ending in . ! or ?"""
+    rng = random.Random(seed)
+    words = ["he", "said", "no", "the", "old", "boat", "came", "late", "she", "ran", "to", "sea", "why", "yes"]
+    text = "".join(" ".join(rng.choice(words) for _ in range(rng.randint(2, 4))) + rng.choice(".!?") + " "
+                   for _ in range(sentences))
+    return torch.tensor([list(text.encode())])
+
+
+BYTE_BOUNDARY = torch.zeros(256, dtype=torch.bool)
+BYTE_BOUNDARY[[ord("."), ord("!"), ord("?"), ord("\n")]] = True
+
+
+@pytest.mark.parametrize("chunk", [16, 512])  # streamed, and one prefill forward (the continuation protocol)
+def test_the_budget_sizes_the_fast_tier_from_what_it_really_holds(model, chunk):
+    ids = narrative(60)[:, :512]  # sentences of ~15 bytes: far from the 64-token maximum
+    budget = 0.25
+    policy = SentenceTier.for_budget(budget, 512, index="keys").use_boundaries(BYTE_BOUNDARY)
+    with attach(model, policy) as cache:
+        run_chunks(model, ids, cache, chunk)
+        token_bytes = 2 * 2 * 32 * 4  # K and V x kv_heads x head_dim x fp32, one token of one layer
+        for layer in cache.layers:
+            fast = storage_bytes(held_tensors(layer))
+            assert layer.fast_nbytes() == fast
+            assert 0.8 * budget * 512 * token_bytes <= fast <= budget * 512 * token_bytes
+        slow = sum(storage_bytes(held_tensors(layer.slow, skip=())) for layer in cache.layers)
+        assert slow == sum(layer.slow_nbytes() for layer in cache.layers) > 0
+        assert cache_total_nbytes(cache) == cache.nbytes() + slow
+
+
+def test_a_budget_with_no_room_to_fetch_keeps_only_sinks_open_sentence_and_summaries(model):
+    ids = narrative(60)[:, :256]
+    policy = SentenceTier.for_budget(0.03, 256, index="keys").use_boundaries(BYTE_BOUNDARY)  # 7.7 tokens
+    with attach(model, policy) as cache:
+        run_chunks(model, ids, cache, 16)
+        for layer in cache.layers:
+            assert layer.room() == 0 and not layer.resident
 
 
 def test_resident_sentences_never_exceed_the_token_capacity(model, ids):

@@ -53,6 +53,13 @@ def cache_nbytes(cache: Cache) -> int:
     return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
 
 
+def cache_total_nbytes(cache: Cache) -> int:
+    """Fast + slow tier: every byte the cache holds (a two-tier cache's slow tier is CPU tensors or the page
+    cache of its file, in RAM here); equal to ``cache_nbytes`` for a one-tier cache."""
+    slow = sum(layer.slow_nbytes() for layer in getattr(cache, "layers", ()) if hasattr(layer, "slow_nbytes"))
+    return cache_nbytes(cache) + slow
+
+
 def cache_peak_nbytes(cache: Cache) -> int:
     """Peak bytes incl. transient dequantized copies (a DynamicCache only grows: its peak is now)."""
     return cache.peak_nbytes() if hasattr(cache, "peak_nbytes") else cache_nbytes(cache)

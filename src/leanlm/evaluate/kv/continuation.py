@@ -9,7 +9,8 @@ import torch
 from leanlm.data import tokenize_split
 from leanlm.data.wikitext import check_split
 from leanlm.errors import LeanLMError
-from leanlm.evaluate.kv.common import (JOINS, PolicyArg, dtype_name, cache_nbytes, cache_peak_nbytes, forward_hidden,
+from leanlm.evaluate.kv.common import (JOINS, PolicyArg, dtype_name, cache_nbytes, cache_peak_nbytes, cache_total_nbytes,
+                                      forward_hidden,
                                       open_cache)
 from leanlm.evaluate.kv.scoring import KVQualityResult, UncompressedReference, evaluate_windows, WindowRun, head_fingerprint
 from leanlm.kvcache import CachePolicy
@@ -54,14 +55,14 @@ def _continuation_window(context: int):
     def run(model, policy: CachePolicy | None, ids: torch.Tensor, bar) -> WindowRun:
         with open_cache(model, policy) as cache:
             prefill = forward_hidden(model, cache, ids[:context])  # (context, hidden): one forward, then compression
-            nbytes = cache_nbytes(cache)
+            nbytes, total = cache_nbytes(cache), cache_total_nbytes(cache)
             bar.update(context)
             scored = forward_hidden(model, cache, ids[context:])  # (continuation, hidden), teacher forced
             bar.update(len(ids) - context)
             peak = cache_peak_nbytes(cache)
         # The prefill's last state predicts continuation token 0; the last continuation state predicts past the window.
         hidden = torch.cat([prefill[-1:], scored[:-1]])  # (continuation, hidden)
-        return WindowRun(hidden, ids[context:], nbytes, peak)
+        return WindowRun(hidden, ids[context:], nbytes, peak, total)
 
     return run
 

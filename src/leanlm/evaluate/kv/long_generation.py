@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
 from leanlm.models.device import synced_clock
-from leanlm.evaluate.kv.common import (PolicyArg, dtype_name, encode_text, cache_held_tokens, cache_nbytes, describe_policy,
+from leanlm.evaluate.kv.common import (PolicyArg, dtype_name, encode_text, cache_held_tokens, cache_nbytes, cache_total_nbytes,
+                                      describe_policy,
                                       forward_hidden, open_cache, output_logits, resolve_policy)
 
 DEFAULT_PROMPT = ("Chapter 1\n\nThe old lighthouse keeper had not spoken to anyone for three winters. "
@@ -48,7 +49,8 @@ class LongGenerationProtocol:
 @dataclass
 class LongGenerationResult:
     steps: list[int]  # tokens generated at each sample
-    cache_bytes: list[int]  # resident cache bytes at each sample
+    cache_bytes: list[int]  # resident cache bytes at each sample (a two-tier cache: its fast tier)
+    total_bytes: list[int]  # fast + slow tier bytes at each sample
     held_tokens: list[int]
     rss_mib: list[float]  # process resident set size at each sample
     seconds: list[float]  # decode time since the first generated token
@@ -90,7 +92,7 @@ def long_generation(model, tokenizer, policy: PolicyArg = None,
     resolved = resolve_policy(policy, len(prompt) + protocol.new_tokens)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(protocol.seed)
-    steps, nbytes, held, rss, seconds = [], [], [], [], []
+    steps, nbytes, totals, held, rss, seconds = [], [], [], [], [], []
     head, tail = [], deque(maxlen=64)
     with torch.inference_mode(), open_cache(model, resolved) as cache:
         for piece in prompt.split(protocol.prefill_chunk):
@@ -108,12 +110,13 @@ def long_generation(model, tokenizer, policy: PolicyArg = None,
             if step % protocol.sample_every == 0 or step == protocol.new_tokens:
                 steps.append(step)
                 nbytes.append(cache_nbytes(cache))
+                totals.append(cache_total_nbytes(cache))
                 held.append(cache_held_tokens(cache))
                 rss.append(_rss_mib())
                 seconds.append(synced_clock(device) - start)
     record = {"name": "long_generation", **asdict(protocol), "dtype": dtype_name(model), "bos": False}
     return LongGenerationResult(
-        steps=steps, cache_bytes=nbytes, held_tokens=held, rss_mib=rss, seconds=seconds,
+        steps=steps, cache_bytes=nbytes, total_bytes=totals, held_tokens=held, rss_mib=rss, seconds=seconds,
         tokens_per_s=protocol.new_tokens / seconds[-1], prompt_tokens=len(prompt),
         text_head=tokenizer.decode(head), text_tail=tokenizer.decode(list(tail)),
         policy=describe_policy(resolved), protocol=record,

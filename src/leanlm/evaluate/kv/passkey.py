@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from leanlm.data import split_sentences
 from leanlm.data.wikitext import wikitext_text
 from leanlm.errors import LeanLMError
-from leanlm.evaluate.kv.common import (PolicyArg, dtype_name, encode_text, cache_held_tokens, cache_nbytes, describe_policy,
+from leanlm.evaluate.kv.common import (PolicyArg, dtype_name, encode_text, cache_held_tokens, cache_nbytes, cache_total_nbytes,
+                                      describe_policy,
                                       forward_hidden, open_cache, output_logits, resolve_policy)
 
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -138,7 +139,7 @@ def passkey_eval(model, tokenizer, policy: PolicyArg, items: list[PasskeyItem],
                 for piece in torch.tensor(item.ids).split(protocol.prefill_chunk):
                     hidden = forward_hidden(model, cache, piece)  # (piece, hidden)
                     bar.update(len(piece))
-                nbytes, held = cache_nbytes(cache), cache_held_tokens(cache)
+                nbytes, held, total = cache_nbytes(cache), cache_held_tokens(cache), cache_total_nbytes(cache)
                 # One pass gives both numbers. The answer is teacher-forced one token per forward, exactly
                 # as greedy decoding would feed it: while every argmax so far equals the answer, greedy's
                 # inputs *are* the answer tokens, so its next argmax is the one computed here; at the first
@@ -159,7 +160,8 @@ def passkey_eval(model, tokenizer, policy: PolicyArg, items: list[PasskeyItem],
                 "length": item.length, "depth": item.depth, "passkey": item.passkey,
                 "correct": predicted == item.answer_ids, "loglik": loglik,
                 # argmax at each teacher-forced step: the greedy output up to and including its first error
-                "predicted": tokenizer.decode(predicted), "cache_bytes": nbytes, "held_tokens": held,
+                "predicted": tokenizer.decode(predicted), "cache_bytes": nbytes, "total_bytes": total,
+                "held_tokens": held,
             })
     lengths = sorted({d["length"] for d in details})
     accuracy = {str(n): _mean([d["correct"] for d in details if d["length"] == n]) for n in lengths}

@@ -50,8 +50,9 @@ def score_hidden(model, hidden: torch.Tensor, targets: torch.Tensor, ref_hidden:
 class WindowRun:
     hidden: torch.Tensor  # (scored, hidden_size): the states that predict `targets`
     targets: torch.Tensor  # (scored,)
-    nbytes: int  # resident cache bytes at the protocol's measuring point
+    nbytes: int  # resident cache bytes at the protocol's measuring point (a two-tier cache: its fast tier)
     peak: int
+    total: int  # fast + slow tier bytes at the same point
 
 
 @dataclass
@@ -64,7 +65,8 @@ class KVQualityResult:
     kl: float | None  # mean KL(p_uncompressed || p_policy) per scored position, nats; None without a reference
     top1_agreement: float | None  # share of scored positions whose argmax matches the uncompressed run
     reference_perplexity: float | None  # the uncompressed run's perplexity on the same positions
-    bytes_per_token: float  # mean over windows of resident cache bytes / tokens (see each protocol)
+    bytes_per_token: float  # mean over windows of resident cache bytes / tokens (see each protocol); fast tier
+    total_bytes_per_token: float  # the same with a two-tier cache's slow tier added (= bytes_per_token otherwise)
     reference_bytes_per_token: float | None
     peak_bytes: int  # max over windows of the cache's peak bytes (incl. transient dequantized copies)
     window_nll: list[float]  # mean NLL of each window, in order
@@ -125,7 +127,7 @@ def evaluate_windows(model, policy: PolicyArg, windows: list[torch.Tensor], run_
     on_the_fly = reference is True
     start = time.perf_counter()
     total, ref_total = Scores(), Scores()
-    per_window, nbytes, ref_nbytes, peaks, kept = [], [], [], [], []
+    per_window, nbytes, totals, ref_nbytes, peaks, kept = [], [], [], [], [], []
     passes = 2 if on_the_fly else 1
     bar = tqdm(total=passes * sum(len(w) for w in windows), desc=f"{kind} ({resolved.name if resolved else 'none'})",
                unit="tok", leave=False)
@@ -143,6 +145,7 @@ def evaluate_windows(model, policy: PolicyArg, windows: list[torch.Tensor], run_
             total.add(scores)
             per_window.append(scores.nll / scores.count)
             nbytes.append(run.nbytes)
+            totals.append(run.total)
             peaks.append(run.peak)
             if keep_hidden:
                 kept.append(run.hidden)
@@ -162,6 +165,7 @@ def evaluate_windows(model, policy: PolicyArg, windows: list[torch.Tensor], run_
         top1_agreement=total.agree / total.count if with_ref else None,
         reference_perplexity=ref_ppl,
         bytes_per_token=sum(nbytes) / len(nbytes) / tokens,
+        total_bytes_per_token=sum(totals) / len(totals) / tokens,
         reference_bytes_per_token=ref_bytes,
         peak_bytes=max(peaks),
         window_nll=per_window,

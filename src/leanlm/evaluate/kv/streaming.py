@@ -9,7 +9,8 @@ import torch
 from leanlm.data import nonoverlapping_windows, tokenize_split
 from leanlm.data.wikitext import check_split
 from leanlm.errors import LeanLMError
-from leanlm.evaluate.kv.common import (JOINS, PolicyArg, dtype_name, cache_nbytes, cache_peak_nbytes, forward_hidden,
+from leanlm.evaluate.kv.common import (JOINS, PolicyArg, dtype_name, cache_nbytes, cache_peak_nbytes, cache_total_nbytes,
+                                      forward_hidden,
                                       open_cache)
 from leanlm.evaluate.kv.scoring import KVQualityResult, UncompressedReference, evaluate_windows, WindowRun, head_fingerprint
 from leanlm.kvcache import CachePolicy
@@ -57,9 +58,9 @@ def _stream_window(chunk: int):
             for piece in ids.split(chunk):
                 states.append(forward_hidden(model, cache, piece))  # (chunk, hidden)
                 bar.update(len(piece))
-            nbytes, peak = cache_nbytes(cache), cache_peak_nbytes(cache)
+            nbytes, peak, total = cache_nbytes(cache), cache_peak_nbytes(cache), cache_total_nbytes(cache)
         hidden = torch.cat(states)[:-1]  # (context - 1, hidden): the last state predicts past the window
-        return WindowRun(hidden, ids[1:], nbytes, peak)
+        return WindowRun(hidden, ids[1:], nbytes, peak, total)
 
     return run
 

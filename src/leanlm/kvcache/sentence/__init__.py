@@ -16,7 +16,8 @@ Per layer (``SentenceTierLayer``):
 - fast tier: sinks, the open sentence, one summary per closed sentence and KV head (the mean key;
   ``summary="pca"`` adds the top principal directions scaled by their spread, ``"bounds"`` the
   channel-wise min and max), and the token K/V of the retrieved sentences, kept in an LRU bounded
-  by ``retrieve`` (B) sentences and ``capacity`` tokens;
+  by ``retrieve`` (B) sentences and ``capacity`` tokens, or (``for_budget``) by ``budget_tokens``:
+  the retrieved sentences get what the other fast-tier tensors really held leave of the budget;
 - slow tier (``SlowStore``): every closed sentence's token K/V — ``MemoryStore`` (CPU tensors, pinned
   when the model runs on a GPU) or ``MmapStore`` (raw bytes appended to one file per layer, read back
   through a memory map, so the slow tier can outgrow RAM). Token K/V really leave the fast tier: a

@@ -40,9 +40,12 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
 class SentenceTierLayer(PolicyLayer):
     def __init__(self, retrieve: int, components: int, store: SlowStore, segmenter: Segmenter,
                  coarse: CoarseMap | None = None, vote: bool = False, recent: int = 0, capacity: int | None = None,
-                 bounds: bool = False, recent_share: float = 0.0):
+                 bounds: bool = False, recent_share: float = 0.0, budget_tokens: float | None = None):
         super().__init__()
         self.capacity = capacity  # most tokens of retrieved sentences resident at once (None: B alone bounds)
+        # the fast tier's size in this layer's tokens (K and V): the room for retrieved sentences is what
+        # the sinks, open sentence, summaries and index really held leave of it (None: ``capacity`` alone)
+        self.budget_tokens = budget_tokens
         self.retrieve, self.components, self.slow, self.vote = retrieve, components, store, vote
         self.recent = recent  # of the B, the latest closed sentences always attended
         self.bounds = bounds  # summaries are mean, min, max keys (else mean + principal directions)
@@ -57,6 +60,7 @@ class SentenceTierLayer(PolicyLayer):
         self.sink_k = self.sink_v = None  # (batch, kv_heads, <= sink, head_dim)
         self.open_k = self.open_v = None  # the open sentence, (batch, kv_heads, tokens, head_dim)
         self.open_id = 0
+        self.token_nbytes = 0  # K and V of one token, all rows and KV heads (known from the first step)
         self.summaries = None  # (batch, kv_heads, closed sentences, 1 + components, head_dim)
         self.value_means = None  # (batch, kv_heads, closed sentences, head_dim), kept with a coarse tier
         self.lengths: list[int] = []  # tokens of each closed sentence
@@ -93,7 +97,7 @@ class SentenceTierLayer(PolicyLayer):
 
     def latest(self, closed: int) -> list[int]:
         """The latest closed sentences, newest first: ``recent`` of them, and at least ``recent_share`` of capacity."""
-        share = self.recent_share * (self.capacity or 0)
+        share = self.recent_share * (self.room() or 0)
         out, tokens = [], 0
         for sentence in range(closed - 1, -1, -1):
             if len(out) >= self.recent and tokens >= share:
@@ -104,23 +108,36 @@ class SentenceTierLayer(PolicyLayer):
 
     def fill(self, ranked: list[int]) -> list[int]:
         """The first sentences of ``ranked`` that fit: at most B, and at most ``capacity`` tokens."""
-        chosen, tokens = [], 0
+        chosen, tokens, room = [], 0, self.room()
         for sentence in ranked:
             if len(chosen) == self.retrieve:
                 break
-            if self.capacity is None or tokens + self.lengths[sentence] <= self.capacity:
+            if room is None or tokens + self.lengths[sentence] <= room:
                 chosen.append(sentence)
                 tokens += self.lengths[sentence]
         return chosen
 
     def trim(self) -> None:
-        """Evict least recently used sentences beyond B (or beyond ``capacity`` tokens)."""
+        """Evict least recently used sentences beyond B (or beyond the ``room`` tokens)."""
+        room = self.room()
+
         def over() -> bool:
             tokens = sum(k.shape[2] for k, _ in self.resident.values())
-            return len(self.resident) > self.retrieve or (self.capacity is not None and tokens > self.capacity)
+            return len(self.resident) > self.retrieve or (room is not None and tokens > room)
 
         while self.resident and over():
             self.resident.popitem(last=False)
+
+    def room(self) -> int | None:
+        """Tokens of retrieved sentences that fit now: ``capacity``, and with a budget what the fast
+        tier's budget leaves beside the tensors it really holds besides them (sinks, open sentence,
+        summaries, value means, the index). None: no bound but B."""
+        if self.budget_tokens is None or not self.token_nbytes:
+            return self.capacity
+        fixed = tensor_bytes(self.sink_k, self.sink_v, self.open_k, self.open_v, self.summaries, self.value_means)
+        fixed += self.index.nbytes() if self.index is not None and self.count_index else 0
+        room = max(0, int((self.budget_tokens * self.token_nbytes - fixed) // self.token_nbytes))
+        return room if self.capacity is None else min(room, self.capacity)
 
     def materialize(self):
         if self.chosen is None:  # no attention hook ran (a bare layer): select here
@@ -159,6 +176,7 @@ class SentenceTierLayer(PolicyLayer):
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
         new_k, new_v = keys[:, :, -new:], values[:, :, -new:]  # (batch, kv_heads, new, head_dim)
+        self.token_nbytes = self.token_nbytes or tensor_bytes(new_k[:, :, :1], new_v[:, :, :1])
         ids = self.segmenter.sentence_ids(self.seen, new)
         for sentence, start, end in runs(ids):
             k, v = new_k[:, :, start:end], new_v[:, :, start:end]
@@ -171,6 +189,8 @@ class SentenceTierLayer(PolicyLayer):
             self.open_k, self.open_v = cat(self.open_k, k), cat(self.open_v, v)
             if sentence < self.segmenter.closed:
                 self.close_open()
+        if self.budget_tokens is not None:
+            self.trim()  # the step's tokens joined the open sentence: keep the fast tier within its budget
         self.log.append(StepLog(new, self.step_fetched, self.step_written, tuple(self.chosen or ())))
         self.fetched_bytes += self.step_fetched
         self.written_bytes += self.step_written
@@ -190,8 +210,8 @@ class SentenceTierLayer(PolicyLayer):
         self.slow.put(self.open_id, self.open_k, self.open_v)
         self.step_written += tensor_bytes(self.open_k, self.open_v)
         self.resident[self.open_id] = (self.open_k, self.open_v)
+        self.open_k = self.open_v = None  # before trim: the sentence is now resident, not open
         self.trim()
-        self.open_k = self.open_v = None
 
     # -- accounting -------------------------------------------------------------------------
 

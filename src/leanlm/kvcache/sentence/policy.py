@@ -46,8 +46,12 @@ class SentenceTier(CachePolicy):
     store_dir: str | None = None  # where "mmap" files go (default: the system temp dir)
     coarse: str = "none"  # sentences not fetched: "none" (dropped) | "mean" | "learned" (one pseudo-token each)
     maps: str | None = None  # coarse="learned": the trained maps (benchmarks/sentence_reconstruction.py)
+    budget_tokens: float | None = None  # fast-tier size per layer in tokens' K/V (for_budget sets it): retrieved
+    # sentences fill what the sinks, open sentence, summaries and index really held leave of it, each step
 
     def __post_init__(self):
+        if self.budget_tokens is not None and self.budget_tokens < 0:
+            raise LeanLMError(f"sentence_tier budget_tokens must be >= 0, got {self.budget_tokens}")
         if self.capacity is not None and self.capacity < 0:
             raise LeanLMError(f"sentence_tier capacity must be >= 0 tokens, got {self.capacity}")
         if self.sink < 0 or self.max_sentence < 1 or self.retrieve < 0 or self.components < 1 or self.recent < 0:
@@ -93,7 +97,7 @@ class SentenceTier(CachePolicy):
         return SentenceTierLayer(self.retrieve, self.summary_vectors - 1, store, segmenter,
                                  self.coarse_map(layer_idx, model), vote=self.select == "vote", recent=self.recent,
                                  capacity=self.capacity, bounds=self.summary == "bounds",
-                                 recent_share=self.recent_share)
+                                 recent_share=self.recent_share, budget_tokens=self.budget_tokens)
 
     def coarse_map(self, layer_idx: int, model: nn.Module) -> CoarseMap | None:
         if self.coarse == "none":
@@ -136,33 +140,22 @@ class SentenceTier(CachePolicy):
                               "or policy.use_tokenizer(tokenizer))")
         return SemanticIndex(shared_encoder(), self.tokenizer.decode, self.query_tokens)
 
-    def nominal_tokens(self, context: int) -> float:
-        """Fast-tier size in token equivalents (a token holds K and V; a summary vector is half of one).
-
-        sinks + a full open sentence + B full sentences + the summaries of ~2·context/max_sentence
-        sentences (sentences assumed half the maximum length on average).
-        """
-        sentences = -(-2 * context // self.max_sentence)
-        retrieved = self.max_sentence * self.retrieve if self.capacity is None else min(self.capacity, self.max_sentence * self.retrieve)
-        keys_kept = self.resolved_index == "keys" or self.coarse != "none"  # minilm alone: ~0 (one small vector per sentence)
-        vectors = self.summary_vectors * keys_kept + (self.coarse != "none")  # a coarse tier keeps the mean value too
-        return self.sink + self.max_sentence + retrieved + sentences * vectors / 2
-
     @classmethod
     def for_budget(cls, budget: float, context: int, **settings) -> SentenceTier:
-        """Retrieved sentences that fit ``budget`` × ``context`` beside the rest of ``nominal_tokens``.
+        """A fast tier of ``budget`` × the full cache of ``context`` tokens, filled from what it really holds.
 
-        What the sinks, a full open sentence and the summaries leave is the token ``capacity`` of the
-        retrieved sentences (real sentences are shorter than ``max_sentence``: a token bound uses the
-        budget, a count of maximal sentences would leave most of it idle). B = capacity // 16 bounds the
-        sentences fetched per step. Below sinks + one open sentence + the summaries the budget cannot be
-        met: capacity 0 (lower ``max_sentence``).
+        ``budget_tokens = budget × context``: each layer gives its retrieved sentences what its sinks,
+        open sentence, summaries (and the index, in layer 0) actually held leave of that many tokens' K/V,
+        recomputed as sentences close (``SentenceTierLayer.room``), so the fast tier stays within the
+        budget and close to it whatever the text's sentence lengths; B (a count of sentences) does not
+        bind. Below sinks + one maximal open sentence the budget may leave no room: a warning says so.
         At budget 1, B = ``context``: every sentence can be retrieved (the exact reference; its fast
         tier holds the summaries on top of the full cache). ``group`` (the quantization group other
         policies take) is ignored: SentenceKV keeps K/V in full precision.
         """
         check_budget(budget)
         settings.pop("group", None)
+        settings.pop("head_dim", None)  # sized in tokens (K and V both full precision): head_dim cancels
         if settings.get("bits") is not None:
             raise LeanLMError("sentence_tier keeps K/V in full precision: it does not combine with +int8/+int4/+int2")
         settings.pop("bits", None)
@@ -171,10 +164,9 @@ class SentenceTier(CachePolicy):
         policy = with_tokenizer(cls(**settings))
         if budget >= 1:
             return with_tokenizer(replace(policy, retrieve=max(1, context)))
-        room = max(0, int(budget * context - with_tokenizer(replace(policy, retrieve=0)).nominal_tokens(context)))
-        if room == 0:  # legal, but the model then sees only the sinks and the open sentence: say so
+        if budget * context <= policy.sink + policy.max_sentence:  # legal, but maybe only sinks + open sentence
             warn_no_room(budget, context)
-        return with_tokenizer(replace(policy, retrieve=room // 16, capacity=room))
+        return with_tokenizer(replace(policy, retrieve=max(1, context), budget_tokens=budget * context))
 
     def describe(self) -> dict:
         described = super().describe()
@@ -185,5 +177,5 @@ class SentenceTier(CachePolicy):
 
 @functools.lru_cache(maxsize=None)  # once per setting: a protocol sizes a policy for every window
 def warn_no_room(budget: float, context: int) -> None:
-    log.warning("sentence_tier: a budget of %g x %d tokens leaves no room to fetch sentences (only sinks + the open "
-                "sentence are attended); raise the budget or the context, or lower max_sentence", budget, context)
+    log.warning("sentence_tier: a budget of %g x %d tokens may leave no room to fetch sentences (sinks + a "
+                "maximal open sentence fill it); raise the budget or the context, or lower max_sentence", budget, context)
