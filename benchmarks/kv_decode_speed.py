@@ -12,8 +12,9 @@ so the cache state has the shape a real prefill leaves, without one long prefill
 
 Methods alternate A, B, C, D within each round (the machine is shared and noisy); the JSON gives
 per-round tokens/s, medians, each method's ratio to the full cache in the same run, and the cache
-bytes really held after the decode. ``--profile`` instead breaks one method's decode step into
-dequantize/unpack, concatenation/gather, attention, scoring, storing and the rest (wrapped timers).
+bytes really held after the decode. ``--profile`` instead breaks each method's decode step into the
+cache update, the attention function and the rest (model weights, Python), with what is nested in
+them: dequantize, quantize, attention scoring, gather/eviction, the fused kernel (wrapped timers).
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ def seeded_cache(model, method: str, budget: float, kv, context: int):
     with attach(model, policy) as cache, torch.no_grad():
         for layer, (k, v) in zip(cache.layers, kv):
             k, v = k[:, :, :context].clone(), v[:, :, :context].clone()
+            query = k[:, :, -1:].repeat_interleave(group, 1)  # stand-in query, (1, heads, 1, head_dim)
             if policy.needs_queries:
-                layer.queries = k[:, :, -1:].repeat_interleave(group, 1)  # stand-in query, (1, heads, 1, head_dim)
+                layer.queries = query
             layer.update(k, v)
+            if getattr(layer, "pending", False):  # a layer that stores through its attention (kvcache.fused)
+                layer.attend(None, query, None, k.shape[-1] ** -0.5)
         yield cache
 
 
@@ -143,7 +147,11 @@ class Timers:
 
 def profile(model, kv, args) -> dict:
     """Per method and context: ms per step in each bucket (exclusive), medians over steps' sums."""
-    from leanlm.kvcache import base, eviction, heavy_hitter, quant, quantized
+    from leanlm.kvcache import base, eviction, heavy_hitter, quantized
+    try:  # absent before the fused kernels (profiling the old code)
+        from leanlm.kvcache import fused_kernels, slots
+    except ImportError:
+        fused_kernels = slots = None
     from transformers import modeling_utils
     from transformers.cache_utils import DynamicLayer
 
@@ -152,40 +160,45 @@ def profile(model, kv, args) -> dict:
         for method in args.methods:
             timers = Timers()
             interface = modeling_utils.ALL_ATTENTION_FUNCTIONS
-            timers.wrap(quant, "unpack", "unpack")
-            for module in (quantized, eviction):
+            for module in (quantized, eviction, heavy_hitter) + tuple(m for m in (slots,) if m):
                 if hasattr(module, "dequantize"):
                     timers.wrap(module, "dequantize", "dequantize")
                 if hasattr(module, "quantize"):
                     timers.wrap(module, "quantize", "quantize")
             timers.wrap(base.PolicyLayer, "update", "cache_update")
             timers.wrap(DynamicLayer, "update", "cache_update")
+            for layer_cls in (quantized.KiviLayer, heavy_hitter.HeavyHitterLayer) + \
+                    tuple(c for c in (getattr(heavy_hitter, "SlotHeavyHitterLayer", None),) if c):
+                if "update" in vars(layer_cls):
+                    timers.wrap(layer_cls, "update", "cache_update")
             timers.wrap(heavy_hitter.HeavyHitterLayer, "observe", "scoring")
             timers.wrap(heavy_hitter.HeavyHitterLayer, "keep", "scoring")
             timers.wrap(base, "capture_queries", "queries_hook")
             timers.wrap(eviction.FullStore, "select", "gather")
             timers.wrap(eviction.QuantStore, "select", "gather")
-            sdpa = interface["sdpa"]
-            interface._global_mapping["sdpa"] = lambda *a, **k: _timed(timers, "attention", sdpa, *a, **k)
+            if hasattr(heavy_hitter, "SlotHeavyHitterLayer"):
+                timers.wrap(heavy_hitter.SlotHeavyHitterLayer, "_evict_and_write", "gather")
+            if fused_kernels:
+                timers.wrap(fused_kernels, "run", "attention_kernel")
+            originals = {name: interface[name] for name in ("sdpa", "leanlm_kv") if name in interface}
+            for name, fn in originals.items():
+                interface._global_mapping[name] = (lambda fn: lambda *a, **k: _timed(timers, "attention", fn, *a, **k))(fn)
             try:
                 with seeded_cache(model, method, args.budget, kv, context) as cache:
                     decode_steps(model, cache, context, args.warmup)
                     timers.total.clear()
                     steps = decode_steps(model, cache, context + args.warmup, args.new_tokens)
             finally:
-                interface._global_mapping["sdpa"] = sdpa
+                interface._global_mapping.update(originals)
                 timers.restore()
-            n, t = len(steps), timers.total
-            ms = {k: 1e3 * v / n for k, v in t.items()}
-            update = ms.pop("cache_update", 0.0)
-            parts = {"dequantize_unpack": ms.get("dequantize", 0.0), "gather": ms.get("gather", 0.0),
-                     "scoring": ms.get("scoring", 0.0), "quantize_new": ms.get("quantize", 0.0),
-                     "attention": ms.get("attention", 0.0), "queries_hook": ms.get("queries_hook", 0.0)}
-            # what update spent besides the timed parts inside it: concatenation (and slot writes)
-            parts["concat_other"] = update - parts["dequantize_unpack"] - parts["gather"] - parts["quantize_new"] - \
-                parts["scoring"]
-            parts["step_total"] = 1e3 * sum(steps) / n
-            parts["rest"] = parts["step_total"] - sum(v for k, v in parts.items() if k != "step_total")
+            n = len(steps)
+            ms = {k: 1e3 * v / n for k, v in timers.total.items()}
+            parts = {"step_total": 1e3 * sum(steps) / n, "cache_update": ms.get("cache_update", 0.0),
+                     "attention": ms.get("attention", 0.0), "queries_hook": ms.get("queries_hook", 0.0),
+                     "of_which_dequantize": ms.get("dequantize", 0.0), "of_which_quantize": ms.get("quantize", 0.0),
+                     "of_which_scoring": ms.get("scoring", 0.0), "of_which_gather_or_evict": ms.get("gather", 0.0),
+                     "of_which_fused_kernel": ms.get("attention_kernel", 0.0)}
+            parts["rest"] = parts["step_total"] - parts["cache_update"] - parts["attention"] - parts["queries_hook"]
             out.setdefault(context, {})[method] = parts
             print(context, method, {k: round(v, 2) for k, v in parts.items()}, flush=True)
     return out

@@ -37,8 +37,8 @@ class FusedLayer:
     fused: bool = False
     pending: bool = False
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """query (batch, heads, q, head_dim) → attention output (batch, heads, q, head_dim); clears ``pending``."""
+    def attend(self, module: nn.Module, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """``module``: the attention module calling; query (batch, heads, q, head_dim) → attention output (batch, heads, q, head_dim); clears ``pending``."""
         raise NotImplementedError
 
 
@@ -49,7 +49,7 @@ def compressed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     layer = getattr(module, LAYER_ATTRIBUTE, None)
     if layer is not None and layer.pending:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return layer.attend(query, attention_mask, scale).transpose(1, 2).contiguous(), None
+        return layer.attend(module, query, attention_mask, scale).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache import fused_kernels
@@ -81,12 +82,12 @@ class SlotHeavyHitterLayer(FusedLayer, PolicyLayer):
         self.seen += key_states.shape[2]
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    def attend(self, module: nn.Module, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         keys, values = self.new
         self.new, self.pending = None, False
         if keys.shape[2] == 1 and query.shape[2] == 1:
             return self._decode(query, keys, values, mask, scaling)
-        return self._refill(query, keys, values, mask, scaling)
+        return self._refill(module, query, keys, values, mask, scaling)
 
     def _decode(self, query, keys, values, mask, scaling) -> torch.Tensor:
         batch, heads, _, dim = query.shape
@@ -131,7 +132,7 @@ class SlotHeavyHitterLayer(FusedLayer, PolicyLayer):
         ring = [older + (self.ring - older + i) % self.recent for i in range(self.recent)]
         return torch.cat([torch.arange(older, device=device), torch.tensor(ring, device=device)])
 
-    def _refill(self, query, keys, values, mask, scaling) -> torch.Tensor:
+    def _refill(self, module, query, keys, values, mask, scaling) -> torch.Tensor:
         """Several new tokens: attend over text-ordered held + new, keep H2O's choice, refill the slots."""
         order = self.text_order()
         held = self.store_.ordered(order)
@@ -147,9 +148,12 @@ class SlotHeavyHitterLayer(FusedLayer, PolicyLayer):
         self.store_.fill(kept_k, kept_v)
         self.scores[..., :index.shape[2]] = gather_tokens(scores, index)
         self.count, self.ring = index.shape[2], self.capacity - self.recent
-        keep = mask if mask is not None else \
-            torch.arange(total, device=query.device) <= (total - q_len + torch.arange(q_len, device=query.device))[:, None]
-        out = F.scaled_dot_product_attention(query, full_k, full_v, attn_mask=keep, scale=scaling, enable_gqa=True)
+        # transformers' own sdpa call, as a plain cache gets it (``module`` None: a direct call, e.g. seeding)
+        if module is not None:
+            out = sdpa_attention_forward(module, query, full_k, full_v, mask, scaling=scaling)[0].transpose(1, 2)
+        else:
+            out = F.scaled_dot_product_attention(query, full_k, full_v, attn_mask=mask, scale=scaling, enable_gqa=True,
+                                                 is_causal=mask is None and q_len > 1)
         self.peak = max(self.peak, self.nbytes() + tensor_bytes(full_k, full_v))
         return out
 

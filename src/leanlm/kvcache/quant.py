@@ -140,6 +140,8 @@ def quantize(x: torch.Tensor, bits: int, group: int, rotate: bool = False) -> Qu
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    if not q.codes.numel():
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.codes.device)
     codes = unpack(q.codes, q.bits).float()  # (..., groups, group)
     x = (codes * q.scale.float() + q.low.float()).view(q.shape)
     if q.rotated:

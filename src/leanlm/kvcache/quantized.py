@@ -78,7 +78,7 @@ class KiviLayer(FusedLayer, PolicyLayer):
         self.pending, self.queries = True, None
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    def attend(self, module: nn.Module, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention over the codes (``fused_kernels.quantized_attention``) and the residual, then the
         residual's whole blocks are quantized (what ``store`` does on the plain path)."""
         batch, heads, q_len, dim = query.shape
