@@ -212,6 +212,28 @@ def _timed(timers: Timers, bucket: str, fn, *args, **kwargs):
         timers.total[bucket] = timers.total.get(bucket, 0.0) + time.perf_counter() - start
 
 
+def quality(model, args) -> dict:
+    """Continuation protocol (evaluate/kv_protocols.py), quantized@budget with the continuation attended
+    fused (all its tokens in one fused step) vs dequantize-then-attend, against the uncompressed run."""
+    import dataclasses
+
+    from leanlm.evaluate.kv_protocols import ContinuationProtocol, continuation_perplexity, continuation_reference
+    from leanlm.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    protocol = ContinuationProtocol(context=args.quality_context, continuation=128, windows=args.quality_windows)
+    reference = continuation_reference(model, tokenizer, protocol)
+    policy = make_policy("quantized", args.budget, protocol.context)
+    out = {"protocol": dataclasses.asdict(protocol), "policy": policy.describe()}
+    for name, fused in (("fused", True), ("dequantize_then_attend", False)):
+        chosen = dataclasses.replace(policy, fused=fused, fused_queries=protocol.continuation)
+        out[name] = continuation_perplexity(model, tokenizer, chosen, protocol, reference=reference).to_dict()
+        out[name]["ppl_ratio"] = out[name]["perplexity"] / out[name]["reference_perplexity"]
+        print(name, {k: out[name][k] for k in ("ppl_ratio", "perplexity", "kl", "top1_agreement")}, flush=True)
+    out["reference"] = reference.result.to_dict()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write (never overwritten)")
@@ -224,13 +246,19 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed-file", type=Path, default=Path("runs/kv_prefill_16k.pt"))
     parser.add_argument("--profile", action="store_true", help="break the decode step into parts instead")
+    parser.add_argument("--quality", action="store_true", help="continuation perplexity ratio instead (fused vs not)")
+    parser.add_argument("--quality-context", type=int, default=2048)
+    parser.add_argument("--quality-windows", type=int, default=2)
     args = parser.parse_args()
     if args.out.exists():
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
     torch.set_num_threads(args.threads)
     model = load_model("smollm2-135m", "bfloat16")
-    kv = prefill_kv(model, max(args.contexts), args.seed_file)
-    result = profile(model, kv, args) if args.profile else speed(model, kv, args)
+    if args.quality:
+        result = quality(model, args)
+    else:
+        kv = prefill_kv(model, max(args.contexts), args.seed_file)
+        result = profile(model, kv, args) if args.profile else speed(model, kv, args)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     atomic_write_json(args.out, {"settings": settings, "result": result, "note": "shared machine: compare ratios only",
                                  "versions": versions(), "git": git_info()})

@@ -5,6 +5,12 @@ Each step, the attention of the step's queries (captured by a hook, softmax over
 token, causal within the step) is added to each token's running score, per KV head (summed over the
 query heads that share it). Over capacity, the last ``recent`` tokens stay and the rest of the room
 goes to the best-scored older tokens. The scores are policy state and count in ``nbytes``.
+
+Two layers keep the same tokens: ``SlotHeavyHitterLayer`` (the default, ``inplace=True``) holds a
+fixed slot buffer, attends over it with the fused kernels (which also give the step's attention for
+the scores, so no query hook and no second attention pass) and evicts by overwriting one slot per
+step; ``HeavyHitterLayer`` (``inplace=False``) is the straightforward reference: capture queries by a
+hook, re-score, gather the kept tokens into new tensors every step.
 """
 
 from __future__ import annotations

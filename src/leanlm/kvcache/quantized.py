@@ -10,8 +10,13 @@ of head_dim (``rotate``, QuaRot's trick: one large channel no longer sets the st
 group; at 2 bits this takes the ppl ratio of SmolLM2-135M from 1.07 to 1.01). The newest tokens stay
 in full precision in a residual of up to ``residual`` tokens; when it fills, it is quantized as
 ``residual / group`` key blocks and emptied. Codes are bit-packed (``quant.pack``), so resident bytes
-really shrink; every step dequantizes the whole cache for attention, a transient copy counted in
-``peak``.
+really shrink.
+
+Attention (``fused=True``, the default): decode steps (up to ``fused_queries`` tokens) attend over the
+codes themselves through ``fused_kernels.quantized_attention`` (q·k from per-channel key codes, p·v
+from per-token value codes, the Hadamard rotation undone once on the output), routed by
+``fused.install``; no dequantized copy of the cache exists. Longer steps (a prefill) and
+``fused=False`` dequantize the whole cache for attention, a transient copy counted in ``peak``.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ class Quantized(CachePolicy):
     value_bits: int | None = None  # None: the same as bits
     rotate: bool = True  # values (quantized per token) after a Hadamard rotation of head_dim (quant.hadamard)
     fused: bool = True  # decode steps attend over the codes (fused_kernels), not over a dequantized copy
+    fused_queries: int = 16  # steps of at most this many tokens go fused; longer ones (prefill) dequantize once
 
     def __post_init__(self):
         if self.bits != 16:
@@ -146,7 +152,9 @@ class Quantized(CachePolicy):
             model.config.hidden_size // model.config.num_attention_heads
         if head_dim % self.group:
             raise LeanLMError(f"head_dim {head_dim} is not a multiple of the quantization group {self.group}")
-        return KiviLayer(self.bits, self.group, self.residual, self.value_bits, bool(self.rotate))
+        layer = KiviLayer(self.bits, self.group, self.residual, self.value_bits, bool(self.rotate))
+        layer.fused_queries = self.fused_queries
+        return layer
 
     def hooks(self, model: nn.Module, cache) -> list:
         return [install(model, cache)] if self.fused and self.bits != 16 else []
