@@ -111,7 +111,7 @@ def speed(model, kv, args) -> dict:
                     times = decode_steps(model, cache, context + args.warmup, args.new_tokens)
                     runs[method].append(len(times) / sum(times))
                     held[method] = cache_bytes(cache)
-                print(context, method, f"{runs[method][-1]:.2f} tok/s", flush=True)
+                print(context, method, f"{runs[method][-1]:.4g} tok/s", f"{held[method]} bytes", flush=True)
         base = statistics.median(runs["full"]) if "full" in runs else None
         rows[context] = {m: {"tokens_per_s": runs[m], "median_tokens_per_s": statistics.median(runs[m]),
                              "ratio_to_full": statistics.median(runs[m]) / base if base else None,
