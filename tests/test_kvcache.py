@@ -237,9 +237,12 @@ def test_generate_accepts_a_policy_cache(model, ids):
 
 
 def test_hooks_are_removed_after_attach(model):
-    with attach(model, HeavyHitter(capacity=8)):
+    with attach(model, HeavyHitter(capacity=8, inplace=False)):  # the gather reference captures queries by hook
         assert model.model.layers[0].self_attn._forward_pre_hooks
     assert not model.model.layers[0].self_attn._forward_pre_hooks
+    with attach(model, HeavyHitter(capacity=8)):  # the in-place one routes attention instead (test_kv_fused)
+        assert model.config._attn_implementation == "leanlm_kv"
+    assert model.config._attn_implementation != "leanlm_kv"
 
 
 @pytest.mark.parametrize("bad", [

@@ -49,10 +49,37 @@ def _codes_per_word(bits: int) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes < 2**bits along the last dim → ``bits / 8`` bytes per code, first code in the low bits.
+    """uint8 codes < 2**bits along the last dim → ``bits / 8`` bytes per code.
 
-    Codes are joined in words of ``lcm(bits, 8)`` bits (1 byte for 2, 4 and 8 bits; 3 bytes for 3 bits).
+    2, 4 and 8 bits are packed in planes: of a row of ``n`` codes, byte ``i`` holds codes ``i``,
+    ``i + n/k``, ``i + 2n/k`` ... (k codes a byte, the first in the low bits), so unpacking is a shift
+    and a mask of the whole byte row per plane (``planes``), which compiled kernels vectorise. 3-bit
+    codes are joined in words of 24 bits (8 codes in 3 bytes, first code in the low bits).
     """
+    if bits == 3:
+        return _pack_words(codes, bits)
+    per_byte = 8 // bits
+    planes = codes.view(*codes.shape[:-1], per_byte, -1).to(torch.int32)  # (..., planes, n / k)
+    byte = torch.zeros(planes.shape[:-2] + planes.shape[-1:], dtype=torch.int32, device=codes.device)
+    for plane in range(per_byte):
+        byte |= planes[..., plane, :] << (plane * bits)
+    return byte.to(torch.uint8)
+
+
+def planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """The code planes of a 2/4/8-bit packed row: ``torch.cat(planes, -1)`` is ``unpack``."""
+    mask = (1 << bits) - 1
+    return [(packed >> (plane * bits)) & mask if plane else packed & mask for plane in range(8 // bits)]
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack``: (..., n) bytes → (..., n * 8 // bits) codes."""
+    if bits == 3:
+        return _unpack_words(packed, bits)
+    return packed if bits == 8 else torch.cat(planes(packed, bits), dim=-1)
+
+
+def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = _codes_per_word(bits)
     codes = codes.view(*codes.shape[:-1], -1, per_word).to(torch.int32)
     word = torch.zeros(codes.shape[:-1], dtype=torch.int32, device=codes.device)
@@ -63,8 +90,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.to(torch.uint8).flatten(-2)
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack``: (..., n) bytes → (..., n * 8 // bits) codes."""
+def _unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = _codes_per_word(bits)
     word_bytes = per_word * bits // 8
     parts = packed.view(*packed.shape[:-1], -1, word_bytes).to(torch.int32)
@@ -118,6 +144,8 @@ def quantize(x: torch.Tensor, bits: int, group: int, rotate: bool = False) -> Qu
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    if not q.codes.numel():
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.codes.device)
     codes = unpack(q.codes, q.bits).float()  # (..., groups, group)
     x = (codes * q.scale.float() + q.low.float()).view(q.shape)
     if q.rotated:

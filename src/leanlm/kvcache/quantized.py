@@ -10,8 +10,13 @@ of head_dim (``rotate``, QuaRot's trick: one large channel no longer sets the st
 group; at 2 bits this takes the ppl ratio of SmolLM2-135M from 1.07 to 1.01). The newest tokens stay
 in full precision in a residual of up to ``residual`` tokens; when it fills, it is quantized as
 ``residual / group`` key blocks and emptied. Codes are bit-packed (``quant.pack``), so resident bytes
-really shrink; every step dequantizes the whole cache for attention, a transient copy counted in
-``peak``.
+really shrink.
+
+Attention (``fused=True``, the default): decode steps (up to ``fused_queries`` tokens) attend over the
+codes themselves through ``fused_kernels.quantized_attention`` (q·k from per-channel key codes, p·v
+from per-token value codes, the Hadamard rotation undone once on the output), routed by
+``fused.install``; no dequantized copy of the cache exists. Longer steps (a prefill) and
+``fused=False`` dequantize the whole cache for attention, a transient copy counted in ``peak``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from torch import nn
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyLayer, check_budget, tensor_bytes
-from leanlm.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, check_bits, check_group, dequantize, quantize, quantized_bytes_per_value
+from leanlm.kvcache import fused_kernels
+from leanlm.kvcache.fused import FusedLayer, causal_bias, install
+from leanlm.kvcache.quant import (SUPPORTED_BITS, QuantizedTensor, check_bits, check_group, dequantize, hadamard, quantize,
+                                  quantized_bytes_per_value)
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape_dim: int) -> QuantizedTensor:
@@ -38,7 +46,7 @@ def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape
                                low=torch.cat([a.low, b.low], dim), shape=tuple(shape))
 
 
-class KiviLayer(PolicyLayer):
+class KiviLayer(FusedLayer, PolicyLayer):
     def __init__(self, bits: int, group: int, residual: int, value_bits: int | None = None, rotate: bool = False):
         super().__init__()
         self.bits, self.group, self.residual, self.rotate = bits, group, residual, rotate
@@ -46,6 +54,7 @@ class KiviLayer(PolicyLayer):
         self.qkeys: QuantizedTensor | None = None  # shape (batch, kv_heads, head_dim, tokens): per channel
         self.qvalues: QuantizedTensor | None = None  # shape (batch, kv_heads, tokens, head_dim): per token
         self.keys = self.values = None  # the full-precision residual (batch, kv_heads, <= residual, head_dim)
+        self.fused_queries = 16  # steps of up to this many tokens attend over the codes (when fused)
 
     def materialize(self):
         parts_k, parts_v = [], []
@@ -58,6 +67,40 @@ class KiviLayer(PolicyLayer):
         if not parts_k:
             return None, None
         return torch.cat(parts_k, 2), torch.cat(parts_v, 2)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Fused (``fused.install`` in effect, at most ``fused_queries`` tokens): append the step to the
+        residual and leave attention to ``attend``; else the plain way (dequantize the whole cache)."""
+        if not self.fused or key_states.shape[2] > self.fused_queries:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys is not None and self.keys.shape[2]
+        self.keys = torch.cat([self.keys, key_states], 2) if held else key_states  # (batch, kv_heads, R + q, head_dim)
+        self.values = torch.cat([self.values, value_states], 2) if held else value_states
+        self.seen += key_states.shape[2]
+        self.peak = max(self.peak, self.nbytes())  # the step's K/V are now resident; attend adds no (tokens, d) copy
+        self.pending, self.queries = True, None
+        return key_states, value_states
+
+    def attend(self, module: nn.Module, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention over the codes (``fused_kernels.quantized_attention``) and the residual, then the
+        residual's whole blocks are quantized (what ``store`` does on the plain path)."""
+        batch, heads, q_len, dim = query.shape
+        kv_heads = self.keys.shape[1]
+        q = query.float().reshape(batch, kv_heads, heads // kv_heads * q_len, dim) * scaling  # (b, h, group * q, d)
+        bias = causal_bias(q_len, self.held_tokens(), mask, heads // kv_heads, query.device)
+        if self.qkeys is None:
+            out, _ = fused_kernels.run(fused_kernels.dense_attention, q, self.keys, self.values, bias)
+        else:
+            qk, qv = self.qkeys, self.qvalues
+            rot = hadamard(dim).to(query.device) if qv.rotated else None
+            out, _ = fused_kernels.run(fused_kernels.quantized_attention, q, (qk.codes, qk.scale, qk.low),
+                                       (qv.codes, qv.scale, qv.low), rot, self.keys, self.values, bias,
+                                       key_bits=qk.bits, value_bits=qv.bits, keys_per_channel=True)
+        self.pending = False
+        self.store(self.keys, self.values, new=0)
+        return out.view(batch, heads, q_len, dim).to(query.dtype)
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
         held_residual = 0 if self.keys is None else self.keys.shape[2]
@@ -90,6 +133,8 @@ class Quantized(CachePolicy):
     residual: int = 128
     value_bits: int | None = None  # None: the same as bits
     rotate: bool = True  # values (quantized per token) after a Hadamard rotation of head_dim (quant.hadamard)
+    fused: bool = True  # decode steps attend over the codes (fused_kernels), not over a dequantized copy
+    fused_queries: int = 16  # steps of at most this many tokens go fused; longer ones (prefill) dequantize once
 
     def __post_init__(self):
         if self.bits != 16:
@@ -107,7 +152,12 @@ class Quantized(CachePolicy):
             model.config.hidden_size // model.config.num_attention_heads
         if head_dim % self.group:
             raise LeanLMError(f"head_dim {head_dim} is not a multiple of the quantization group {self.group}")
-        return KiviLayer(self.bits, self.group, self.residual, self.value_bits, bool(self.rotate))
+        layer = KiviLayer(self.bits, self.group, self.residual, self.value_bits, bool(self.rotate))
+        layer.fused_queries = self.fused_queries
+        return layer
+
+    def hooks(self, model: nn.Module, cache) -> list:
+        return [install(model, cache)] if self.fused and self.bits != 16 else []
 
     def nominal_fraction(self, context: int) -> float:
         """Bytes held for a ``context``-token text / the bf16 cache's, before any measurement."""
