@@ -227,11 +227,12 @@ def run_generate(args: Namespace) -> int:
     import torch
 
     from leanlm.engine import SamplingConfig, static_cache, stream
-    from leanlm.engine.weights import apply_weight_format
+    from leanlm.engine.weights import apply_weight_format, check_weight_format
     from leanlm.kvcache import attach
     from leanlm.models import load_model, load_tokenizer
 
-    policy_from_args(args)  # bad policy settings fail before the model loads
+    policy_from_args(args)  # bad policy and weight settings fail before the model loads
+    check_weight_format(args.weights)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     sampling.validate()
     if args.draft is not None and (args.kv_cache is not None or args.draft_tokens < 1):

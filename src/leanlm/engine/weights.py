@@ -18,14 +18,18 @@ def quantizer():
         return None
 
 
-def apply_weight_format(model, weights: str, group_size: int = 64) -> dict:
-    """Quantize ``model``'s linear layers in place to ``weights`` (``native`` leaves them); returns its report."""
+def check_weight_format(weights: str) -> None:
+    """Fail (before any model loads) on a format this install cannot apply."""
     if weights not in WEIGHT_FORMATS:
         raise LeanLMError(f"unsupported weight format '{weights}': choose from {', '.join(WEIGHT_FORMATS)}")
-    if weights == "native":
-        return {}
-    quantize = quantizer()
-    if quantize is None:
+    if weights != "native" and quantizer() is None:
         raise LeanLMError(f"--weights {weights} needs leanlm.transforms.quantize (weight-only int8/int4), "
                           "which this install does not have")
-    return quantize(model, weights, group_size) or {}
+
+
+def apply_weight_format(model, weights: str, group_size: int = 64) -> dict:
+    """Quantize ``model``'s linear layers in place to ``weights`` (``native`` leaves them); returns its report."""
+    check_weight_format(weights)
+    if weights == "native":
+        return {}
+    return quantizer()(model, weights, group_size) or {}
