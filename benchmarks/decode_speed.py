@@ -50,6 +50,8 @@ class Timer:
         self.count = 0
 
     def tick(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU work is queued: time what has finished
         self.last = time.perf_counter()
         self.first = self.first or self.last
         self.count += 1

@@ -17,8 +17,9 @@ class LlamaCpp:
     def __init__(self, venv: Path, gguf_dir: Path, model: str, threads: int):
         self.python = venv / "bin" / "python"
         self.threads, self.skipped, self.files = threads, {}, {}
-        if not self.python.exists():
-            why = f"no llama.cpp venv at {venv}: run `nice -n 19 bash benchmarks/llamacpp_env.sh` (builds ~17 min)"
+        if not self.python.exists() or subprocess.run([str(self.python), "-c", "import llama_cpp"],
+                                                      capture_output=True).returncode != 0:
+            why = f"no llama_cpp in {venv}: run `nice -n 19 bash benchmarks/llamacpp_env.sh` (builds ~17 min)"
             self.skipped = {"llamacpp_bf16": why, "llamacpp_q4_1": why}
             return
         from leanlm.models.loading import BUNDLED, resolve_source
