@@ -24,10 +24,9 @@ if ! "$VENV/bin/python" -c "$CHECK" 2>/dev/null; then
     export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
     export CMAKE_BUILD_PARALLEL_LEVEL=${LLAMACPP_JOBS:-2}
     "$VENV/bin/pip" install -v "$SDIST"
-    # The converter's own dependencies (CPU torch pinned so pip never pulls a CUDA build).
-    "$VENV/bin/pip" install -q numpy gguf sentencepiece safetensors "transformers<5.40" torch==2.13.0 \
-        --extra-index-url https://download.pytorch.org/whl/cpu || \
-        "$VENV/bin/pip" install -q numpy gguf safetensors
+    # The driver needs numpy and gguf only. The BF16 converter (vendor/llama.cpp/convert_hf_to_gguf.py)
+    # runs under leanlm's own .venv, which has torch and transformers (see llamacpp_bridge.py).
+    "$VENV/bin/pip" install -q numpy gguf
 fi
 "$VENV/bin/python" -c "$CHECK; import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 ls -d "$VENV"/src/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py 2>/dev/null || true
