@@ -67,12 +67,12 @@ def test_percentile_is_the_nearest_rank_of_a_hand_sorted_list():
 
 
 class FakeClock:
-    """perf_counter advancing a fixed 0.25 s per call: every timed span is exactly 0.25 s."""
+    """A synchronised clock advancing a fixed 0.25 s per read: every timed span is exactly 0.25 s."""
 
     def __init__(self):
         self.now = 0.0
 
-    def perf_counter(self) -> float:
+    def __call__(self, device=None) -> float:
         self.now += 0.25
         return self.now
 
@@ -80,7 +80,7 @@ class FakeClock:
 def test_speed_numbers_follow_from_the_clock(tiny_gqa, monkeypatch):
     from leanlm.evaluate import speed
 
-    monkeypatch.setattr(speed, "time", FakeClock())
+    monkeypatch.setattr(speed, "synced_clock", FakeClock())
     config = SpeedConfig(prefill_lengths=(16, 32), decode_batch_sizes=(1, 2), decode_prompt=8, decode_tokens=5,
                          warmup=0, repeats=3)
     result = measure_speed(tiny_gqa, config)

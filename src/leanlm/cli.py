@@ -123,9 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(gen)
     gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate (default: %(default)s)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); else sample top-k")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); else sample top-k/top-p")
     gen.add_argument("--top-k", type=positive_int, default=50, help="sampling: keep the k likeliest (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sampling: keep the likeliest with this total probability")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    gen.add_argument("--weights", default="native", metavar="FORMAT",
+                     help="native (the --dtype weights, default), int8 or int4 weight-only quantization")
+    gen.add_argument("--weight-group", type=positive_int, default=64, help="int8/int4: weights per scale (default: 64)")
+    gen.add_argument("--draft", default=None, metavar="MODEL",
+                     help="speculative decoding: a smaller model with the same tokenizer proposes tokens")
+    gen.add_argument("--draft-tokens", type=int, default=4, help="speculative: tokens the draft proposes per round")
+    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                     help="torch.compile the decode step (static cache; compiling takes minutes on a small CPU)")
     add_kv_cache_args(gen)
 
     an = sub.add_parser("analyze", help="score attention heads (KL utility, magnitude, Taylor) on calibration text",

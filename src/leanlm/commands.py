@@ -244,28 +244,36 @@ def policy_from_args(args: Namespace, tokenizer=None, model=None):
 
 
 def run_generate(args: Namespace) -> int:
+    """`leanlm generate`: the decode engine (static cache, a KV policy, or speculative with --draft)."""
     from contextlib import nullcontext
 
     import torch
 
-    from leanlm.generate import SamplingConfig, stream
+    from leanlm.engine import SamplingConfig, static_cache, stream
+    from leanlm.engine.weights import apply_weight_format, check_weight_format
     from leanlm.kvcache import attach
     from leanlm.models import load_model, load_tokenizer
 
-    policy_from_args(args)  # bad policy settings fail before the model loads
-    sampling = SamplingConfig(args.temperature, args.top_k, args.seed)
+    policy_from_args(args)  # bad policy and weight settings fail before the model loads
+    check_weight_format(args.weights)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     sampling.validate()
+    if args.draft is not None and (args.kv_cache is not None or args.draft_tokens < 1):
+        raise LeanLMError("--draft needs --draft-tokens >= 1 and the full cache (no --kv-cache)")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise LeanLMError("empty prompt: pass it as an argument or on stdin")
     model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
+    apply_weight_format(model, args.weights, args.weight_group)
     policy = policy_from_args(args, tokenizer, model)
     ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)  # (1, prompt tokens)
-    with attach(model, policy) if policy else nullcontext() as cache:
-        print(prompt, end="", flush=True)
+    print(prompt, end="", flush=True)
+    if args.draft is not None:
+        return _generate_speculative(args, model, tokenizer, ids, sampling)
+    with attach(model, policy) if policy else nullcontext(static_cache(model, ids.shape[1] + args.max_new_tokens)) as cache:
         generated: list[int] = []
         shown = ""
-        for token in stream(model, ids, args.max_new_tokens, cache, sampling):
+        for token in stream(model, ids, args.max_new_tokens, cache, sampling, compile=args.compile):
             generated.append(int(token[0]))
             text = tokenizer.decode(generated, skip_special_tokens=True)
             print(text[len(shown):], end="", flush=True)  # decode the whole tail: multi-token characters
@@ -273,10 +281,26 @@ def run_generate(args: Namespace) -> int:
             if generated[-1] == tokenizer.eos_token_id:
                 break
         print()
-        if cache is not None:
+        if policy is not None:
             log.info("kv cache (%s): %d tokens held of %d seen, %.2f MiB resident, %.2f MiB peak",
                      policy.name, cache.held_tokens(), cache.seen_tokens, cache.nbytes() / 2**20,
                      cache.peak_nbytes() / 2**20)
+    return 0
+
+
+def _generate_speculative(args: Namespace, model, tokenizer, ids, sampling) -> int:
+    from leanlm.engine.speculative import SpeculativeStats, speculative_generate
+    from leanlm.models import load_model
+
+    draft = load_model(args.draft, args.dtype, args.device)
+    stats = SpeculativeStats()
+    tokens = speculative_generate(model, draft, ids, args.max_new_tokens, args.draft_tokens, sampling, stats=stats)[0]
+    tokens = tokens.tolist()
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+    print(tokenizer.decode(tokens, skip_special_tokens=True))
+    log.info("speculative: %d rounds, %d of %d draft tokens accepted (%.0f%%)", stats.rounds, stats.accepted,
+             stats.proposed, 100 * stats.acceptance_rate)
     return 0
 
 

@@ -1,5 +1,7 @@
 """Speed: prefill tokens/s, decode tokens/s and per-token latency, with warm-up and repeats.
 
+Everything is timed through the decode engine (``leanlm.engine``), the loop ``leanlm generate`` uses.
+
 Timings on a shared machine are noisy: each number is the median of `repeats` runs after
 `warmup` runs, and comparisons between models should be ratios measured in the same process.
 """
@@ -12,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from leanlm.engine import Sampler, static_cache
+from leanlm.engine.decode import prefill, start_state, stream
 from leanlm.errors import LeanLMError
-from leanlm.models.compat import with_cache
 from leanlm.models.device import model_device, synced_clock
 
 
@@ -25,11 +28,15 @@ class SpeedConfig:
     decode_tokens: int = field(default=32, metadata={"help": "new tokens per decode run"})
     warmup: int = field(default=1, metadata={"help": "untimed runs first"})
     repeats: int = field(default=3, metadata={"help": "timed runs; the median is reported"})
+    cache: str = field(default="static", metadata={"help": "decode cache: static (preallocated) or dynamic"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (static cache)"})
 
     def validate(self) -> None:
         values = [*self.prefill_lengths, *self.decode_batch_sizes, self.decode_prompt, self.decode_tokens, self.repeats]
         if min(values) < 1 or self.warmup < 0:
             raise LeanLMError("speed lengths, batch sizes, token counts and repeats must be positive")
+        if self.cache not in ("static", "dynamic"):
+            raise LeanLMError(f"speed cache must be 'static' or 'dynamic', got '{self.cache}'")
 
 
 @dataclass
@@ -53,31 +60,40 @@ def _random_ids(model, batch: int, length: int) -> torch.Tensor:
 
 
 def time_prefill(model, length: int, warmup: int, repeats: int) -> float:
-    """Median tokens/s of one forward pass over `length` tokens that builds the cache (as generate does)."""
+    """Median tokens/s of building the cache from a `length`-token prompt in one chunk (as generate does)."""
     ids, device = _random_ids(model, 1, length), model_device(model)
     seconds = []
     with torch.inference_mode():
         for run in range(warmup + repeats):
+            state = start_state(model, ids, None, None, length)
+            state.cache = _new_cache(model, "dynamic", length)
             start = synced_clock(device)
-            model(ids, use_cache=True, logits_to_keep=1)
+            prefill(model, ids, state, chunk=length)
             if run >= warmup:
                 seconds.append(synced_clock(device) - start)
     return length / statistics.median(seconds)
 
 
-def decode_step_times(model, batch: int, prompt: int, new_tokens: int) -> list[float]:
-    """Greedy decode of `new_tokens` after a prompt; returns the seconds of each decode step."""
-    ids, device = _random_ids(model, batch, prompt), model_device(model)
-    steps = []
-    with torch.inference_mode():
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
-        for _ in range(new_tokens):
-            start = synced_clock(device)
-            out = model(next_ids, **with_cache(cache), use_cache=True)
-            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(synced_clock(device) - start)
-    return steps
+def _new_cache(model, kind: str, length: int):
+    from transformers import DynamicCache
+
+    return static_cache(model, length) if kind == "static" else DynamicCache()
+
+
+def decode_step_times(model, batch: int, prompt: int, new_tokens: int, cache: str = "static",
+                      compile: bool = False) -> list[float]:
+    """Greedy engine decode of `new_tokens` after a prompt; the seconds of each decode step (forward + pick)."""
+    ids = _random_ids(model, batch, prompt)
+    steps = stream(model, ids, new_tokens + 1, _new_cache(model, cache, prompt + new_tokens + 1), Sampler(),
+                   prefill_chunk=prompt, compile=compile)
+    next(steps)  # the prefill and the first token
+    times = []
+    start = synced_clock(ids.device)
+    for _ in steps:
+        now = synced_clock(ids.device)
+        times.append(now - start)
+        start = now
+    return times
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,8 +111,9 @@ def measure_speed(model, config: SpeedConfig | None = None) -> SpeedResult:
     tokens_per_s, p50, p95, all_steps = {}, {}, {}, {}
     for batch in tqdm(config.decode_batch_sizes, desc="decode speed", leave=False):
         for _ in range(config.warmup):
-            decode_step_times(model, batch, config.decode_prompt, config.decode_tokens)
-        runs = [decode_step_times(model, batch, config.decode_prompt, config.decode_tokens) for _ in range(config.repeats)]
+            decode_step_times(model, batch, config.decode_prompt, config.decode_tokens, config.cache, config.compile)
+        runs = [decode_step_times(model, batch, config.decode_prompt, config.decode_tokens, config.cache, config.compile)
+                for _ in range(config.repeats)]
         key = str(batch)
         tokens_per_s[key] = statistics.median(batch * len(run) / sum(run) for run in runs)
         steps_ms = [s * 1000 for run in runs for s in run]
