@@ -97,11 +97,61 @@ def resolve_source(source: str) -> tuple[str, str | None]:
             raise LeanLMError(f"'{source}' is a file but not a .gguf checkpoint; pass a model directory instead")
         return str(path.parent), path.name
     if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        _check_hub_reachable(source)
         return source, None
     raise LeanLMError(
         f"unknown model '{source}': expected a bundled name ({', '.join(BUNDLED)}), "
         "a local model directory, a .gguf file or a Hugging Face hub id"
     )
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Offline, a hub id is read from the local hub cache or refused at once (not after a minute of retries).
+
+    Without network the hub client retries each file for half a minute, printing a line per retry;
+    a 1-2 s connection check first turns on ``HF_HUB_OFFLINE``, so the cache answers straight away.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE and _hub_reachable():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise LeanLMError(
+            f"'{repo_id}' looks like a Hugging Face hub id, but the hub is unreachable (offline) and the model is not "
+            "in the local hub cache; pass a local model directory, or go online once to download it"
+        )
+
+
+def source_dtype(source: str) -> str:
+    """The dtype a model is stored in: its config's ``dtype``; bfloat16 for a .gguf and the bundled model.
+
+    A GGUF is quantized (no float dtype of its own); bfloat16 is what ``eval`` runs it in by
+    default and half the bytes of float32. Used as the default dtype of saved models, so a pruned
+    model is never written wider than the one it came from.
+    """
+    if source in BUNDLED or Path(source).suffix == ".gguf":
+        return "bfloat16"
+    config = load_config(source)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in DTYPES else "float32"
 
 
 def load_model(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> PreTrainedModel:
