@@ -57,9 +57,14 @@ def check_args(args: Namespace) -> None:
     """Refuse plain mistakes in ``args`` (and fill the --kv-* defaults) before anything heavy happens."""
     if hasattr(args, "kv_cache"):
         _check_kv_args(args)
-    checks = {"prune": _check_prune, "distill": _check_distill, "run": _check_run}
+    checks = {"prune": _check_prune, "distill": _check_distill, "run": _check_run, "kv-budget": _check_kv_shape}
     if args.command in checks:
         checks[args.command](args)
+    from leanlm.sources import check_source
+
+    for flag in ("model", "student", "teacher"):
+        if getattr(args, flag, None) is not None:
+            check_source(getattr(args, flag))  # unknown model, or a hub id while offline
     if args.command in ("eval", "analyze", "prune", "export") and getattr(args, "out", None) is not None:
         from leanlm.report.results import check_new_output
 
@@ -114,3 +119,8 @@ def _check_run(args: Namespace) -> None:
     if not Path(args.out).is_dir() or not any(Path(args.out).iterdir()):
         raise LeanLMError(f"--resume: '{args.out}' holds no run, so there is nothing to resume; "
                           "drop --resume to start a new run there")
+
+
+def _check_kv_shape(args: Namespace) -> None:
+    if args.heads and args.kv_heads and args.heads % args.kv_heads:
+        raise LeanLMError(f"query heads ({args.heads}) must be a multiple of KV heads ({args.kv_heads})")
