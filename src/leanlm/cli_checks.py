@@ -113,6 +113,10 @@ def _check_distill(args: Namespace) -> None:
 
 def _check_run(args: Namespace) -> None:
     if not args.resume:
+        if args.out is not None:
+            from leanlm.report.results import check_new_output
+
+            check_new_output(args.out)
         return
     if args.out is None:
         raise LeanLMError("--resume needs --out: the run directory to continue")

@@ -64,7 +64,7 @@ def wikitext_lines(split: str) -> tuple[str, ...]:
         return tuple(line if line.strip() else "" for line in raw)
     if os.environ.get(DATA_ENV):
         named = Path(os.environ[DATA_ENV]).expanduser()
-        raise LeanLMError(f"{DATA_ENV} is set to '{named}', which holds neither wikitext-2-raw/{SPLITS[split]} nor "
+        raise LeanLMError(f"WikiText-2 '{split}' not found: {DATA_ENV} is set to '{named}', which holds neither wikitext-2-raw/{SPLITS[split]} nor "
                           f"{SPLITS[split]}; put the file there, or unset {DATA_ENV} to use ../shared/data")
     rows = _lines_from_hub(split)
     if rows is not None:
