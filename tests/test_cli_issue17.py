@@ -159,7 +159,8 @@ def test_dtype_flag_of_prune_export_distill(tmp_path, tiny_model_dir, bf16_model
     assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
     assert weight_bytes(exported) < weight_bytes(tiny_model_dir)  # float32 source, bf16 on request
     distilled = tmp_path / "distilled"
-    done = cli("distill", "--student", bf16_model_dir, "--teacher", tiny_model_dir, "--out", distilled, "--steps", "1")
+    done = cli("distill", "--student", bf16_model_dir, "--teacher", tiny_model_dir, "--out", distilled, "--steps", "1",
+               "--seq-len", "16", "--batch-size", "1")
     assert done.returncode == 0, done.stderr
     assert json.loads((distilled / "model" / "config.json").read_text())["dtype"] == "bfloat16"  # the student's
 
@@ -168,7 +169,8 @@ def test_dtype_flag_of_prune_export_distill(tmp_path, tiny_model_dir, bf16_model
 
 
 def _distill_args(student, teacher, out, *extra):
-    return ("distill", "--student", student, "--teacher", teacher, "--out", out, "--lora-rank", "4", *extra)
+    return ("distill", "--student", student, "--teacher", teacher, "--out", out, "--lora-rank", "4", "--seq-len", "16",
+            "--batch-size", "1", *extra)
 
 
 def _merged_state(path: Path) -> dict:
@@ -183,7 +185,7 @@ def test_signal_saves_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, ti
 
     import torch
 
-    steps = "8"
+    steps = "12"
     whole = tmp_path / "whole"
     done = cli(*_distill_args(bf16_model_dir, tiny_model_dir, whole, "--steps", steps, "--dtype", "float32"))
     assert done.returncode == 0, done.stderr

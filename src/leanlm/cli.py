@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cache the teacher's top-k logits once (0 = live teacher) (default: %(default)s)")
     di.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out (a larger --steps extends a finished run)")
+    di.add_argument("--seq-len", type=positive_int, default=256, help="tokens per training window (default: %(default)s)")
+    di.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (default: %(default)s)")
     di.add_argument("--checkpoint-every", type=int, default=50,
                     help="save a checkpoint every N steps, at the end and on Ctrl-C/SIGTERM; 0 = only then "
                          "(default: %(default)s)")

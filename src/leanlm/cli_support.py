@@ -138,7 +138,8 @@ def size_line(label: str, saved: int, source: int | None, dtype: str) -> str:
     return text
 
 
-DISTILL_FLAGS = {"steps": "--steps", "alpha": "--alpha", "temperature": "--temperature", "top_k_teacher": "--top-k-teacher"}
+DISTILL_FLAGS = {"steps": "--steps", "alpha": "--alpha", "temperature": "--temperature", "top_k_teacher": "--top-k-teacher",
+                 "seq_len": "--seq-len", "batch_size": "--batch-size"}
 
 
 def check_distill_resume(out: Path, args) -> None:

@@ -212,7 +212,7 @@ def run_distill(args: Namespace) -> int:
         check_distill_resume(out, args)  # the same settings, in CLI words; a finished run says how to go on
     config = DistillConfig(steps=args.steps or 200, max_minutes=args.max_minutes, alpha=args.alpha,
                            temperature=args.temperature, top_k_teacher=args.top_k_teacher,
-                           checkpoint_every=args.checkpoint_every)
+                           checkpoint_every=args.checkpoint_every, seq_len=args.seq_len, batch_size=args.batch_size)
     config.check()
     settings = LoraSettings(rank=args.lora_rank, include_mlp=args.lora_mlp)
     dtype = args.dtype or source_dtype(args.student)
@@ -227,6 +227,7 @@ def run_distill(args: Namespace) -> int:
     print(size_line("merged model", weight_bytes(out / "model"), source_weight_bytes(args.student), dtype))
     plot_loss_curve(result, out / "loss.png")
     atomic_write_json(out / "distill.json", {"command": _command_line(), **result.to_dict()})
+    ordinary_modes(out)  # the loss plot's temp file, like every output, readable as the umask allows
     print(f"{result.steps_done} steps in {result.seconds / 60:.1f} min; merged model in {out}/model, loss curve {out}/loss.png")
     return 0
 

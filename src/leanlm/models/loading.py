@@ -45,6 +45,9 @@ def _convert_bundled(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from leanlm.report.results import ordinary_modes
+
+        ordinary_modes(tmp)  # mkdtemp and the weights' temp file are private (0700/0600)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
