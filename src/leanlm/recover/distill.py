@@ -330,6 +330,7 @@ def _loop(run: _Run) -> None:
         if last or stop or (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0):
             _save(run)
         if stop:
+            bar.close()
             raise Interrupted(f"interrupted at step {run.step} of {cfg.steps}: checkpoint saved in {run.checkpoint}; "
                               "run the same command with --resume to continue")
         if out_of_time:
