@@ -167,7 +167,7 @@ def test_analyze_prune_distill_export_commands(capsys, tmp_path, tiny_model_dir)
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["prune", "--fraction", "1.0"], "fraction of heads to remove must be in [0, 1)"),
+    (["prune", "--fraction", "1.0"], "--fraction must be in [0, 1)"),
     (["prune", "--scorer", "vibes"], "'prune_heads.scorer' must be one of kl, magnitude, taylor, got 'vibes'"),
     (["prune", "--what", "experts"], "--what must be one of heads, layers, mlp"),
     (["prune", "--what", "layers", "--fraction", "0.2"], "--fraction does not apply to --what layers"),

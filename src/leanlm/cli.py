@@ -10,7 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from leanlm.errors import LeanLMError
+from leanlm import __version__
+from leanlm.errors import Interrupted, LeanLMError
 from leanlm.outputs import default_out  # noqa: F401  (its old home; commands import it from leanlm.outputs)
 
 log = logging.getLogger("leanlm")
@@ -46,10 +47,17 @@ def int_list(text: str) -> tuple[int, ...]:
     return tuple(positive_int(part) for part in text.split(",") if part)
 
 
-def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat16") -> None:
+SAVED_DTYPE_HELP = ("dtype of the saved weights (default: the source model's dtype from its config; bfloat16 for "
+                    "the bundled model or a .gguf), so the output is never wider than its source")
+
+
+def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat16", saved: bool = False) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="bundled name (smollm2-135m), a save_pretrained directory, a .gguf file or a hub id "
                              "(default: %(default)s)")
+    if saved:
+        parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help=SAVED_DTYPE_HELP)
+        return
     parser.add_argument("--dtype", default=dtype_default, choices=["bfloat16", "float32", "float16"],
                         help="dtype the model runs in; bfloat16 is ~4x faster than float32 on CPUs with AVX-512 BF16 "
                              "and agrees within 1%% on perplexity (default: %(default)s)")
@@ -67,8 +75,10 @@ def add_device_arg(parser: argparse.ArgumentParser, default: str | None = "auto"
 
 
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calib-samples", type=positive_int, default=8, help="calibration windows (validation split)")
-    parser.add_argument("--calib-len", type=positive_int, default=128, help="tokens per calibration window")
+    parser.add_argument("--calib-samples", type=positive_int, default=8,
+                        help="calibration windows (validation split) (default: %(default)s)")
+    parser.add_argument("--calib-len", type=positive_int, default=128,
+                        help="tokens per calibration window (default: %(default)s)")
 
 
 def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
@@ -76,11 +86,11 @@ def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
                         help="run-time KV-cache policy: quantized, sink_window, heavy_hitter, observation_window, "
                              "sentence_tier, or an eviction policy with quantized storage, e.g. heavy_hitter+int4; "
                              "settings after a colon, e.g. sentence_tier:max_sentence=32,coarse=mean (default: full cache)")
-    parser.add_argument("--kv-budget", type=float, default=0.25,
-                        help="fraction of the full bf16 cache bytes of --kv-context tokens the policy may hold "
-                             "(default: %(default)s)")
-    parser.add_argument("--kv-context", type=positive_int, default=2048,
-                        help="tokens whose full cache the budget refers to (default: %(default)s)")
+    parser.add_argument("--kv-budget", type=float, default=None,
+                        help="with --kv-cache: fraction of the full bf16 cache bytes of --kv-context tokens the policy "
+                             "may hold (default: 0.25)")
+    parser.add_argument("--kv-context", type=positive_int, default=None,
+                        help="with --kv-cache: tokens whose full cache the budget refers to (default: 2048)")
     parser.add_argument("--kv-positions", default="original", choices=["original", "cache"],
                         help="sink_window only: rotary positions from the text (original) or from the cache slot "
                              "(cache: StreamingLLM's way, lets generation run past the trained length)")
@@ -89,6 +99,7 @@ def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="leanlm", description="Make a pretrained LLM cheaper to run, with honest numbers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("--version", action="version", version=f"leanlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     ev = sub.add_parser("eval", help="evaluate a model: perplexity, KV bytes, weights, speed, memory",
@@ -108,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=tokens_or_all, default=16384,
                     help="score the first N tokens of the split, or 'all' for the whole split (default: %(default)s)")
     ev.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
-    ev.add_argument("--speed-repeats", type=positive_int, default=3, help="timed runs per speed number (median)")
+    ev.add_argument("--speed-repeats", type=positive_int, default=3,
+                    help="timed runs per speed number (median) (default: %(default)s)")
     ev.add_argument("--prefill-lengths", type=int_list, default=(512, 2048), help="comma list (default: 512,2048)")
     ev.add_argument("--decode-batches", type=int_list, default=(1, 4), help="comma list (default: 1,4)")
     ev.add_argument("--decode-tokens", type=positive_int, default=32, help="new tokens per decode run (default: 32)")
@@ -119,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text, streamed to the terminal, optionally through a KV-cache policy",
                          description="Generate text token by token (greedy by default), optionally through a "
-                                     "run-time KV-cache policy; prints the cache bytes held at the end.")
+                                     "run-time KV-cache policy; with --kv-cache, logs the cache bytes held at the end.")
     add_model_args(gen)
     gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate (default: %(default)s)")
@@ -135,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-tokens", type=int, default=4, help="speculative: tokens the draft proposes per round")
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                      help="torch.compile the decode step (static cache; compiling takes minutes on a small CPU)")
+    gen.add_argument("--truncate", action="store_true",
+                     help="keep the prompt's last tokens when prompt + new tokens exceed the model's context "
+                          "(default: refuse such a prompt)")
     add_kv_cache_args(gen)
 
     an = sub.add_parser("analyze", help="score attention heads (KL utility, magnitude, Taylor) on calibration text",
@@ -142,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "scores and layer x head heatmaps.")
     add_model_args(an)
     an.add_argument("--out", type=Path, help="new results directory (default runs/analyze-MODEL-TIME)")
-    an.add_argument("--scorers", default="kl,magnitude,taylor", help="comma list of kl, magnitude, taylor")
+    an.add_argument("--scorers", default="kl,magnitude,taylor",
+                    help="comma list of kl, magnitude, taylor (default: %(default)s)")
     add_calibration_args(an)
     an.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
 
@@ -160,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Score the model on WikiText-2 validation and physically remove attention heads "
                                     "(--what heads), decoder blocks (layers) or MLP channels (mlp). Options a technique "
                                     "does not take are refused; the others default to the transform's own defaults.")
-    add_model_args(pr, dtype_default="float32")
+    add_model_args(pr, saved=True)
+    add_device_arg(pr)
     pr.add_argument("--out", type=Path, required=True, help="new directory; the model goes to DIR/model")
     pr.add_argument("--what", default="heads", help="heads | layers | mlp (default: %(default)s)")
     pr.add_argument("--fraction", type=float, help="heads, mlp: share to remove, in [0, 1) (default: 0.25)")
@@ -180,14 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--student", required=True, help="model directory to recover (e.g. from leanlm prune)")
     di.add_argument("--teacher", default="smollm2-135m", help="the original model (default: %(default)s)")
     di.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the merged model")
-    di.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default: %(default)s)")
-    di.add_argument("--max-minutes", type=float, default=None, help="stop after the step that crosses this budget")
+    di.add_argument("--steps", type=positive_int, default=None,
+                    help="optimizer steps (default: 200; with --resume, the run's own)")
+    di.add_argument("--max-minutes", type=float, default=None,
+                    help="stop after the step that crosses this budget (default: no limit)")
     di.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default: %(default)s)")
     di.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
     di.add_argument("--alpha", type=float, default=0.5, help="KD weight; 1-alpha weighs CE (default: %(default)s)")
     di.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default: %(default)s)")
-    di.add_argument("--top-k-teacher", type=int, default=0, help="cache the teacher's top-k logits once (0 = live teacher)")
-    di.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    di.add_argument("--top-k-teacher", type=int, default=0,
+                    help="cache the teacher's top-k logits once (0 = live teacher) (default: %(default)s)")
+    di.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint in --out (a larger --steps extends a finished run)")
+    di.add_argument("--seq-len", type=positive_int, default=256, help="tokens per training window (default: %(default)s)")
+    di.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (default: %(default)s)")
+    di.add_argument("--checkpoint-every", type=int, default=50,
+                    help="save a checkpoint every N steps, at the end and on Ctrl-C/SIGTERM; 0 = only then "
+                         "(default: %(default)s)")
+    di.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help=SAVED_DTYPE_HELP)
     add_device_arg(di)
 
     ex = sub.add_parser("export", help="write a reloadable checkpoint (stock transformers where possible) with a model card",
@@ -196,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="model to export (directory, bundled name, .gguf)")
     ex.add_argument("--out", type=Path, required=True, help="new directory")
     ex.add_argument("--no-padded", action="store_true", help="do not write the padded stock copy of a per-layer model")
+    ex.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help=SAVED_DTYPE_HELP)
     add_device_arg(ex)
 
     kv = sub.add_parser("kv-budget", help="KV-cache bytes per token and per sequence: MHA, GQA, MQA, MLA, quantized",
@@ -210,7 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per cached value (default: 2, bf16)")
     kv.add_argument("--latent-dim", type=positive_int, help="MLA latent width per layer (default: kv_heads x head_dim)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    add_examples(parser, sub)
     return parser
+
+
+def add_examples(parser: argparse.ArgumentParser, sub) -> None:
+    """Examples at the end of every `--help` (argparse epilog), kept as written."""
+    from leanlm.cli_checks import EXAMPLES
+
+    parser.epilog = "examples:\n" + "\n".join(f"  leanlm {name} --help" for name in sub.choices)
+    for name, command in [("leanlm", parser), *sub.choices.items()]:
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        if name in EXAMPLES:
+            command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a bad option already reported in one line
         return int(done.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        from leanlm.cli_checks import check_args
+
+        check_args(args)  # plain mistakes fail here, in a fraction of a second, before torch is imported
+    except LeanLMError as err:
+        print(f"leanlm: error: {err}", file=sys.stderr)
+        return 2
     _quiet_libraries()
     try:
         if getattr(args, "device", None) is not None:
@@ -237,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("leanlm: interrupted; no results were written", file=sys.stderr)
+        return 130
+    except Interrupted as stop:  # a signal after which work was saved (distill's checkpoint)
+        print(f"leanlm: {stop}", file=sys.stderr)
         return 130
 
 

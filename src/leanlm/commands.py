@@ -48,15 +48,30 @@ def run_eval(args: Namespace) -> int:
     out = _out_dir(args, "eval")
     if protocol.split != "botchan":
         wikitext_lines(protocol.split)  # fail on missing data before loading the model
+    _check_context(args.model, window, "--window")
     log.info("loading %s (%s)", args.model, args.dtype)
     model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
     config = EvalConfig(protocol, speed, measure_speed=not args.no_speed)
     results = evaluate(model, tokenizer, config)
+    results["protocol"]["data"] = _data_source(protocol.split)
     header = {"model": args.model, "command": _command_line(), "config": dataclasses.asdict(config)}
     write_eval_run(results, out, header)
     print(table(metrics_rows(results)))
     print(f"\nwrote {out}/results.json and {out}/report.md")
     return 0
+
+
+def _check_context(model: str, tokens: int, flag: str) -> None:
+    from leanlm.cli_support import check_window
+    from leanlm.models import load_config
+
+    check_window(tokens, load_config(model), flag)
+
+
+def _data_source(split: str) -> dict:
+    from leanlm.data.wikitext import split_source
+
+    return split_source(split)
 
 
 def run_analyze(args: Namespace) -> int:
@@ -83,12 +98,20 @@ def run_analyze(args: Namespace) -> int:
             lines += [f"## {name} ({result.seconds:.0f} s)", "", f"Least important heads: {least}", "",
                       f"![heads](plots/heads_{name}.png) ![groups](plots/groups_{name}.png)", ""]
         summary = {"model": args.model, "command": _command_line(), "scorers": names,
-                   "calibration": next(iter(scores.values())).calibration,
+                   "calibration": _calibration(scores),
                    "seconds": {n: s.seconds for n, s in scores.items()}, "versions": versions(), "git": git_info()}
         atomic_write_json(stage / "results.json", summary)
         atomic_write_text(stage / "report.md", "\n".join(lines))
     print(f"wrote {out}: " + ", ".join(f"scores_{n}.json" for n in names) + ", report.md, plots/")
     return 0
+
+
+def _calibration(scores: dict) -> dict:
+    """The calibration text the scorers read; magnitude reads only the weights, and says so."""
+    used = [s.calibration for name, s in scores.items() if s.calibration.get("num_samples")]
+    if used:
+        return used[0]
+    return {"num_samples": 0, "note": "no calibration text: " + ", ".join(scores) + " read the weights only"}
 
 
 def run_kv_budget(args: Namespace) -> int:
@@ -157,8 +180,10 @@ def prune_transform(args: Namespace):
 
 
 def run_prune(args: Namespace) -> int:
-    from leanlm.export import export_model, model_card, stock_layout
-    from leanlm.models import ModelSpec, load_model, load_tokenizer
+    from leanlm.cli_support import announce_prune_plan, size_line, source_weight_bytes, weight_bytes
+    from leanlm.export import export_model, model_card, size_metrics, stock_layout
+    from leanlm.models import ModelSpec, load_config, load_model, load_tokenizer
+    from leanlm.models.loading import DTYPES, source_dtype
     from leanlm.pipeline import apply_transform
     from leanlm.report import atomic_write_json, staged_output
     from leanlm.report.pipeline_report import describe_transform
@@ -167,58 +192,81 @@ def run_prune(args: Namespace) -> int:
     transform = prune_transform(args)  # bad options fail before the model loads
     calibration = CalibrationSettings(samples=args.calib_samples, seq_len=args.calib_len)
     out = _out_dir(args, "prune")
+    if args.what == "heads":  # say what the fraction becomes before the work
+        announce_prune_plan(load_config(args.model), transform.fraction, transform.layout, transform.granularity)
+    dtype = args.dtype or source_dtype(args.model)
     model, tokenizer = load_model(args.model, "float32", args.device), load_tokenizer(args.model)
-    record, scores = apply_transform(transform, model, tokenizer, calibration, score_dtype=args.dtype)
+    record, scores = apply_transform(transform, model, tokenizer, calibration, score_dtype="float32")
     summary = describe_transform(record)
+    model.to(DTYPES[dtype])  # saved in the source's dtype unless --dtype says otherwise
     with staged_output(out) as stage:
         if scores is not None:
             scores.save_json(stage / f"scores_{scores.scorer}.json")
         steps = [f"{summary} of `{args.model}`; no recovery."]
-        card = model_card(f"{args.model}, {transform.name} by leanlm", steps, [], ModelSpec.from_model(model),
-                          stock=stock_layout(model))
+        removed = record["removed"]
+        measured = ([("query heads removed", f"{removed['fraction_achieved']:.2%}")] if "fraction_achieved" in removed else [])
+        card = model_card(f"{args.model}, {transform.name} by leanlm", steps, [*measured, *size_metrics(model)],
+                          ModelSpec.from_model(model), stock=stock_layout(model))
         exported = export_model(model, tokenizer, stage / "model", card)
+        sizes = {"saved": weight_bytes(stage / "model"), "source": source_weight_bytes(args.model), "dtype": dtype}
+        export = {k: v.replace(str(stage), str(out)) if isinstance(v, str) else v for k, v in exported.to_dict().items()}
         atomic_write_json(stage / "prune.json", {"model": args.model, "command": _command_line(),
-                                                 "transform": record, "export": exported.to_dict()})
+                                                 "transform": record, "weight_bytes": sizes, "export": export})
     print(f"{summary}; parameters {record['params_before']:,} -> {record['params_after']:,}; model in {out}/model"
           + (" (+ model-padded)" if exported.padded_path else ""))
+    print(size_line("pruned model", sizes["saved"], sizes["source"], dtype))
     return 0
 
 
 def run_distill(args: Namespace) -> int:
+    from leanlm.cli_support import check_distill_resume, size_line, source_weight_bytes, weight_bytes
     from leanlm.models import load_model, load_tokenizer
+    from leanlm.models.loading import DTYPES, source_dtype
     from leanlm.recover import DistillConfig, LoraSettings, add_lora, distill, merge_lora, plot_loss_curve, training_windows
-    from leanlm.report import atomic_write_json
+    from leanlm.recover.checkpoint import stop_on_signals
+    from leanlm.report import atomic_write_json, ordinary_modes
     from leanlm.transforms import save_compact
 
-    config = DistillConfig(steps=args.steps, max_minutes=args.max_minutes, alpha=args.alpha,
-                           temperature=args.temperature, top_k_teacher=args.top_k_teacher)
+    out = Path(args.out)
+    if args.resume:
+        check_distill_resume(out, args)  # the same settings, in CLI words; a finished run says how to go on
+    config = DistillConfig(steps=args.steps or 200, max_minutes=args.max_minutes, alpha=args.alpha,
+                           temperature=args.temperature, top_k_teacher=args.top_k_teacher,
+                           checkpoint_every=args.checkpoint_every, seq_len=args.seq_len, batch_size=args.batch_size)
     config.check()
     settings = LoraSettings(rank=args.lora_rank, include_mlp=args.lora_mlp)
-    out = Path(args.out)
-    if (out / "model").exists():
-        raise LeanLMError(f"'{out}/model' already exists; results are never overwritten, pick a new --out")
+    dtype = args.dtype or source_dtype(args.student)
     student = add_lora(load_model(args.student, "float32", args.device), settings)
     teacher, tokenizer = load_model(args.teacher, "float32", args.device), load_tokenizer(args.student)
-    result = distill(student, teacher, training_windows(tokenizer, config.seq_len), config, out_dir=out, resume=args.resume)
-    merged = merge_lora(student)
+    with stop_on_signals():  # Ctrl-C / SIGTERM: checkpoint after the current step, then exit 130
+        result = distill(student, teacher, training_windows(tokenizer, config.seq_len), config, out_dir=out, resume=args.resume)
+    merged = merge_lora(student).to(DTYPES[dtype])
     save_compact(merged, tokenizer, out / "model.tmp")
+    ordinary_modes(out / "model.tmp")
     (out / "model.tmp").rename(out / "model")
+    print(size_line("merged model", weight_bytes(out / "model"), source_weight_bytes(args.student), dtype))
     plot_loss_curve(result, out / "loss.png")
     atomic_write_json(out / "distill.json", {"command": _command_line(), **result.to_dict()})
+    ordinary_modes(out)  # the loss plot's temp file, like every output, readable as the umask allows
     print(f"{result.steps_done} steps in {result.seconds / 60:.1f} min; merged model in {out}/model, loss curve {out}/loss.png")
     return 0
 
 
 def run_export(args: Namespace) -> int:
-    from leanlm.export import export_model, model_card, stock_layout
+    from leanlm.cli_support import size_line, source_weight_bytes, weight_bytes
+    from leanlm.export import export_model, model_card, previous_steps, size_metrics, stock_layout
     from leanlm.models import ModelSpec, load_model, load_tokenizer
+    from leanlm.models.loading import source_dtype
     from leanlm.report import check_new_output
 
     check_new_output(args.out)
-    model, tokenizer = load_model(args.model, "float32", args.device), load_tokenizer(args.model)
+    dtype = args.dtype or source_dtype(args.model)
+    model, tokenizer = load_model(args.model, dtype, args.device), load_tokenizer(args.model)
     spec = ModelSpec.from_model(model)
-    card = model_card(f"{args.model}, exported by leanlm", [f"Exported `{args.model}`."], [], spec, stock=stock_layout(model))
+    steps = [*previous_steps(args.model), f"Exported `{args.model}` in {dtype}."]  # the source's card history carries over
+    card = model_card(f"{args.model}, exported by leanlm", steps, size_metrics(model), spec, stock=stock_layout(model))
     exported = export_model(model, tokenizer, args.out, card, padded=not args.no_padded)
+    print(size_line("exported model", weight_bytes(exported.path), source_weight_bytes(args.model), dtype))
     kind = "stock transformers checkpoint" if exported.stock_loadable else "leanlm compact checkpoint"
     print(f"wrote {exported.path} ({kind})" + (f" and {exported.padded_path} (stock, padded)" if exported.padded_path else ""))
     return 0
@@ -263,10 +311,18 @@ def run_generate(args: Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise LeanLMError("empty prompt: pass it as an argument or on stdin")
-    model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    if args.kv_positions != "cache":  # sink_window with cache positions runs past the trained length
+        from leanlm.cli_support import fit_prompt
+        from leanlm.models import load_config
+
+        prompt_ids = fit_prompt(prompt_ids, args.max_new_tokens, load_config(args.model), args.truncate)
+        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True) if args.truncate else prompt
+    model = load_model(args.model, args.dtype, args.device)
     apply_weight_format(model, args.weights, args.weight_group)
     policy = policy_from_args(args, tokenizer, model)
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)  # (1, prompt tokens)
+    ids = torch.tensor([prompt_ids], device=model.device)  # (1, prompt tokens)
     print(prompt, end="", flush=True)
     if args.draft is not None:
         return _generate_speculative(args, model, tokenizer, ids, sampling)
@@ -311,6 +367,7 @@ def run_eval_kv_cache(args: Namespace) -> int:
     from leanlm.models import load_model, load_tokenizer
     from leanlm.report import atomic_write_json, atomic_write_text, git_info, staged_output, versions
     from leanlm.report.markdown import table
+    from leanlm.report.plots import plot_kv_windows
 
     if args.split == "botchan":
         raise LeanLMError("--kv-cache evaluates on WikiText-2 (test or validation), not botchan")
@@ -319,6 +376,8 @@ def run_eval_kv_cache(args: Namespace) -> int:
     protocol.validate()
     policy_from_args(args)  # bad policy settings fail before the model loads
     out = _out_dir(args, "eval-kv")
+    if args.kv_positions != "cache":
+        _check_context(args.model, context, "--window" if args.window else "--kv-context")
     model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
     settings = {"position_mode": args.kv_positions} if args.kv_positions != "original" else {}
     factory = lambda tokens: make_policy(args.kv_cache, args.kv_budget, tokens, tokenizer, model, **settings)  # noqa: E731
@@ -326,7 +385,8 @@ def run_eval_kv_cache(args: Namespace) -> int:
     result = streaming_perplexity(model, tokenizer, factory, protocol, reference=reference)
     full = reference.result
     results = {"model": args.model, "command": _command_line(), "perplexity": result.perplexity,
-               "protocol": result.protocol, "kv_cache": result.policy, "kv_budget": args.kv_budget,
+               "protocol": result.protocol | {"data": _data_source(protocol.split)}, "kv_cache": result.policy,
+               "kv_budget": args.kv_budget, "kv_budget_held": result.bytes_per_token / full.bytes_per_token,
                "kv_bytes_per_token": result.bytes_per_token, "kv_peak_bytes": result.peak_bytes,
                "ppl_ratio": result.perplexity / full.perplexity, "kl": result.kl,
                "top1_agreement": result.top1_agreement,
@@ -342,10 +402,18 @@ def run_eval_kv_cache(args: Namespace) -> int:
             ("protocol", f"{protocol.split}, windows of {context}, chunks of {protocol.chunk}, "
                          f"{result.tokens_scored} tokens scored, {result.protocol['dtype']}")]
     text = table(rows, header=("metric", args.kv_cache))
+    held = results["kv_budget_held"]
+    budget = f"budget {args.kv_budget:g}" + (f" requested, {held:.3g} held" if held > args.kv_budget * 1.02 else "")
+    if held > args.kv_budget * 1.02:
+        log.warning("leanlm: --kv-budget %g is below what %s can hold: it held %.3g of the full cache bytes "
+                    "(the report gives both)", args.kv_budget, args.kv_cache, held)
     with staged_output(out) as stage:
         atomic_write_json(stage / "results.json", results)
-        atomic_write_text(stage / "report.md", f"# KV-cache policy {args.kv_cache} at budget {args.kv_budget}\n\n"
-                                               f"{text}\n\nCommand: `{results['command']}`\n")
+        (stage / "plots").mkdir()
+        plot_kv_windows(result.to_dict(), full.to_dict(), stage / "plots" / "kv_windows.png")
+        atomic_write_text(stage / "report.md", f"# KV-cache policy {args.kv_cache} at {budget}\n\n"
+                                               f"{text}\n\n![per-window NLL](plots/kv_windows.png)\n\n"
+                                               f"Command: `{results['command']}`\n")
     print(text)
     print(f"\nwrote {out}/results.json and {out}/report.md")
     return 0

@@ -6,3 +6,10 @@ class LeanLMError(Exception):
 
     The CLI prints the message on stderr and exits with code 2 (no stack trace).
     """
+
+
+class Interrupted(Exception):
+    """Work stopped by Ctrl-C or SIGTERM after saving what it had (e.g. a distill checkpoint).
+
+    The message says what was saved and how to continue; the CLI prints it and exits 130.
+    """

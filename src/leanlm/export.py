@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from leanlm.models import ModelSpec
-from leanlm.report import atomic_write_text
+from leanlm.report import atomic_write_text, ordinary_modes
 from leanlm.transforms import is_compact, pad_heads, save_compact, sync_shape_config
 
 
@@ -36,6 +37,32 @@ def stock_layout(model) -> bool:
     return not is_compact(model.config)
 
 
+def size_metrics(model) -> list[tuple[str, str]]:
+    """Rows for the card's "Measured" table: parameters and weight bytes as held (dtype included)."""
+    params = list(model.parameters())
+    count = sum(p.numel() for p in params)
+    held = sum(p.numel() * p.element_size() for p in params)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    return [("parameters", f"{count:,}"), ("weights", f"{held / 2**20:,.1f} MiB ({held:,} bytes, {', '.join(dtypes)})")]
+
+
+def previous_steps(source: str) -> list[str]:
+    """The "What was done" steps of the source model's card (README.md), so an export keeps the history."""
+    from leanlm.models.loading import resolve_source
+
+    where, gguf = resolve_source(source)
+    readme = Path(where) / "README.md"
+    if gguf or not readme.is_file():
+        return []
+    steps, inside = [], False
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            inside = line.strip() == "## What was done"
+        elif inside and re.match(r"^\d+\. ", line):
+            steps.append(line.split(". ", 1)[1])
+    return steps
+
+
 def model_card(title: str, steps: list[str], metrics: list[tuple[str, str]], spec: ModelSpec, stock: bool) -> str:
     """A README.md for the checkpoint: what was done, the measured numbers, how to load it."""
     load = (
@@ -48,7 +75,8 @@ def model_card(title: str, steps: list[str], metrics: list[tuple[str, str]], spe
     lines = [
         "---", "library_name: transformers", "tags: [leanlm, pruned]", "---", "", f"# {title}", "",
         "## What was done", "", *[f"{i}. {step}" for i, step in enumerate(steps, 1)], "",
-        "## Measured", "", "| metric | value |", "| --- | ---: |", *[f"| {k} | {v} |" for k, v in metrics], "",
+        *(["## Measured", "", "| metric | value |", "| --- | ---: |", *[f"| {k} | {v} |" for k, v in metrics], ""]
+          if metrics else []),
         "## Shape", "", f"{spec.num_layers} layers; query heads per layer: {heads}; KV heads per layer: {kv_heads}; "
         f"head_dim {spec.head_dim}.", "", "## Load", "", "```python", load, "```", "",
     ]
@@ -77,6 +105,7 @@ def _write_dir(target: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        ordinary_modes(tmp)  # mkdtemp and safetensors' temp files are private; outputs are ordinary files
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,10 +16,11 @@ DATA_ENV = "LEANLM_DATA_DIR"
 
 
 def _candidate_dirs() -> list[Path]:
-    """Where to look, in order: the setting, then ../shared/data beside the checkout or the cwd."""
-    dirs = []
+    """Where to look: the setting alone when it is set (the user named a place), else ../shared/data
+    beside the checkout or the cwd."""
     if os.environ.get(DATA_ENV):
-        dirs.append(Path(os.environ[DATA_ENV]).expanduser())
+        return [Path(os.environ[DATA_ENV]).expanduser()]
+    dirs = []
     repo_root = Path(__file__).resolve().parents[3]  # src/leanlm/data/wikitext.py -> checkout root
     dirs += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
     return dirs
@@ -61,6 +62,10 @@ def wikitext_lines(split: str) -> tuple[str, ...]:
         raw = path.read_text(encoding="utf-8").splitlines(keepends=True)
         # The HF loader yields a blank ('' ) row for whitespace-only lines: match it exactly.
         return tuple(line if line.strip() else "" for line in raw)
+    if os.environ.get(DATA_ENV):
+        named = Path(os.environ[DATA_ENV]).expanduser()
+        raise LeanLMError(f"WikiText-2 '{split}' not found: {DATA_ENV} is set to '{named}', which holds neither wikitext-2-raw/{SPLITS[split]} nor "
+                          f"{SPLITS[split]}; put the file there, or unset {DATA_ENV} to use ../shared/data")
     rows = _lines_from_hub(split)
     if rows is not None:
         return tuple(rows)
@@ -69,6 +74,17 @@ def wikitext_lines(split: str) -> tuple[str, ...]:
         f"WikiText-2 '{split}' not found: set {DATA_ENV} to a folder holding wikitext-2-raw/{SPLITS[split]}, "
         f"or put it in ../shared/data (looked in {searched}), or install `datasets` and go online"
     )
+
+
+def split_source(split: str) -> dict:
+    """Where a split was read from: the file and its sha256, or the HF dataset (recorded in results.json)."""
+    import hashlib
+
+    path = find_split_file(split)
+    if path is None:
+        return {"split": split, "source": "huggingface datasets: wikitext/wikitext-2-raw-v1", "path": None, "sha256": None}
+    return {"split": split, "source": "file", "path": str(path.resolve()),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def wikitext_text(split: str, join: str = "raw") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyCache, PolicyLayer, attach, tensor_bytes
@@ -42,6 +43,18 @@ def _setting_value(text: str):
     return text
 
 
+def _check_setting_types(spec: str, cls: type[CachePolicy], settings: dict) -> None:
+    """A setting whose field is a number must be given as one (``bits=abc`` is refused in one sentence)."""
+    hints = typing.get_type_hints(cls) | {"group": int, "bits": int, "head_dim": int}
+    for key, value in settings.items():
+        allowed = {t for t in typing.get_args(hints.get(key)) or (hints.get(key),) if t in (int, float)}
+        if not allowed or isinstance(value, bool):
+            continue
+        if not isinstance(value, tuple(allowed | ({int} if float in allowed else set()))):
+            kind = "an integer" if allowed == {int} else "a number"
+            raise LeanLMError(f"'{spec}': {key} must be {kind}, got '{value}'")
+
+
 def make_policy(name: str, budget: float, context: int, tokenizer=None, model=None, **settings) -> CachePolicy:
     """A policy holding ``budget`` × the full cache bytes of ``context`` tokens.
 
@@ -57,8 +70,10 @@ def make_policy(name: str, budget: float, context: int, tokenizer=None, model=No
     if base not in CACHE_POLICIES:
         raise LeanLMError(f"unknown KV-cache policy '{name}': choose from {', '.join(CACHE_POLICIES)}")
     if suffix:
-        if base == "quantized" or suffix not in ("int8", "int4", "int3", "int2"):
-            raise LeanLMError(f"'{name}': only eviction policies combine with +int8, +int4, +int3 or +int2")
+        if base == "quantized":
+            raise LeanLMError(f"'{name}': quantized is already quantized; set its width as quantized:bits=4")
+        if suffix not in ("int8", "int4", "int3", "int2"):
+            raise LeanLMError(f"'{name}': the stored width must be +int8, +int4, +int3 or +int2, not +{suffix}")
         settings["bits"] = int(suffix[3:])
     if model is not None:
         settings.setdefault("head_dim", model_head_dim(model))
@@ -67,6 +82,7 @@ def make_policy(name: str, budget: float, context: int, tokenizer=None, model=No
     if unknown:
         raise LeanLMError(f"'{spec}': unknown setting(s) {', '.join(unknown)}; {base} settings are: {', '.join(fields)}")
     cls = CACHE_POLICIES[base]
+    _check_setting_types(spec, cls, settings)
     if tokenizer is not None and hasattr(cls, "use_tokenizer"):
         settings["tokenizer"] = tokenizer  # before sizing: what the policy keeps may depend on it
     return cls.for_budget(budget, context, **settings)

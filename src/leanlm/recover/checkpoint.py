@@ -12,16 +12,23 @@ checkpoint or none; older steps are deleted only after the new one is in place.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from leanlm.errors import LeanLMError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -95,3 +102,37 @@ def load_checkpoint(path: Path) -> dict:
         }
     except (OSError, ValueError, RuntimeError) as err:
         raise LeanLMError(f"checkpoint '{path}' is unreadable or incomplete: {err}") from err
+
+
+# ------------------------------------------------------------------ stop on Ctrl-C / SIGTERM
+
+_STOP = threading.Event()
+
+
+def stop_requested() -> bool:
+    """Whether a signal asked the training loop to checkpoint and stop (checked once per step)."""
+    return _STOP.is_set()
+
+
+@contextmanager
+def stop_on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """While active, the first SIGINT/SIGTERM only asks the loop to stop after the current step.
+
+    The loop then saves a checkpoint and raises ``leanlm.errors.Interrupted`` (the CLI exits 130).
+    A second signal interrupts at once (KeyboardInterrupt), losing only the current step.
+    """
+    def handler(signum, frame):
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+        _STOP.set()
+        log.warning("leanlm: %s: saving a checkpoint after this step, then stopping (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    _STOP.clear()
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _STOP.clear()

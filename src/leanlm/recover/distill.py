@@ -34,8 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from leanlm.errors import LeanLMError
-from leanlm.recover.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from leanlm.errors import Interrupted, LeanLMError
+from leanlm.recover.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, stop_requested
 from leanlm.recover.config import TRAJECTORY_FIELDS, DistillConfig, DistillResult
 from leanlm.recover.losses import kd_loss, kd_loss_topk
 from leanlm.recover.teacher_cache import TeacherTopK, build_teacher_topk
@@ -326,8 +326,13 @@ def _loop(run: _Run) -> None:
         last = run.step == cfg.steps or out_of_time
         if cfg.eval_every and (run.step % cfg.eval_every == 0 or last):
             _evaluate(run)
-        if last or (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0):
+        stop = stop_requested() and not last  # Ctrl-C / SIGTERM under stop_on_signals: keep this step
+        if last or stop or (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0):
             _save(run)
+        if stop:
+            bar.close()
+            raise Interrupted(f"interrupted at step {run.step} of {cfg.steps}: checkpoint saved in {run.checkpoint}; "
+                              "run the same command with --resume to continue")
         if out_of_time:
             run.stopped_early = True
             log.warning("max_minutes=%s reached: stopped after step %d of %d", cfg.max_minutes, run.step, cfg.steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -31,14 +32,16 @@ def plot_head_heatmap(scores: HeadScores, path: str | Path, which: str = "head")
     attribute, label = WHICH[which]
     grid = padded(getattr(scores, attribute))
     layers, width = grid.shape
-    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * width, 1.5 + 0.18 * layers))
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.5 + 0.45 * width), 1.8 + 0.18 * layers))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # grey: heads a layer does not have
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
     ax.set_xlabel(label)
     ax.set_ylabel("layer")
     ax.set_xticks(range(width))
     ax.set_yticks(range(0, layers, max(1, layers // 15)))
-    ax.set_title(f"{scores.scorer} importance per {label} (higher = more important)", fontsize=9)
+    title = f"{scores.scorer} importance per {label} (higher = more important)"
+    # Wrapped to the figure's width (about 14 characters per inch at 9 pt), so no title is clipped.
+    ax.set_title(textwrap.fill(title, max(20, int(fig.get_figwidth() * 11))), fontsize=9)
     fig.colorbar(image, ax=ax, label=scores.scorer)
     fig.tight_layout()
     _save(fig, Path(path))

@@ -24,6 +24,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,11 +35,42 @@ def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_modes(root: Path) -> None:
+    """Give files (0666) and folders (0777) under ``root`` the modes the umask allows.
+
+    Temp files and folders (mkstemp, mkdtemp, and transformers' own temp writes) are private
+    (0600/0700); renamed into place they would keep that, unlike every other output file.
+    """
+    root, mask = Path(root), _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def check_new_output(out: Path) -> None:
-    """Results directories are never overwritten: refuse an existing non-empty one up front."""
+    """Results directories are never overwritten: refuse an existing non-empty one up front.
+
+    Also checks that ``out`` can be created (its parent folder is made, and a staging folder is
+    created and removed there), so an unwritable place fails before any work, in one sentence.
+    """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LeanLMError(f"output '{out}' already exists and is not empty; results are never overwritten, pick a new --out")
+    blocking = next((p for p in out.absolute().parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise LeanLMError(f"cannot write the output '{out}': '{blocking}' is a file, not a folder; pick another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)).rmdir()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise LeanLMError(f"cannot write the output '{out}' ({reason}); pick another --out") from None
 
 
 @contextlib.contextmanager
@@ -54,6 +86,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     try:
         yield stage
         check_new_output(out)  # someone may have created it meanwhile
+        ordinary_modes(stage)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(stage, out)
