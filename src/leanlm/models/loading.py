@@ -132,6 +132,10 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32"
         compact = maybe_load_compact(where, torch_dtype)  # per-layer shapes (global pruning), else None
         if compact is not None:
             return compact.eval()
+        from leanlm.transforms.quantize.checkpoint import is_quantized_dir, load_quantized
+
+        if is_quantized_dir(where):  # int8/int4 weights saved by save_quantized
+            return load_quantized(where, torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as err:
