@@ -1,8 +1,8 @@
 """Benchmark: int8 / int4 weight-only quantization of the real model against bf16, side by side.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/weight_quant.py --out runs/weight_quant.json
+    LEANLM_DATA_DIR=../shared/data PYTHONPATH=src .venv/bin/python benchmarks/weight_quant.py --out runs/weight_quant.json
 
-For each variant (bf16, int8, int4 with --group-size) in one process: WikiText-2 test perplexity
+For each variant (bf16, int8, int4 for each of --group-sizes) in one process: WikiText-2 test perplexity
 (sliding windows 1024/512 over the first --max-tokens tokens) and the same on the out-of-domain
 text (Botchan), bytes of every parameter and buffer held, and decode tokens/s of a plain greedy
 loop (a --prompt-token prompt, then --new-tokens steps through a DynamicCache), timed in
@@ -101,7 +101,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write (never overwritten)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--group-size", type=int, default=64, help="int4 group size (SmolLM2: 32 or 64 divide 576)")
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32],
+                        help="int4 group sizes, one variant each (SmolLM2: 32 or 64 divide 576)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens of each text scored for perplexity")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -112,13 +114,16 @@ def main() -> int:
         if args.out.exists():
             raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
         torch.manual_seed(0)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         tokenizer = load_tokenizer(args.model)
         base = load_model(args.model, "bfloat16")
         models, reports = {"bf16": base}, {}
-        for scheme in ("int8", "int4"):
-            models[scheme] = copy.deepcopy(base)
-            reports[scheme] = quantize_weights(models[scheme], scheme, args.group_size)
-        results = {"model": args.model, "int4_group_size": args.group_size, "threads": torch.get_num_threads(),
+        variants = [("int8", "int8", 0)] + [(f"int4-g{g}", "int4", g) for g in args.group_sizes]
+        for name, scheme, group in variants:
+            models[name] = copy.deepcopy(base)
+            reports[name] = quantize_weights(models[name], scheme, group)
+        results = {"model": args.model, "threads": torch.get_num_threads(),
                    "note": "shared 2-core machine: compare ratios within this run only",
                    "quantize_reports": reports, "variants": {}}
         for name, model in models.items():
@@ -134,7 +139,7 @@ def main() -> int:
         prompt = torch.tensor([text[: args.prompt_tokens]])  # (1, P): a fixed, real prompt
         speed = decode_side_by_side(models, prompt, args.new_tokens, args.rounds)
         results["decode"] = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds, **speed}
-        results["micro_matmul"] = matmul_micro(base, args.group_size, rounds=3)
+        results["micro_matmul"] = matmul_micro(base, args.group_sizes[0], rounds=3)
         bf = results["variants"]["bf16"]
         for name, row in results["variants"].items():
             row["bytes_ratio_vs_bf16"] = bf["weight_bytes_held"] / row["weight_bytes_held"]

@@ -194,3 +194,16 @@ def test_save_refuses_a_float_model(tmp_path):
 def test_quantized_linear_is_registered():
     assert set(SCHEMES) == {"int8", "int4"}
     assert all(issubclass(c, QuantizedLinear) for c in SCHEMES.values())
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_prefill_path_matches_the_kernel(scheme):
+    """Above KERNEL_MAX_ROWS rows the weight is dequantized for the call: same products, float rounding aside."""
+    from leanlm.transforms.quantize.base import KERNEL_MAX_ROWS
+
+    lin = _linear(80, 64, torch.bfloat16)
+    q = SCHEMES[scheme].from_float(lin.weight, lin.bias, GROUP)
+    x = torch.randn(KERNEL_MAX_ROWS + 8, 64, dtype=torch.bfloat16)
+    by_kernel = torch.cat([q(x[i : i + 8]) for i in range(0, len(x), 8)])  # (rows, out), kernel path
+    torch.testing.assert_close(q(x), by_kernel, rtol=2e-2, atol=2e-2)
+    assert q(x[None]).shape == (1, len(x), 80)

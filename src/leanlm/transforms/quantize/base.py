@@ -13,9 +13,14 @@ from abc import abstractmethod
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import LeanLMError
+
+# The packed kernels are matrix-vector kernels: fast at decode (few rows), several times slower than
+# the float GEMM at prefill. Above this many rows, forward dequantizes the weight for that call.
+KERNEL_MAX_ROWS = 128
 
 
 class QuantizedLinear(nn.Module):
@@ -77,10 +82,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, in_dtype = x.shape, x.dtype
         x2d = x.reshape(-1, self.in_features).to(self.scale_dtype())  # (tokens, in)
-        if x2d.device.type == "cpu":
-            y = self._kernel(x2d.contiguous())  # (tokens, out)
-        else:  # no packed kernel here: correct, not fast
-            y = x2d @ self.dequantize().T
+        if x2d.device.type == "cpu" and x2d.shape[0] <= KERNEL_MAX_ROWS:
+            y = self._kernel(x2d.contiguous())  # (tokens, out): reads the packed codes
+        else:  # prefill, or no packed kernel on this device: a float copy of this one weight, for this call only
+            y = F.linear(x2d, self.dequantize())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype).reshape(*shape[:-1], self.out_features)

@@ -62,7 +62,7 @@ class Int4Linear(QuantizedLinear):
         return cls.from_codes(codes, state["scales"], state["zeros"], group_size, state.get("bias"))
 
     def portable_state(self) -> dict[str, torch.Tensor]:
-        codes = self._kernel_rows(torch.arange(self.out_features, device=self.packed.device))  # (out, in)
+        codes = self._all_codes()  # (out, in)
         plain = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # (out, in / 2)
         scales, zeros = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, in / group) each
         state = {"qweight": plain, "scales": scales.contiguous(), "zeros": zeros.contiguous()}
@@ -87,6 +87,26 @@ class Int4Linear(QuantizedLinear):
         offset = (block_start * self.in_features // 2)[:, None] + k[None, :] * (width // 2)[:, None] + col[:, None]  # (T, in)
         byte = self.packed.reshape(-1)[offset].long()
         return torch.where(high[:, None], byte >> 4, byte & 0xF)
+
+    def _all_codes(self) -> torch.Tensor:
+        """Every row's codes (out, in) uint8, unpacked with reshapes (no gather): the fast full path."""
+        n_full, k = self.out_features // BLOCK * BLOCK, self.in_features
+        parts = []
+        if n_full:
+            blocks = self.packed.reshape(-1)[: n_full * k // 2].reshape(n_full // BLOCK, k, BLOCK // 2)  # (nb, in, 32)
+            both = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # (nb, in, 64): rows j then j + 32
+            parts.append(both.permute(0, 2, 1).reshape(n_full, k))
+        if n_full < self.out_features:
+            tail = self.packed.reshape(-1)[n_full * k // 2 :].reshape(k, -1)  # (in, tail / 2)
+            both = torch.stack([tail & 0xF, tail >> 4], dim=-1)  # (in, tail / 2, 2): rows 2j, 2j + 1
+            parts.append(both.reshape(k, -1).T)
+        return torch.cat(parts)
+
+    def dequantize(self) -> torch.Tensor:
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # (in / group, out) each
+        codes = self._all_codes().reshape(self.out_features, -1, self.group_size).float() - 8  # (out, groups, g)
+        w = codes * scale.T[..., None] + zero.T[..., None]
+        return w.reshape(self.out_features, self.in_features).to(self.scale_dtype())
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         codes = self._kernel_rows(rows)  # (T, in)

@@ -53,5 +53,9 @@ class Int8Linear(QuantizedLinear):
     def step_sizes(self) -> torch.Tensor:
         return self.scales.float()[:, None].expand(self.out_features, self.in_features)
 
+    def dequantize(self) -> torch.Tensor:
+        # codes <= 127 are exact in any float dtype, so one rounding of the product, as in dequantize_rows
+        return self.qweight.to(self.scales.dtype).mul_(self.scales[:, None])  # (out, in)
+
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)  # (tokens, out)
