@@ -207,3 +207,40 @@ def test_prefill_path_matches_the_kernel(scheme):
     by_kernel = torch.cat([q(x[i : i + 8]) for i in range(0, len(x), 8)])  # (rows, out), kernel path
     torch.testing.assert_close(q(x), by_kernel, rtol=2e-2, atol=2e-2)
     assert q(x[None]).shape == (1, len(x), 80)
+
+
+def test_activation_aware_scales_cut_the_output_error_on_outlier_channels():
+    """With a few input channels carrying 30x larger activations, the scale search beats plain RTN."""
+    from leanlm.transforms.quantize.awq import ScaleSearchConfig, search_input_scale
+
+    lin = _linear(64, 128, torch.float32)
+    x = torch.randn(256, 128)
+    x[:, :4] *= 30  # (tokens, in): outlier channels, as LLM activations have
+    scale, errors = search_input_scale(lin.weight, x.abs().mean(0), x, GROUP, ScaleSearchConfig())
+    assert scale is not None and min(errors, key=errors.get) > 0
+    awq = Int4Linear.from_float(lin.weight, None, GROUP, input_scale=scale)
+    rtn = Int4Linear.from_float(lin.weight, None, GROUP)
+    exact = x @ lin.weight.T
+    err_awq = (awq(x[:100]) - exact[:100]).pow(2).mean()  # kernel path (<= KERNEL_MAX_ROWS rows)
+    err_rtn = (rtn(x[:100]) - exact[:100]).pow(2).mean()
+    assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)
+    assert errors[0.0] == pytest.approx((x @ rtn.dequantize().T - exact).pow(2).mean().item(), rel=1e-4)
+    torch.testing.assert_close(awq(x[:8]), x[:8] @ awq.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_search_model_saves_and_reloads(dtype, tmp_path, random_ids):
+    model = _float_model(dtype)
+    calibration = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))]
+    report = quantize_weights(model, "int4", GROUP, calibration=calibration)
+    held = [m.input_scale for m in model.modules() if isinstance(m, Int4Linear) and m.input_scale is not None]
+    assert sum(report["scale_search"]["alpha_counts"].values()) == report["layers_quantized"]
+    assert len(held) == report["layers_quantized"] - report["scale_search"]["alpha_counts"]["0.0"]
+    assert report["weight_bytes_after"] == held_bytes(model)
+    with torch.no_grad():
+        ref = model(random_ids).logits
+    save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(random_ids).logits, ref)
+    with pytest.raises(LeanLMError, match="int4 only"):
+        quantize_weights(_float_model(), "int8", GROUP, calibration=calibration)

@@ -8,6 +8,8 @@ rows from the quantized head, so the two stay one tensor (and are counted once).
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from torch import nn
 
 from leanlm.errors import LeanLMError
@@ -19,6 +21,8 @@ from leanlm.transforms.quantize.base import (
     scheme_class,
     tensors_held,
 )
+from leanlm.transforms.base import check_calibration
+from leanlm.transforms.quantize.awq import ScaleSearchConfig, collect_inputs, search_input_scale
 from leanlm.transforms.quantize.int4 import Int4Linear
 from leanlm.transforms.quantize.int8 import Int8Linear
 
@@ -50,21 +54,35 @@ def check_scheme(model: nn.Module, scheme: str, group_size: int) -> type[Quantiz
     return cls
 
 
-def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128) -> dict:
+def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128, calibration: list | None = None,
+                     search: ScaleSearchConfig | None = None) -> dict:
     """Quantize every nn.Linear of ``model`` in place (attention, MLP, output head); return a report.
 
     int8: symmetric, one scale per output channel (``group_size`` does not apply). int4: asymmetric,
     one scale and zero per ``group_size`` inputs (32, 64, 128 or 256; it must divide every layer's
     in_features: SmolLM2's 576 takes 32 or 64). Scales keep the weights' dtype. The report counts
     the bytes of every parameter and buffer held before and after (each storage once).
+    ``calibration`` ((batch, seq) token ids of WikiText-2 validation): int4 only, an activation-aware
+    scale search per layer (awq.py) instead of plain round-to-nearest.
     """
     cls = check_scheme(model, scheme, group_size)
+    if calibration is not None and cls.bits != 4:
+        raise LeanLMError("the activation-aware scale search (calibration) applies to int4 only")
+    scales, alphas = {}, {}
+    if calibration is not None:
+        search = search or ScaleSearchConfig()
+        inputs = collect_inputs(model, check_calibration(calibration, "the int4 scale search"), search.sample_tokens)
+        for name, linear in linear_layers(model).items():
+            mean_abs, sample = inputs[name]
+            scales[name], errors = search_input_scale(linear.weight, mean_abs, sample, group_size, search)
+            alphas[name] = min(errors, key=errors.get)
     before = held_bytes(model)
     tied = _is_tied(model)
     head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None) if tied else None
     layers = linear_layers(model)
     for name, linear in layers.items():
-        _set_module(model, name, cls.from_float(linear.weight, linear.bias, group_size))
+        extra = {"input_scale": scales[name]} if scales.get(name) is not None else {}
+        _set_module(model, name, cls.from_float(linear.weight, linear.bias, group_size, **extra))
     if tied:  # the embedding reads the quantized head's rows; the float table is dropped
         old = model.get_input_embeddings()
         model.set_input_embeddings(QuantizedEmbedding(model.get_submodule(head_name), old.padding_idx))
@@ -78,6 +96,10 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128) -> di
         "weight_bytes_before": before,
         "weight_bytes_after": after,
         "bytes_ratio": before / after,
+        "scale_search": None if calibration is None else {
+            "calibration_tokens": sum(b.numel() for b in calibration), **asdict(search),
+            "alpha_counts": {str(a): sum(v == a for v in alphas.values()) for a in search.alphas},
+        },
     }
 
 
@@ -95,6 +117,7 @@ __all__ = [
     "Int8Linear",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "ScaleSearchConfig",
     "check_scheme",
     "held_bytes",
     "linear_layers",

@@ -26,11 +26,14 @@ class Int4Linear(QuantizedLinear):
     scheme = "int4"
     bits = 4
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None):
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor | None = None):
         out_features, in_features = packed.shape[0], packed.shape[1] * 2
         super().__init__(in_features, out_features, group_size, bias)
         self.register_buffer("packed", packed)  # (out, in / 2) uint8, the kernel's layout
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / group, out, 2)
+        # AWQ-style (see awq.py): the codes quantize W * diag(1 / input_scale); x is multiplied by it first
+        self.register_buffer("input_scale", input_scale)  # (in,) or None
 
     @classmethod
     def check(cls, in_features: int, out_features: int, group_size: int) -> str | None:
@@ -44,28 +47,33 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> "Int4Linear":
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                   input_scale: torch.Tensor | None = None) -> "Int4Linear":
+        if input_scale is not None:  # W x = (W / input_scale) (input_scale * x), per input channel
+            input_scale = input_scale.to(weight.dtype)  # rounded first: the kernel multiplies by this one
+            weight = (weight.float() / input_scale.float()[None, :]).to(weight.dtype)
         codes, scales, zeros = quantize_groups(weight, group_size)
-        return cls.from_codes(codes, scales, zeros, group_size, bias)
+        return cls.from_codes(codes, scales, zeros, group_size, bias, input_scale)
 
     @classmethod
-    def from_codes(cls, codes, scales, zeros, group_size: int, bias) -> "Int4Linear":
+    def from_codes(cls, codes, scales, zeros, group_size: int, bias, input_scale=None) -> "Int4Linear":
         """codes (out, in) int in [0, 15]; scales, zeros (out, in / group) in the compute dtype."""
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).cpu().contiguous(), 1)
         sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (in / group, out, 2)
-        return cls(packed.to(scales.device), sz, group_size, bias)
+        return cls(packed.to(scales.device), sz, group_size, bias, input_scale)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], group_size: int) -> "Int4Linear":
         plain = state["qweight"]  # (out, in / 2) uint8: low nibble = even column, high = odd column
         codes = torch.stack([plain & 0xF, plain >> 4], dim=-1).reshape(plain.shape[0], -1)  # (out, in)
-        return cls.from_codes(codes, state["scales"], state["zeros"], group_size, state.get("bias"))
+        return cls.from_codes(codes, state["scales"], state["zeros"], group_size, state.get("bias"), state.get("input_scale"))
 
     def portable_state(self) -> dict[str, torch.Tensor]:
         codes = self._all_codes()  # (out, in)
         plain = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # (out, in / 2)
         scales, zeros = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, in / group) each
         state = {"qweight": plain, "scales": scales.contiguous(), "zeros": zeros.contiguous()}
+        state |= {"input_scale": self.input_scale} if self.input_scale is not None else {}
         return state | ({"bias": self.bias} if self.bias is not None else {})
 
     def scale_dtype(self) -> torch.dtype:
@@ -105,20 +113,26 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         scale, zero = self.scales_and_zeros.float().unbind(-1)  # (in / group, out) each
         codes = self._all_codes().reshape(self.out_features, -1, self.group_size).float() - 8  # (out, groups, g)
-        w = codes * scale.T[..., None] + zero.T[..., None]
-        return w.reshape(self.out_features, self.in_features).to(self.scale_dtype())
+        w = (codes * scale.T[..., None] + zero.T[..., None]).reshape(self.out_features, self.in_features)
+        return self._unscale(w).to(self.scale_dtype())
+
+    def _unscale(self, w: torch.Tensor) -> torch.Tensor:
+        """Codes-space weights (float32, (..., in)) -> the layer's weights (times input_scale, if any)."""
+        return w if self.input_scale is None else w * self.input_scale.float()
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         codes = self._kernel_rows(rows)  # (T, in)
         sz = self.scales_and_zeros[:, rows.long()]  # (in / group, T, 2)
         scale = sz[..., 0].float().T.repeat_interleave(self.group_size, dim=1)  # (T, in)
         zero = sz[..., 1].float().T.repeat_interleave(self.group_size, dim=1)
-        return ((codes - 8).float() * scale + zero).to(self.scale_dtype())
+        return self._unscale((codes - 8).float() * scale + zero).to(self.scale_dtype())
 
     def step_sizes(self) -> torch.Tensor:
-        return self.scales_and_zeros[..., 0].float().T.repeat_interleave(self.group_size, dim=1)  # (out, in)
+        return self._unscale(self.scales_and_zeros[..., 0].float().T.repeat_interleave(self.group_size, dim=1))  # (out, in)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x2d = x2d * self.input_scale  # (tokens, in)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size, self.scales_and_zeros)
 
 
@@ -142,3 +156,10 @@ def quantize_groups(weight: torch.Tensor, group_size: int, clip: torch.Tensor | 
     q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None]) + 8
     codes = q.clamp_(0, 15).to(torch.uint8).reshape(out_f, in_f)
     return codes, scale, zero
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 (out, in) weight of ``quantize_groups``' output: (q - 8) * scale + zero."""
+    out_f, in_f = codes.shape
+    q = codes.reshape(out_f, -1, group_size).float() - 8  # (out, groups, g)
+    return (q * scale.float()[..., None] + zero.float()[..., None]).reshape(out_f, in_f)
