@@ -2,10 +2,11 @@
 
     LEANLM_DATA_DIR=../shared/data PYTHONPATH=src .venv/bin/python benchmarks/weight_quant.py --out runs/weight_quant.json
 
-For each variant (bf16, int8, int4 for each of --group-sizes) in one process: WikiText-2 test perplexity
+For each variant (bf16, int8, int4 for each of --group-sizes, int4 with the activation-aware
+scale search on WikiText-2 validation for each of --awq-groups) in one process: WikiText-2 test perplexity
 (sliding windows 1024/512 over the first --max-tokens tokens) and the same on the out-of-domain
 text (Botchan), bytes of every parameter and buffer held, and decode tokens/s of a plain greedy
-loop (a --prompt-token prompt, then --new-tokens steps through a DynamicCache), timed in
+loop (the first --prompt-tokens tokens of WikiText-2 validation, then --new-tokens steps through a DynamicCache), timed in
 alternating rounds (bf16, int8, int4, bf16, ...) with medians; the machine is shared, so only the
 ratios measured together mean anything. Also a matmul micro-benchmark (one MLP up projection and
 the output head, batch 1 and 8) of the float kernel against the packed int8/int4 kernels.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from leanlm.data.windows import calibration_batches, tokenize_split
 from leanlm.errors import LeanLMError
 from leanlm.evaluate.perplexity import PerplexityProtocol, perplexity
 from leanlm.models import load_model, load_tokenizer
@@ -103,6 +105,10 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32],
                         help="int4 group sizes, one variant each (SmolLM2: 32 or 64 divide 576)")
+    parser.add_argument("--awq-groups", type=int, nargs="*", default=[64],
+                        help="int4 group sizes to also quantize with the activation-aware scale search")
+    parser.add_argument("--calibration", type=int, nargs=2, default=[16, 512], metavar=("SAMPLES", "LEN"),
+                        help="WikiText-2 validation windows for the scale search")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens of each text scored for perplexity")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -123,6 +129,13 @@ def main() -> int:
         for name, scheme, group in variants:
             models[name] = copy.deepcopy(base)
             reports[name] = quantize_weights(models[name], scheme, group)
+        if args.awq_groups:
+            calibration = calibration_batches(tokenizer, args.calibration[0], args.calibration[1], batch_size=4)
+        for group in args.awq_groups:
+            name, start = f"int4-g{group}-awq", time.perf_counter()
+            models[name] = copy.deepcopy(base)
+            reports[name] = quantize_weights(models[name], "int4", group, calibration=calibration)
+            reports[name]["seconds"] = time.perf_counter() - start
         results = {"model": args.model, "threads": torch.get_num_threads(),
                    "note": "shared 2-core machine: compare ratios within this run only",
                    "quantize_reports": reports, "variants": {}}
@@ -135,8 +148,7 @@ def main() -> int:
                     row[f"ppl_{split}"], row[f"protocol_{split}"] = res.perplexity, res.protocol
             results["variants"][name] = row
             print(name, {k: v for k, v in row.items() if not k.startswith("protocol")}, flush=True)
-        text = tokenizer(open(Path(__file__).parent.parent / "README.md").read())["input_ids"]
-        prompt = torch.tensor([text[: args.prompt_tokens]])  # (1, P): a fixed, real prompt
+        prompt = tokenize_split(tokenizer, "validation")[None, : args.prompt_tokens]  # (1, P): fixed, real text
         speed = decode_side_by_side(models, prompt, args.new_tokens, args.rounds)
         results["decode"] = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds, **speed}
         results["micro_matmul"] = matmul_micro(base, args.group_sizes[0], rounds=3)
