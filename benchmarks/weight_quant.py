@@ -28,6 +28,7 @@ from leanlm.data.windows import calibration_batches, tokenize_split
 from leanlm.errors import LeanLMError
 from leanlm.evaluate.perplexity import PerplexityProtocol, perplexity
 from leanlm.models import load_model, load_tokenizer
+from leanlm.models.compat import with_cache
 from leanlm.report import atomic_write_json, git_info, versions
 from leanlm.transforms.quantize import Int4Linear, Int8Linear, held_bytes, quantize_weights
 
@@ -36,12 +37,12 @@ from leanlm.transforms.quantize import Int4Linear, Int8Linear, held_bytes, quant
 def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
     """Prefill ``prompt`` (1, P), then ``new_tokens`` greedy steps; returns (decode seconds, tokens)."""
     cache = DynamicCache(config=model.config)
-    logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (1, 1, vocab)
+    logits = model(prompt, **with_cache(cache), use_cache=True, logits_to_keep=1).logits  # (1, 1, vocab)
     token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     out = [token.item()]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, **with_cache(cache), use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(token.item())
     return time.perf_counter() - start, out
@@ -107,7 +108,7 @@ def main() -> int:
                         help="int4 group sizes, one variant each (SmolLM2: 32 or 64 divide 576)")
     parser.add_argument("--awq-groups", type=int, nargs="*", default=[64],
                         help="int4 group sizes to also quantize with the activation-aware scale search")
-    parser.add_argument("--calibration", type=int, nargs=2, default=[16, 512], metavar=("SAMPLES", "LEN"),
+    parser.add_argument("--calibration", type=int, nargs=2, default=[8, 256], metavar=("SAMPLES", "LEN"),
                         help="WikiText-2 validation windows for the scale search")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens of each text scored for perplexity")
