@@ -22,7 +22,7 @@ from leanlm.transforms.quantize.base import (
     tensors_held,
 )
 from leanlm.transforms.base import check_calibration
-from leanlm.transforms.quantize.awq import ScaleSearchConfig, collect_inputs, search_input_scale
+from leanlm.transforms.quantize.awq import ScaleSearchConfig, search_scales
 from leanlm.transforms.quantize.int4 import Int4Linear
 from leanlm.transforms.quantize.int8 import Int8Linear
 
@@ -71,11 +71,8 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128, calib
     scales, alphas = {}, {}
     if calibration is not None:
         search = search or ScaleSearchConfig()
-        inputs = collect_inputs(model, check_calibration(calibration, "the int4 scale search"), search.sample_tokens)
-        for name, linear in linear_layers(model).items():
-            mean_abs, sample = inputs[name]
-            scales[name], errors = search_input_scale(linear.weight, mean_abs, sample, group_size, search)
-            alphas[name] = min(errors, key=errors.get)
+        calibration = check_calibration(calibration, "the int4 scale search")
+        scales, alphas = search_scales(model, linear_layers(model), calibration, group_size, search)
     before = held_bytes(model)
     tied = _is_tied(model)
     head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None) if tied else None

@@ -72,3 +72,15 @@ def search_input_scale(weight: torch.Tensor, mean_abs: torch.Tensor, x: torch.Te
         if err < best[0]:
             best = (err, None if alpha == 0 else 1 / s)
     return best[1], errors
+
+
+def search_scales(model: nn.Module, layers: dict[str, nn.Linear], calibration: list[torch.Tensor], group_size: int,
+                  config: ScaleSearchConfig) -> tuple[dict[str, torch.Tensor | None], dict[str, float]]:
+    """``input_scale`` (or None) and the chosen alpha of every layer, from one calibration pass."""
+    inputs = collect_inputs(model, calibration, config.sample_tokens)
+    scales, alphas = {}, {}
+    for name, linear in layers.items():
+        mean_abs, sample = inputs[name]
+        scales[name], errors = search_input_scale(linear.weight, mean_abs, sample, group_size, config)
+        alphas[name] = min(errors, key=errors.get)
+    return scales, alphas
