@@ -96,6 +96,10 @@ def load_model(
         compact = maybe_load_compact(where, torch_dtype)  # per-layer shapes (global pruning), else None
         if compact is not None:
             return compact.to(target).eval()
+        from leanlm.transforms.quantize.checkpoint import is_quantized_dir, load_quantized
+
+        if is_quantized_dir(where):  # int8/int4 weights saved by save_quantized
+            return load_quantized(where, torch_dtype).to(target)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as err:

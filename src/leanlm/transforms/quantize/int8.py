@@ -1,0 +1,61 @@
+"""int8 weights, symmetric, one scale per output channel: ``w ~= q * scale`` with q in [-127, 127].
+
+The matmul is ATen's ``_weight_int8pack_mm(x, q, scale)`` (CPU), which reads the int8 codes and
+converts them inside the kernel: half the bytes of bf16 read per step. The group size does not
+apply (one scale per row), so any ``group_size`` is accepted and recorded as 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanlm.transforms.quantize.base import QuantizedLinear, register, round_up_scale
+
+
+@register
+class Int8Linear(QuantizedLinear):
+    scheme = "int8"
+    bits = 8
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        out_features, in_features = qweight.shape
+        super().__init__(in_features, out_features, 0, bias)
+        self.register_buffer("qweight", qweight)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,) in the original weight's dtype
+
+    @classmethod
+    def check(cls, in_features: int, out_features: int, group_size: int) -> str | None:
+        return None
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> "Int8Linear":
+        w = weight.detach().float()  # (out, in)
+        scale = round_up_scale(w.abs().amax(dim=1).clamp_min(1e-8) / 127, weight.dtype)  # (out,)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+        return cls(q.contiguous(), scale, bias)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], group_size: int) -> "Int8Linear":
+        return cls(state["qweight"], state["scales"], state.get("bias"))
+
+    def portable_state(self) -> dict[str, torch.Tensor]:
+        state = {"qweight": self.qweight, "scales": self.scales}
+        return state | ({"bias": self.bias} if self.bias is not None else {})
+
+    def scale_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        w = self.qweight[rows].float() * self.scales[rows, None].float()  # (T, in)
+        return w.to(self.scales.dtype)
+
+    def step_sizes(self) -> torch.Tensor:
+        return self.scales.float()[:, None].expand(self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        # codes <= 127 are exact in any float dtype, so one rounding of the product, as in dequantize_rows
+        return self.qweight.to(self.scales.dtype).mul_(self.scales[:, None])  # (out, in)
+
+    def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)  # (tokens, out)
