@@ -21,6 +21,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, PolicyCache, check_budget
 from leanlm.kvcache.eviction import EvictionLayer, tokens_for_budget
+from leanlm.models import arch_of
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,7 @@ class SinkWindow(CachePolicy):
         return self.position_mode
 
     def make_layer(self, layer_idx: int, model: nn.Module) -> SinkWindowLayer:
-        inv_freq = model.model.rotary_emb.inv_freq if self.position_mode == "cache" else None
+        inv_freq = arch_of(model).inv_freq(layer_idx) if self.position_mode == "cache" else None
         return SinkWindowLayer(self.sink, self.window, inv_freq, self.bits, self.group, bool(self.rotate))
 
     @classmethod

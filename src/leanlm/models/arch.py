@@ -26,6 +26,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from leanlm.errors import LeanLMError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+# The module names of the three transformers families (a family with other names sets its own).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,10 @@ class Family:
     name: str
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE
     attention: str = "self_attn"
-    projections: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    projections: tuple[str, str, str, str] = ATTENTION_PROJECTIONS
     norms: tuple[str, str] = ("q_norm", "k_norm")
     mlp: str = "mlp"
-    mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    mlp_projections: tuple[str, str, str] = MLP_PROJECTIONS
 
 
 FAMILIES: dict[str, Family] = {
@@ -119,6 +122,11 @@ class AttentionView:
         """The factor on q·k before softmax (1/sqrt(head_dim), or Gemma's query_pre_attn_scalar)."""
         return float(getattr(self.module, "scaling", self.head_dim**-0.5))
 
+    def set_index(self, index: int) -> None:
+        """Renumber after layers were removed (the KV cache is indexed by ``layer_idx``)."""
+        self.index = index
+        self.module.layer_idx = index
+
     def set_group_size(self) -> None:
         """After pruning: tell the module how many query heads share each KV head (repeat_kv reads it)."""
         self.module.num_key_value_groups = self.num_heads // self.num_kv_heads
@@ -194,6 +202,17 @@ class ModelArch:
     def mlp(self, index: int) -> MLPView:
         return MLPView(self.family, getattr(self.layers[index], self.family.mlp))
 
+    def set_layers(self, keep: list[int]) -> None:
+        """Keep only the decoder blocks at ``keep`` (in order) and renumber them; ``layer_types`` follows."""
+        layers = self.layers
+        self.body.layers = nn.ModuleList([layers[i] for i in keep])
+        for new_index, layer in enumerate(self.body.layers):
+            self.attention(new_index).set_index(new_index)
+            if hasattr(layer, "layer_idx"):  # Gemma 3's decoder layer keeps its own copy
+                layer.layer_idx = new_index
+        if isinstance(getattr(self.config, "layer_types", None), list):
+            self.config.layer_types = [self.config.layer_types[i] for i in keep]
+
     def layer_types(self) -> list[str]:
         return [view.layer_type for view in self.attentions()]
 
@@ -235,5 +254,5 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return arch_of(model).layers
 
 
-__all__ = ["FAMILIES", "FULL", "SLIDING", "AttentionView", "Family", "MLPView", "ModelArch", "arch_of",
+__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "MLP_PROJECTIONS", "FULL", "SLIDING", "AttentionView", "Family", "MLPView", "ModelArch", "arch_of",
            "decoder_layers", "family_of", "head_dim_of"]
