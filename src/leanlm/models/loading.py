@@ -153,6 +153,11 @@ def _convert_bundled(name: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+        # Another process converted the same model meanwhile: its copy is as good as ours.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
