@@ -10,6 +10,7 @@ from transformers import DynamicCache, LlamaConfig, MistralConfig, MistralForCau
 from leanlm.errors import LeanLMError
 from leanlm.kvcache import CACHE_POLICIES, attach, make_policy
 from leanlm.models import ModelSpec, arch_of, load_model, tiny_model
+from leanlm.transforms import save_compact
 from leanlm.transforms.prune_heads import mask_heads, prune_heads
 from leanlm.transforms.prune_layers import prune_layers
 from leanlm.transforms.prune_mlp import mask_channels, prune_mlp
@@ -27,6 +28,12 @@ def family_model(family: str):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def fam(request):
+    return request.param, family_model(request.param)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gemma3"])
+def kv_fam(request):
+    """The KV tests' families (Llama's own run in test_kvcache.py)."""
     return request.param, family_model(request.param)
 
 
@@ -80,8 +87,8 @@ def test_rotated_keys_are_what_the_model_caches(fam, ids):
 
 
 @pytest.mark.parametrize("name", sorted(CACHE_POLICIES))
-def test_every_policy_at_full_budget_is_the_full_cache(fam, ids, name):
-    family, model = fam
+def test_every_policy_at_full_budget_is_the_full_cache(kv_fam, ids, name):
+    family, model = kv_fam
     reference = run_chunks(model, ids, DynamicCache(config=model.config), CHUNK)
     with attach(model, make_policy(name, 1.0, CONTEXT, group=16)) as cache:
         logits = run_chunks(model, ids, cache, CHUNK)
@@ -91,8 +98,8 @@ def test_every_policy_at_full_budget_is_the_full_cache(fam, ids, name):
 
 
 @pytest.mark.parametrize("name", ["sink_window", "heavy_hitter", "observation_window", "quantized"])
-def test_policies_hold_less_at_a_quarter_budget(fam, ids, name):
-    family, model = fam
+def test_policies_hold_less_at_a_quarter_budget(kv_fam, ids, name):
+    family, model = kv_fam
     full = DynamicCache(config=model.config)
     reference = run_chunks(model, ids, full, CHUNK)
     with attach(model, make_policy(name, 0.25, CONTEXT, group=16, **({"residual": 16} if name == "quantized" else {}))) as cache:
@@ -129,8 +136,6 @@ def test_head_pruning_equals_masking_and_reloads(family, ids, tmp_path):
         attn = arch_of(model).attention(2)
         assert attn.q_proj.bias.shape == (64,) and attn.k_proj.bias.shape == (32,)
     torch.testing.assert_close(logits(model, ids), masked, rtol=1e-4, atol=1e-4)
-    from leanlm.transforms.compact import save_compact
-
     save_compact(model, None, tmp_path)
     torch.testing.assert_close(logits(load_model(str(tmp_path)), ids), logits(model, ids), rtol=0, atol=0)
 

@@ -53,8 +53,8 @@ def default_out(kind: str, model: str) -> Path:
 
 def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat16") -> None:
     parser.add_argument("--model", default="smollm2-135m",
-                        help="bundled name (smollm2-135m), a save_pretrained directory, a .gguf file or a hub id "
-                             "(default: %(default)s)")
+                        help="bundled name (smollm2-135m; qwen2.5-0.5b, gemma3-270m after `make models`), "
+                             "a save_pretrained directory, a .gguf file or a hub id (default: %(default)s)")
     parser.add_argument("--dtype", default=dtype_default, choices=["bfloat16", "float32", "float16"],
                         help="dtype the model runs in; bfloat16 is ~4x faster than float32 on CPUs with AVX-512 BF16 "
                              "and agrees within 1%% on perplexity (default: %(default)s)")

@@ -51,7 +51,7 @@ def stream(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, cach
     """Yield (batch,) token ids one step at a time; the prompt is prefilled in chunks through ``cache``."""
     sampling = sampling or SamplingConfig()
     sampling.validate()
-    cache = DynamicCache() if cache is None else cache
+    cache = DynamicCache(config=model.config) if cache is None else cache
     generator = torch.Generator().manual_seed(sampling.seed)
     batch = prompt_ids.shape[0]
     with torch.inference_mode():

@@ -47,7 +47,7 @@ def cache_layer_inputs(model: nn.Module, batch: torch.Tensor) -> list[LayerInput
 
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in decoder_layers(model)]
     try:
-        model.model(input_ids=batch, use_cache=False)
+        arch_of(model).body(input_ids=batch, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -20,7 +20,6 @@ After eviction, pass ``position_ids`` explicitly (``generate`` does so itself, w
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -214,13 +213,8 @@ def check_budget(budget: float) -> None:
 def capture_queries(view, args: tuple, kwargs: dict, cache: PolicyCache) -> None:
     """Forward pre-hook on an attention module (``view``: its arch view): hand its post-RoPE queries to its cache layer."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (batch, q, hidden)
-    queries = view.rotated_queries(hidden, kwargs["position_embeddings"])  # (batch, heads, q, head_dim)
-    # Policies score q·k / sqrt(head_dim); a model with another attention scale (Gemma 3's
-    # query_pre_attn_scalar) hands over queries rescaled so that this is its real logit.
-    factor = view.scaling * view.head_dim**0.5
-    if not math.isclose(factor, 1.0):
-        queries = queries * factor
-    cache.layers[view.index].queries = queries
+    # Policies score q·k / sqrt(head_dim): the queries come scaled so that this is the model's logit.
+    cache.layers[view.index].queries = view.scoring_queries(hidden, kwargs["position_embeddings"])  # (batch, heads, q, head_dim)
 
 
 def policy_layers(model: nn.Module, policy: CachePolicy) -> list[PolicyLayer]:

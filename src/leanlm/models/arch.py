@@ -17,11 +17,12 @@ The view is live: it reads the modules each time, so a pruned model reports its 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from leanlm.errors import LeanLMError
 
@@ -144,6 +145,15 @@ class AttentionView:
         queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)
         return queries
 
+    def scoring_queries(self, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Rotated queries scaled so that ``q·k / sqrt(head_dim)`` is the model's attention logit.
+
+        Policies and scorers divide by sqrt(head_dim); Gemma 3 scales by query_pre_attn_scalar instead.
+        """
+        queries = self.rotated_queries(hidden, position_embeddings)  # (batch, heads, seq, head_dim)
+        factor = self.scaling * self.head_dim**0.5
+        return queries if math.isclose(factor, 1.0) else queries * factor
+
     def rotated_keys_values(self, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE keys and values (batch, kv_heads, seq, head_dim): what the module puts in a cache."""
         keys = self._heads(self.k_proj, self.k_norm, hidden)
@@ -254,5 +264,5 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return arch_of(model).layers
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "MLP_PROJECTIONS", "FULL", "SLIDING", "AttentionView", "Family", "MLPView", "ModelArch", "arch_of",
+__all__ = ["ATTENTION_PROJECTIONS", "rotate_half", "FAMILIES", "MLP_PROJECTIONS", "FULL", "SLIDING", "AttentionView", "Family", "MLPView", "ModelArch", "arch_of",
            "decoder_layers", "family_of", "head_dim_of"]

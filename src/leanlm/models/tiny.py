@@ -12,6 +12,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from leanlm.models.arch import arch_of
+
 
 def _shape(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size, vocab_size, tie) -> dict:
     return dict(
@@ -64,8 +66,8 @@ def tiny_qwen2(
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # transformers initialises biases to zero; a zero bias would hide slicing bugs
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        for view in arch_of(model).attentions():
+            for proj in (view.q_proj, view.k_proj, view.v_proj):
                 proj.bias.normal_(0.0, 0.5)
     return model
 
@@ -100,9 +102,9 @@ def tiny_gemma3(
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config).eval()
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.normal_(0.0, 0.5)
-            layer.self_attn.k_norm.weight.normal_(0.0, 0.5)
+        for view in arch_of(model).attentions():
+            view.q_norm.weight.normal_(0.0, 0.5)
+            view.k_norm.weight.normal_(0.0, 0.5)
     return model
 
 
