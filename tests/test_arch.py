@@ -109,13 +109,13 @@ def test_policies_hold_less_at_a_quarter_budget(kv_fam, ids, name):
     assert torch.isfinite(logits).all() and not torch.equal(logits, reference)
 
 
-def test_sink_window_cache_positions_rotate_with_each_layers_base(ids):
-    """Gemma 3: StreamingLLM re-rotation uses each layer's own RoPE table (local/global bases differ)."""
-    model = family_model("gemma3")
-    policy = make_policy("sink_window", 1.0, CONTEXT, position_mode="cache")
-    with attach(model, policy) as cache:
+def test_sink_window_cache_positions_use_the_models_rope_and_refuse_sliding_layers():
+    model = family_model("qwen2")
+    with attach(model, make_policy("sink_window", 1.0, CONTEXT, position_mode="cache")) as cache:
         assert torch.equal(cache.layers[1].inv_freq, arch_of(model).inv_freq(1))
-        assert not hasattr(cache.layers[0], "inv_freq")  # a sliding layer keeps the model's own window
+    with pytest.raises(LeanLMError, match="not supported on gemma3"):
+        with attach(family_model("gemma3"), make_policy("sink_window", 1.0, CONTEXT, position_mode="cache")):
+            pass
 
 
 def logits(model, ids):

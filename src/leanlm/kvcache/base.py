@@ -230,6 +230,8 @@ def attach(model: nn.Module, policy: CachePolicy) -> Iterator[PolicyCache]:
     handles = []
     if policy.needs_queries:
         for view in arch_of(model).attentions():
+            if view.sliding_window:
+                continue  # the model's own window (ModelWindowLayer) scores nothing
             hook = lambda module, args, kwargs, view=view: capture_queries(view, args, kwargs, cache)  # noqa: E731
             handles.append(view.module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
