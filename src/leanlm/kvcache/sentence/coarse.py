@@ -74,7 +74,7 @@ class CoarseMaps(nn.Module):
     @classmethod
     def identity(cls, model: nn.Module) -> CoarseMaps:
         """The mean-only maps for ``model`` (pseudo-token = mean key, mean value, bias log n)."""
-        spec = ModelSpec.from_model(model)
+        spec = ModelSpec.from_config(model.config)  # uniform models only (the coarse tier refuses others)
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim)
 
     def save(self, path: str | Path) -> None:
