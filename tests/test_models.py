@@ -77,3 +77,25 @@ def test_gguf_model_exports_and_reloads_with_identical_logits(tmp_path):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
         # The cached bundled copy is the same model too.
         assert torch.equal(model(ids).logits, load_model("smollm2-135m")(ids).logits)
+
+
+def test_gguf_parts_are_assembled_in_order_and_digest_checked(tmp_path):
+    import hashlib
+
+    from leanlm.sources import _assemble
+
+    parts = [tmp_path / "a", tmp_path / "b"]
+    parts[0].write_bytes(b"GGUF" + b"1" * 10)
+    parts[1].write_bytes(b"2" * 7)
+    whole = b"GGUF" + b"1" * 10 + b"2" * 7
+    target = tmp_path / "out" / "m.gguf"
+    _assemble(parts, target, hashlib.sha256(whole).hexdigest())
+    assert target.read_bytes() == whole
+    with pytest.raises(LeanLMError, match="assemble to sha256"):
+        _assemble(parts[::-1], tmp_path / "bad.gguf", hashlib.sha256(whole).hexdigest())
+    assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob(".bad.gguf-*"))
+
+
+def test_bundled_models_name_their_packages():
+    assert {"smollm2-135m", "qwen2.5-0.5b", "gemma3-270m"} <= set(BUNDLED)
+    assert len(BUNDLED["qwen2.5-0.5b"].parts) == 6 and len(BUNDLED["gemma3-270m"].parts) == 4

@@ -53,8 +53,8 @@ SAVED_DTYPE_HELP = ("dtype of the saved weights (default: the source model's dty
 
 def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat16", saved: bool = False) -> None:
     parser.add_argument("--model", default="smollm2-135m",
-                        help="bundled name (smollm2-135m), a save_pretrained directory, a .gguf file or a hub id "
-                             "(default: %(default)s)")
+                        help="bundled name (smollm2-135m; qwen2.5-0.5b, gemma3-270m after `make models`), "
+                             "a save_pretrained directory, a .gguf file or a hub id (default: %(default)s)")
     if saved:
         parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help=SAVED_DTYPE_HELP)
         return

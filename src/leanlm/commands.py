@@ -127,6 +127,7 @@ def run_kv_budget(args: Namespace) -> int:
     spec = dataclasses.replace(
         spec, num_layers=layers, head_dim=args.head_dim or spec.head_dim, heads_per_layer=(heads,) * layers,
         kv_heads_per_layer=(kv_heads,) * layers, intermediate_per_layer=spec.intermediate_per_layer[:1] * layers,
+        window_per_layer=spec.window_per_layer if layers == spec.num_layers else (),  # sliding windows (Gemma 3)
     )
     rows = kv_budget(spec, seq_len=args.seq_len, batch=args.batch, dtype_bytes=args.dtype_bytes,
                      latent_dim=args.latent_dim)

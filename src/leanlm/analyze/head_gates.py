@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.models import ModelSpec, decoder_layers
+from leanlm.models import ModelSpec, arch_of
 
 # (layers, heads) when uniform, else one tensor per layer: (heads_l,), or (batch, heads_l) to gate each
 # sequence of the batch differently (the KL scorer runs many ablations in one stacked forward).
@@ -54,9 +54,9 @@ def head_gates(model: nn.Module, gates: Gates) -> Iterator[None]:
     per_layer = split_gates(gates, spec)
     handles = []
     try:
-        for layer, gate in zip(decoder_layers(model), per_layer):
+        for view, gate in zip(arch_of(model).attentions(), per_layer):
             hook = _gate_hook(gate, spec.head_dim)
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+            handles.append(view.o_proj.register_forward_pre_hook(hook))
         yield
     finally:
         for handle in handles:

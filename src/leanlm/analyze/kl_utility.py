@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from leanlm.analyze.head_gates import head_gates
 from leanlm.analyze.scoring import HeadScorer, HeadScores, calibration_info, to_lists
-from leanlm.models import ModelSpec, decoder_layers
+from leanlm.models import ModelSpec, arch_of, decoder_layers
 
 LayerInput = tuple[tuple, dict]  # (args, kwargs) a decoder layer was called with
 
@@ -47,7 +47,7 @@ def cache_layer_inputs(model: nn.Module, batch: torch.Tensor) -> list[LayerInput
 
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in decoder_layers(model)]
     try:
-        model.model(input_ids=batch, use_cache=False)
+        arch_of(model).body(input_ids=batch, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -82,7 +82,7 @@ def run_from_layer(model: nn.Module, start: int, inputs: list[LayerInput], copie
         hidden = layer(hidden, *args, **kwargs)
         if isinstance(hidden, tuple):  # older transformers / other families return (hidden, ...)
             hidden = hidden[0]
-    return model.model.norm(hidden)
+    return arch_of(model).final_norm(hidden)
 
 
 @dataclass
@@ -143,7 +143,7 @@ class KLUtilityScorer(HeadScorer):
         for rows in final.split(step, dim=1):  # (copies, step, hidden), a strided view
             # contiguous: on torch 2.13 CPU a bf16 Linear on a strided 3-D input whose weight does not
             # require grad (a frozen teacher) takes a ~30x slower path (0.8 s vs 0.025 s measured)
-            log_probs = F.log_softmax(model.lm_head(rows.contiguous()), dim=-1, dtype=torch.float32)  # (copies, step, vocab)
+            log_probs = F.log_softmax(arch_of(model).logits(rows.contiguous()), dim=-1, dtype=torch.float32)  # (copies, step, vocab)
             for copy in range(1, copies):
                 kl = F.kl_div(log_probs[copy], log_probs[0], log_target=True, reduction="sum")
                 sums[copy - 1] += kl.item()

@@ -91,6 +91,15 @@ def kv_budget(
         row("MQA", layers, mqa, f"2 × {layers} layers × 1 kv head × {hd} × {b} B"),
         row(f"MLA latent (d={latent})", 0, layers * latent * b, f"{layers} layers × {latent} latent × {b} B"),
     ]
+    if any(spec.window_per_layer):
+        # Sliding-window layers (Gemma 3's local layers) hold at most window - 1 tokens: at seq_len the
+        # model's own cache is smaller than every layer full. Per token = bytes of the sequence / tokens.
+        held = [min(seq_len, w - 1) if w else seq_len for w in spec.window_per_layer]
+        sliding = 2 * sum(kv * hd * b * h for kv, h in zip(spec.kv_heads_per_layer, held)) / seq_len
+        local = sum(1 for w in spec.window_per_layer if w)
+        rows.append(row(f"{own_name.split()[0]} (model, {local} sliding-window layers) at {seq_len} tokens",
+                        spec.total_kv_heads, sliding,
+                        f"2 × Σ_l kv_heads_l × {hd} × {b} B × min({seq_len}, window_l - 1) / {seq_len}"))
     for bits in quant_bits:
         per_token = quantized_bytes_per_token(spec, bits, quant_group)
         formula = (f"2 × {spec.total_kv_heads} kv heads × {hd} × {bits}/8 B "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from leanlm.analyze.scoring import HeadScorer, HeadScores, to_lists
-from leanlm.models import decoder_layers
+from leanlm.models import arch_of
 
 
 @dataclass
@@ -28,8 +28,8 @@ class MagnitudeScorer(HeadScorer):
         spec, _ = self.spec_and_groups(model)  # also checks heads % kv_heads
         per_head, per_group = [], []
         with torch.no_grad():
-            for layer, heads, kv_heads in zip(decoder_layers(model), spec.heads_per_layer, spec.kv_heads_per_layer):
-                weight = layer.self_attn.o_proj.weight.float()  # (hidden, heads * head_dim)
+            for view, heads, kv_heads in zip(arch_of(model).attentions(), spec.heads_per_layer, spec.kv_heads_per_layer):
+                weight = view.o_proj.weight.float()  # (hidden, heads * head_dim)
                 by_head = weight.view(weight.shape[0], heads, spec.head_dim)  # (hidden, heads, head_dim)
                 per_head.append(by_head.norm(dim=(0, 2)))  # (heads,)
                 # A group's query heads are adjacent (repeat_kv), so its columns are one contiguous block.

@@ -29,10 +29,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leanlm.errors import LeanLMError
-from leanlm.models import decoder_layers
+from leanlm.models import arch_of
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -52,7 +51,7 @@ class PolicyLayer(DynamicLayer):
 
     def __init__(self):
         super().__init__()
-        self.queries: torch.Tensor | None = None  # (batch, heads, q_len, head_dim), post-RoPE
+        self.queries: torch.Tensor | None = None  # (batch, heads, q_len, head_dim), post-RoPE, see capture_queries
         self.seen = 0  # tokens of text this layer has been given
         self.peak = 0  # max over steps of resident + transient bytes
 
@@ -127,6 +126,31 @@ class FullPrecisionLayer(PolicyLayer):
         return tensor_bytes(self.keys, self.values)
 
 
+class ModelWindowLayer(FullPrecisionLayer):
+    """A layer the model itself gives a sliding window (Gemma 3's local layers), kept as the stock cache
+    keeps it: the last ``window - 1`` tokens, whatever the policy. Such a layer's memory is already
+    bounded by the model, and its mask is built from text positions, which eviction would break, so
+    a policy compresses only the model's full-attention layers. ``nbytes`` counts what it holds.
+    """
+
+    is_sliding = True
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
+        keep = self.window - 1
+        self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]  # (batch, kv_heads, <= window - 1, head_dim)
+
+    def get_seq_length(self) -> int:
+        return self.seen  # as transformers' DynamicSlidingWindowLayer: text tokens seen (the query offset)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.held_tokens() if self.is_initialized else 0
+        return held + query_length, self.seen - held  # keys attended, position of the first one
+
+
 class PolicyCache(Cache):
     """A transformers Cache made of policy layers; reports resident/peak bytes and next positions."""
 
@@ -186,25 +210,30 @@ def check_budget(budget: float) -> None:
         raise LeanLMError(f"KV budget must be in (0, 1] (a fraction of the full cache bytes), got {budget}")
 
 
-def capture_queries(module: nn.Module, args: tuple, kwargs: dict, cache: PolicyCache) -> None:
-    """Forward pre-hook on a Llama attention module: hand its post-RoPE queries to its cache layer."""
+def capture_queries(view, args: tuple, kwargs: dict, cache: PolicyCache) -> None:
+    """Forward pre-hook on an attention module (``view``: its arch view): hand its post-RoPE queries to its cache layer."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (batch, q, hidden)
-    cos, sin = kwargs["position_embeddings"]
-    queries = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
-    queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)  # (batch, heads, q, head_dim)
-    cache.layers[module.layer_idx].queries = queries
+    # Policies score q·k / sqrt(head_dim): the queries come scaled so that this is the model's logit.
+    cache.layers[view.index].queries = view.scoring_queries(hidden, kwargs["position_embeddings"])  # (batch, heads, q, head_dim)
+
+
+def policy_layers(model: nn.Module, policy: CachePolicy) -> list[PolicyLayer]:
+    """One cache layer per decoder layer: the policy's, or the model's own window on a sliding layer."""
+    return [ModelWindowLayer(view.sliding_window) if view.sliding_window else policy.make_layer(view.index, model)
+            for view in arch_of(model).attentions()]
 
 
 @contextmanager
 def attach(model: nn.Module, policy: CachePolicy) -> Iterator[PolicyCache]:
     """A fresh cache for ``model`` under ``policy``; hooks (if any) are removed on exit."""
-    layers = decoder_layers(model)
-    cache = PolicyCache([policy.make_layer(i, model) for i in range(len(layers))], positions=policy.positions)
+    cache = PolicyCache(policy_layers(model, policy), positions=policy.positions)
     handles = []
     if policy.needs_queries:
-        for layer in layers:
-            hook = lambda module, args, kwargs: capture_queries(module, args, kwargs, cache)  # noqa: E731
-            handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+        for view in arch_of(model).attentions():
+            if view.sliding_window:
+                continue  # the model's own window (ModelWindowLayer) scores nothing
+            hook = lambda module, args, kwargs, view=view: capture_queries(view, args, kwargs, cache)  # noqa: E731
+            handles.append(view.module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         handles += policy.hooks(model, cache)
         yield cache

@@ -76,12 +76,14 @@ def install(model: nn.Module, cache) -> Installed:
     previous = model.config._attn_implementation
     if previous not in ("sdpa", "eager", ATTENTION_NAME, None):
         raise LeanLMError(f"compressed KV attention replaces sdpa/eager attention, not '{previous}'")
-    modules = [layer.self_attn for layer in decoder_layers(model)]
-    for module, layer in zip(modules, cache.layers):
+    # layers that are not FusedLayer (e.g. a sliding-window layer keeping the model's own window) attend as sdpa
+    pairs = [(block.self_attn, layer) for block, layer in zip(decoder_layers(model), cache.layers)
+             if isinstance(layer, FusedLayer)]
+    for module, layer in pairs:
         setattr(module, LAYER_ATTRIBUTE, layer)
         layer.fused = True
     model.config._attn_implementation = ATTENTION_NAME
-    return Installed(model, modules, list(cache.layers), previous)
+    return Installed(model, [module for module, _ in pairs], [layer for _, layer in pairs], previous)
 
 
 def causal_bias(q_len: int, total: int, mask: torch.Tensor | None, group: int, device) -> torch.Tensor | None:

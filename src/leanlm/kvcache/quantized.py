@@ -34,6 +34,7 @@ from leanlm.kvcache import fused_kernels
 from leanlm.kvcache.fused import FusedLayer, causal_bias, install
 from leanlm.kvcache.quant import (SUPPORTED_BITS, QuantizedTensor, check_bits, check_group, dequantize, hadamard, quantize,
                                   quantized_bytes_per_value)
+from leanlm.models.arch import head_dim_of
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape_dim: int) -> QuantizedTensor:
@@ -148,8 +149,7 @@ class Quantized(CachePolicy):
     def make_layer(self, layer_idx: int, model: nn.Module) -> PolicyLayer:
         if self.bits == 16:
             return FullPrecisionLayer()
-        head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else \
-            model.config.hidden_size // model.config.num_attention_heads
+        head_dim = head_dim_of(model.config)
         if head_dim % self.group:
             raise LeanLMError(f"head_dim {head_dim} is not a multiple of the quantization group {self.group}")
         layer = KiviLayer(self.bits, self.group, self.residual, self.value_bits, bool(self.rotate))

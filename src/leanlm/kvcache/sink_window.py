@@ -21,6 +21,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, PolicyCache, check_budget
 from leanlm.kvcache.eviction import EvictionLayer, tokens_for_budget
+from leanlm.models import arch_of
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,11 @@ class SinkWindow(CachePolicy):
         return self.position_mode
 
     def make_layer(self, layer_idx: int, model: nn.Module) -> SinkWindowLayer:
-        inv_freq = model.model.rotary_emb.inv_freq if self.position_mode == "cache" else None
+        arch = arch_of(model)
+        if self.position_mode == "cache" and any(view.sliding_window for view in arch.attentions()):
+            raise LeanLMError(f"sink_window with cache positions is not supported on {arch.family.name}: its "
+                              "sliding-window layers place keys by text position; use position_mode='original'")
+        inv_freq = arch.inv_freq(layer_idx) if self.position_mode == "cache" else None
         return SinkWindowLayer(self.sink, self.window, inv_freq, self.bits, self.group, bool(self.rotate))
 
     @classmethod

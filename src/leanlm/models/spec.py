@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from leanlm.models.arch import arch_of, head_dim_of
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -18,6 +20,8 @@ class ModelSpec:
     heads_per_layer: tuple[int, ...]  # query heads in each layer
     kv_heads_per_layer: tuple[int, ...]  # key/value heads in each layer
     intermediate_per_layer: tuple[int, ...]  # MLP channels in each layer
+    # Keys a query sees in each layer: the sliding window (Gemma 3's local layers), None for all; empty: all.
+    window_per_layer: tuple[int | None, ...] = ()
 
     @property
     def num_heads(self) -> int:
@@ -47,7 +51,7 @@ class ModelSpec:
     def from_config(cls, config) -> "ModelSpec":
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head_dim = head_dim_of(config)
         layers = config.num_hidden_layers
         return cls(
             num_layers=layers,
@@ -57,24 +61,29 @@ class ModelSpec:
             heads_per_layer=(heads,) * layers,
             kv_heads_per_layer=(kv_heads,) * layers,
             intermediate_per_layer=(config.intermediate_size,) * layers,
+            window_per_layer=windows_of(config, layers),
         )
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelSpec":
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        layers = decoder_layers(model)
+        config, arch = model.config, arch_of(model)
+        attentions = arch.attentions()
         return cls(
-            num_layers=len(layers),
+            num_layers=len(attentions),
             hidden_size=config.hidden_size,
-            head_dim=head_dim,
+            head_dim=head_dim_of(config),
             vocab_size=config.vocab_size,
-            heads_per_layer=tuple(layer.self_attn.q_proj.out_features // head_dim for layer in layers),
-            kv_heads_per_layer=tuple(layer.self_attn.k_proj.out_features // head_dim for layer in layers),
-            intermediate_per_layer=tuple(layer.mlp.up_proj.out_features for layer in layers),
+            heads_per_layer=tuple(view.num_heads for view in attentions),
+            kv_heads_per_layer=tuple(view.num_kv_heads for view in attentions),
+            intermediate_per_layer=tuple(arch.mlp(i).width for i in range(len(attentions))),
+            window_per_layer=windows_of(config, len(attentions)),
         )
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a Llama-style causal LM."""
-    return model.model.layers
+def windows_of(config, layers: int) -> tuple[int | None, ...]:
+    """Per layer, the sliding window of a model that interleaves local layers, else () (all full)."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if not types or not window or "sliding_attention" not in types[:layers]:
+        return ()
+    return tuple(window if kind == "sliding_attention" else None for kind in types[:layers])

@@ -13,9 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from leanlm.errors import LeanLMError
-
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+from leanlm.models.arch import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 
 
 @dataclass

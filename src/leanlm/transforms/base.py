@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.models.weights import param_count, resize_linear  # noqa: F401  (resize_linear: re-exported)
+from leanlm.models.weights import param_count, resize_linear  # noqa: F401  (re-exported)
 from leanlm.settings import build, to_plain
 
 
@@ -40,11 +40,6 @@ class TransformReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "params_removed": self.params_removed}
-
-
-def param_count(model: nn.Module) -> int:
-    """Parameters of the model; ``parameters()`` yields a tied (shared) tensor once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 CONTEXT_KEYS = ("scores", "calibration", "tokenizer")  # what a transform's ``needs`` may name

@@ -25,7 +25,8 @@ from torch import nn
 
 from leanlm.analyze import SCORERS
 from leanlm.errors import LeanLMError
-from leanlm.models import ModelSpec, decoder_layers
+from leanlm.models import ModelSpec, arch_of
+from leanlm.models.arch import AttentionView
 from leanlm.transforms.base import (
     Transform,
     check_choice,
@@ -184,16 +185,19 @@ def _plan_layer(num_heads: int, num_kv: int, remove: set[int], layer: int) -> tu
     return keep, sorted(kept_per_group)
 
 
-def _prune_attention(attn: nn.Module, keep: list[int], keep_kv: list[int], head_dim: int) -> None:
-    """Slice one attention module in place to the kept query heads and KV groups."""
-    num_kv = attn.k_proj.out_features // head_dim
+def _prune_attention(attn: AttentionView, keep: list[int], keep_kv: list[int], head_dim: int) -> None:
+    """Slice one attention module in place to the kept query heads and KV groups.
+
+    Biases (Qwen2) go with their rows; q/k norms (Gemma 3) act per head over head_dim, so they stay.
+    """
+    num_kv = attn.num_kv_heads
     keep_out_features(attn.q_proj, head_rows(keep, head_dim))
     keep_in_features(attn.o_proj, head_rows(keep, head_dim))
     if len(keep_kv) < num_kv:  # whole groups went: their keys and values go too (smaller cache)
         keep_out_features(attn.k_proj, head_rows(keep_kv, head_dim))
         keep_out_features(attn.v_proj, head_rows(keep_kv, head_dim))
-    # Llama reshapes with -1 heads; repeat_kv and sdpa read this per-module attribute.
-    attn.num_key_value_groups = len(keep) // len(keep_kv)
+    # The modules reshape with -1 heads; repeat_kv and sdpa read the per-module group size.
+    attn.set_group_size()
 
 
 def prune_heads(model: nn.Module, remove: dict[int, list[int]]) -> nn.Module:
@@ -209,7 +213,7 @@ def prune_heads(model: nn.Module, remove: dict[int, list[int]]) -> nn.Module:
         if heads
     }
     for layer, (keep, keep_kv) in plans.items():
-        _prune_attention(decoder_layers(model)[layer].self_attn, keep, keep_kv, spec.head_dim)
+        _prune_attention(arch_of(model).attention(layer), keep, keep_kv, spec.head_dim)
         positions[layer] = [positions[layer][h] for h in keep]
     setattr(config, KEPT_HEADS_KEY, positions)
     sync_shape_config(model)  # drops the positions again if the result is a stock config
@@ -242,14 +246,14 @@ def mask_heads(model: nn.Module, remove: dict[int, list[int]]):
     try:
         with torch.no_grad():
             for layer, heads in remove.items():
-                o_proj = decoder_layers(model)[layer].self_attn.o_proj
+                o_proj = arch_of(model).attention(layer).o_proj
                 saved[layer] = o_proj.weight.detach().clone()
                 o_proj.weight[:, head_rows(heads, head_dim)] = 0
         yield model
     finally:
         with torch.no_grad():
             for layer, weight in saved.items():
-                decoder_layers(model)[layer].self_attn.o_proj.weight.copy_(weight)
+                arch_of(model).attention(layer).o_proj.weight.copy_(weight)
 
 
 def pad_heads(model: nn.Module) -> nn.Module:
@@ -265,7 +269,7 @@ def pad_heads(model: nn.Module) -> nn.Module:
     stock_heads, stock_kv, head_dim = config.num_attention_heads, config.num_key_value_heads, spec.head_dim
     stock_group = stock_heads // stock_kv
     for layer, positions in enumerate(head_positions(padded)):
-        attn = decoder_layers(padded)[layer].self_attn
+        attn = arch_of(padded).attention(layer)
         kv_positions = sorted({p // stock_group for p in positions})  # stock KV group of each kept group
         if len(positions) == stock_heads:
             continue
@@ -274,7 +278,7 @@ def pad_heads(model: nn.Module) -> nn.Module:
         if len(kv_positions) < stock_kv:
             scatter_out_features(attn.k_proj, head_rows(kv_positions, head_dim), stock_kv * head_dim)
             scatter_out_features(attn.v_proj, head_rows(kv_positions, head_dim), stock_kv * head_dim)
-        attn.num_key_value_groups = stock_group
+        attn.set_group_size()
     sync_shape_config(padded)
     return padded
 

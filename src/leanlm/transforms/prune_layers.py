@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
-from leanlm.models import decoder_layers
+from leanlm.models import arch_of, decoder_layers
 from leanlm.transforms.base import Transform, check_calibration, register
 from leanlm.models.compact import KEPT_HEADS_KEY, LAYERS_KEPT_KEY, sync_shape_config
 
@@ -75,12 +75,8 @@ def prune_layers(model: nn.Module, layers_to_remove: Sequence[int]) -> nn.Module
         return model
     if not keep:
         raise LeanLMError("removing every layer leaves no model; keep at least one")
-    model.model.layers = nn.ModuleList([layers[i] for i in keep])
-    for new_index, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new_index  # the KV cache is indexed by this
+    arch_of(model).set_layers(keep)  # renumbered for the KV cache; layer_types follow
     config = model.config
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep]
     if getattr(config, KEPT_HEADS_KEY, None) is not None:
         setattr(config, KEPT_HEADS_KEY, [getattr(config, KEPT_HEADS_KEY)[i] for i in keep])
     original = getattr(config, LAYERS_KEPT_KEY, None) or list(range(len(layers)))

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
-from leanlm.models import ModelSpec, decoder_layers
+from leanlm.models import ModelSpec, arch_of
 from leanlm.transforms.base import (
     Transform,
     check_calibration,
@@ -41,10 +41,11 @@ LAYOUTS = ("global", "uniform")
 def channel_scores(model: nn.Module, calibration: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, a (intermediate,) tensor of channel importance (higher = more important)."""
     batches = check_calibration(calibration, "MLP channel scoring")
-    layers = decoder_layers(model)
+    arch = arch_of(model)
+    downs = [arch.mlp(i).down_proj for i in range(len(arch.layers))]
     device = next(model.parameters()).device
     # float32 sums on the model's device: no copy back to the host per batch
-    abs_sums = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]  # (intermediate,)
+    abs_sums = [torch.zeros(down.in_features, device=device) for down in downs]  # (intermediate,)
     tokens = 0
 
     def accumulate(index):
@@ -53,7 +54,7 @@ def channel_scores(model: nn.Module, calibration: Sequence[torch.Tensor]) -> lis
             abs_sums[index] += a.abs().sum(dim=(0, 1))
         return hook
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(accumulate(i)) for i, layer in enumerate(layers)]
+    handles = [down.register_forward_pre_hook(accumulate(i)) for i, down in enumerate(downs)]
     try:
         for batch in tqdm(batches, desc="MLP channel scores", disable=len(batches) < 4):
             model(batch.to(device), use_cache=False, logits_to_keep=1)
@@ -62,8 +63,8 @@ def channel_scores(model: nn.Module, calibration: Sequence[torch.Tensor]) -> lis
         for handle in handles:
             handle.remove()
     return [
-        (abs_sum / tokens * layer.mlp.down_proj.weight.detach().float().norm(dim=0)).cpu()  # (intermediate,)
-        for abs_sum, layer in zip(abs_sums, layers)
+        (abs_sum / tokens * down.weight.detach().float().norm(dim=0)).cpu()  # (intermediate,)
+        for abs_sum, down in zip(abs_sums, downs)
     ]
 
 
@@ -98,12 +99,12 @@ def select_channels(scores: Sequence[torch.Tensor], fraction: float, layout: str
 
 def prune_mlp(model: nn.Module, remove: dict[int, list[int]]) -> nn.Module:
     """Physically remove MLP channels in place (gate/up rows, down columns); update the config."""
-    layers = decoder_layers(model)
+    arch = arch_of(model)
     for layer, channels in sorted(remove.items()):
-        if not 0 <= layer < len(layers):
-            raise LeanLMError(f"cannot prune MLP channels of layer {layer}: the model has {len(layers)} layers")
-        mlp = layers[layer].mlp
-        width = mlp.down_proj.in_features
+        if not 0 <= layer < len(arch.layers):
+            raise LeanLMError(f"cannot prune MLP channels of layer {layer}: the model has {len(arch.layers)} layers")
+        mlp = arch.mlp(layer)
+        width = mlp.width
         drop = set(channels)
         if any(not 0 <= c < width for c in drop):
             raise LeanLMError(f"layer {layer} has {width} MLP channels; a channel index is out of range")
@@ -113,8 +114,8 @@ def prune_mlp(model: nn.Module, remove: dict[int, list[int]]) -> nn.Module:
         keep_out_features(mlp.gate_proj, keep)
         keep_out_features(mlp.up_proj, keep)
         keep_in_features(mlp.down_proj, keep)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(keep)
+        if hasattr(mlp.module, "intermediate_size"):
+            mlp.module.intermediate_size = len(keep)
     sync_shape_config(model)  # uniform widths -> intermediate_size, else leanlm_intermediate_per_layer
     return model
 
@@ -126,14 +127,14 @@ def mask_channels(model: nn.Module, remove: dict[int, list[int]]):
     try:
         with torch.no_grad():
             for layer, channels in remove.items():
-                down = decoder_layers(model)[layer].mlp.down_proj
+                down = arch_of(model).mlp(layer).down_proj
                 saved[layer] = down.weight.detach().clone()
                 down.weight[:, channels] = 0
         yield model
     finally:
         with torch.no_grad():
             for layer, weight in saved.items():
-                decoder_layers(model)[layer].mlp.down_proj.weight.copy_(weight)
+                arch_of(model).mlp(layer).down_proj.weight.copy_(weight)
 
 
 @register

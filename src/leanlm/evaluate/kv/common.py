@@ -13,6 +13,7 @@ from leanlm.errors import LeanLMError
 from leanlm.evaluate.memory import cache_tensors
 from leanlm.generate import next_positions
 from leanlm.kvcache import CachePolicy, attach
+from leanlm.models import arch_of
 from leanlm.models.compat import with_cache
 
 PolicyArg = CachePolicy | Callable[[int], CachePolicy] | None
@@ -40,7 +41,7 @@ def describe_policy(policy: CachePolicy | None) -> dict:
 def open_cache(model, policy: CachePolicy | None) -> Iterator[Cache]:
     """A fresh cache: a plain DynamicCache for ``None``, else the policy's (hooks removed on exit)."""
     if policy is None:
-        yield DynamicCache()
+        yield DynamicCache(config=model.config)  # the model's own layout (Gemma 3: sliding layers hold their window)
     else:
         with attach(model, policy) as cache:
             yield cache
@@ -73,14 +74,14 @@ def forward_hidden(model, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
     """Feed ``ids`` (1-D) through the cache; the final post-norm hidden states, (len(ids), hidden)."""
     device = next(model.parameters()).device
     ids = ids.to(device).unsqueeze(0)  # (1, n)
-    out = model.model(input_ids=ids, **with_cache(cache), position_ids=next_positions(cache, ids.shape[1], device=device),
+    out = arch_of(model).body(input_ids=ids, **with_cache(cache), position_ids=next_positions(cache, ids.shape[1], device=device),
                       use_cache=True)
     return out.last_hidden_state[0]  # (n, hidden)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from final hidden states (LlamaForCausalLM's head), (n, vocab) in model dtype."""
-    return model.get_output_embeddings()(hidden)
+    """Next-token logits from final hidden states (the CausalLM head, soft-capped where the family does), (n, vocab)."""
+    return arch_of(model).logits(hidden)
 
 
 def dtype_name(model) -> str:

@@ -29,11 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.sentence.segment import segment
-from leanlm.models import decoder_layers
+from leanlm.models import ModelSpec, arch_of
+from leanlm.models.arch import rotate_half
 
 
 class CoarseMap(nn.Module):
@@ -75,9 +75,8 @@ class CoarseMaps(nn.Module):
     @classmethod
     def identity(cls, model: nn.Module) -> CoarseMaps:
         """The mean-only maps for ``model`` (pseudo-token = mean key, mean value, bias log n)."""
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
+        spec = ModelSpec.from_config(model.config)  # uniform models only (the coarse tier refuses others)
+        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim)
 
     def save(self, path: str | Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path),
@@ -132,14 +131,13 @@ def collect(model, windows: list[torch.Tensor], is_boundary, max_sentence: int, 
     def grab(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
-        q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
-        k = module.k_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        captured[module.layer_idx] = (q[0], k[0], module.v_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim)
-                                      .transpose(1, 2)[0])
+        view = arch_of(model).attention(module.layer_idx)
+        q = view.scoring_queries(hidden, (cos, sin))  # (batch, heads, seq, head_dim), scaled for 1/sqrt(d)
+        k, v = view.rotated_keys_values(hidden, (cos, sin))  # (batch, kv_heads, seq, head_dim)
+        captured[module.layer_idx] = (q[0], k[0], v[0])
 
-    layers = decoder_layers(model)
-    handles = [layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+    layers = arch_of(model).attentions()
+    handles = [view.module.register_forward_pre_hook(grab, with_kwargs=True) for view in layers]
     samples = []
     try:
         for ids in tqdm(windows, desc="collect K/V", unit="win", leave=False):

@@ -18,7 +18,7 @@ from leanlm.kvcache.sentence.index import SemanticIndex, minilm_installed, share
 from leanlm.kvcache.sentence.layer import SentenceTierLayer
 from leanlm.kvcache.sentence.segment import Segmenter, boundary_token_ids
 from leanlm.kvcache.sentence.stores import SLOW_STORES, MemoryStore, MmapStore
-from leanlm.models import decoder_layers
+from leanlm.models import arch_of
 
 log = logging.getLogger("leanlm")
 
@@ -117,12 +117,14 @@ class SentenceTier(CachePolicy):
         if index is not None:
             for layer in cache.layers:
                 layer.index = index
-            cache.layers[0].count_index = True
+            next(layer for layer in cache.layers if isinstance(layer, SentenceTierLayer)).count_index = True
         feed = lambda module, args, kwargs: feed_token_ids(module, args, kwargs, cache, segmenter, index)  # noqa: E731
-        handles = [model.model.register_forward_pre_hook(feed, with_kwargs=True)]  # the base model sees the ids
+        arch = arch_of(model)
+        handles = [arch.body.register_forward_pre_hook(feed, with_kwargs=True)]  # the base model sees the ids
         select = lambda module, args, kwargs: select_and_fit_mask(module, args, kwargs, cache)  # noqa: E731
-        for layer in decoder_layers(model):
-            handles.append(layer.self_attn.register_forward_pre_hook(select, with_kwargs=True))
+        for view in arch.attentions():
+            if isinstance(cache.layers[view.index], SentenceTierLayer):  # not the model's own sliding windows
+                handles.append(view.module.register_forward_pre_hook(select, with_kwargs=True))
         return handles
 
     @property

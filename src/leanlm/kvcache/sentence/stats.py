@@ -22,7 +22,7 @@ class TierStats:
 
 def tier_stats(cache: PolicyCache) -> TierStats:
     """Bytes in each tier and the traffic between them, summed over a SentenceTier cache's layers."""
-    layers = cache.layers
+    layers = [layer for layer in cache.layers if hasattr(layer, "fast_nbytes")]  # not the model's own sliding windows
     decode = [entry for layer in layers for entry in layer.log if entry.new == 1]
     steps = len(decode) // max(1, len(layers))
     moved = sum(entry.fetched + entry.written for entry in decode)
