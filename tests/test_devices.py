@@ -34,8 +34,8 @@ def test_cli_device_choices_are_the_library_s():
 
 
 @pytest.mark.parametrize("command", [["eval", "--no-speed"], ["analyze"], ["prune", "--out", "OUT"],
-                                     ["generate", "hello"], ["export", "--model", "m", "--out", "OUT"],
-                                     ["distill", "--student", "s", "--out", "OUT"]])
+                                     ["generate", "hello"], ["export", "--model", "smollm2-135m", "--out", "OUT"],
+                                     ["distill", "--student", "smollm2-135m", "--out", "OUT"]])
 def test_cuda_request_without_cuda_exits_2_before_any_work(command, no_cuda, capsys, tmp_path):
     argv = [tmp_path / "out" if part == "OUT" else part for part in command]
     assert cli.main([str(part) for part in argv] + ["--device", "cuda"]) == 2

@@ -146,7 +146,8 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     for section, source, rel in (("baseline", tiny_model_dir, 1e-5), ("recovered", out / "model", 1e-3)):
         again = perplexity(load_model(str(source)), tokenizer, protocol).perplexity
         assert results[section]["perplexity"] == pytest.approx(again, rel=rel), section
-    assert len({results[s]["perplexity"] for s in ("baseline", "pruned", "recovered", "kd_oproj", "lora_kd")}) == 5
+    assert len({results[s]["perplexity"] for s in ("baseline", "pruned", "kd_oproj", "lora_kd")}) == 4
+    assert results["recovered"]["perplexity"] in {results[s]["perplexity"] for s in ("kd_oproj", "lora_kd")}
     assert results["heads_removed_fraction"] == pytest.approx(0.25)  # 2 of 8 query heads (an old-format recipe)
     assert results["reference"]["perplexity"] != results["baseline"]["perplexity"]
     assert results["params"]["pruned"] < results["params"]["baseline"]
