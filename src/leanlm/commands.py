@@ -1,4 +1,8 @@
-"""What each CLI sub-command does, given its parsed arguments (kept apart from argument parsing)."""
+"""What each CLI sub-command does, given its parsed arguments (kept apart from argument parsing).
+
+At ~420 lines after this session's merges: the next step is DESIGN.md's ``cli/`` package, one
+module per sub-command; left whole here so the merge of four branches stayed reviewable.
+"""
 
 from __future__ import annotations
 

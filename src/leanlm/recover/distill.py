@@ -1,5 +1,8 @@
 """Knowledge distillation: recover a compressed student by matching the original model (the teacher).
 
+(~400 lines: the loop with its checkpoint/resume/signal handling; losses, teacher cache, windows and
+config already live in their own modules.)
+
 Loss per next-token position (float32, like torchtune's KD recipe):
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, label)
 The T^2 factor keeps the KD gradients on the same scale for any temperature (Hinton et al., 2015).
