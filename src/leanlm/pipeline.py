@@ -29,6 +29,7 @@ from leanlm.errors import LeanLMError
 from leanlm.evaluate import EvalConfig, PerplexityProtocol, SpeedConfig, evaluate, perplexity
 from leanlm.export import export_model, model_card, stock_layout
 from leanlm.models import ModelSpec, load_model, load_tokenizer, parse_dtype, resolve_device
+from leanlm.models.arch import arch_of
 from leanlm.recipe import Recipe
 from leanlm.recover import add_lora, distill, merge_lora, train_only, training_windows
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
@@ -193,7 +194,8 @@ def recover(variant: str, start, teacher, tokenizer, recipe: Recipe, work: Path,
     if variant in ("lora_kd", "reference_lora_ce"):
         student = add_lora(student, recipe.recover.lora)
     elif variant == "kd_oproj":
-        train_only(student, [r"self_attn\.o_proj\.weight"])
+        family = arch_of(student).family  # the attention output projection's name in this family
+        train_only(student, [rf"{family.attention}\.{family.projections[3]}\.weight"])
     config = dataclasses.replace(recipe.recover.distill, **overrides)
     windows = training_windows(tokenizer, config.seq_len)
     monitor = monitor_fn(tokenizer, recipe) if config.eval_every else None
