@@ -133,6 +133,8 @@ def perplexity(model, tokenizer, protocol: PerplexityProtocol | None = None) -> 
     }
     if text_record is not None:
         record["text"] = text_record
+    if protocol.text is not None:  # not a WikiText split
+        record["split"] = None
     if protocol.text_name == OOD_SPLIT:
         record["text_source"] = OOD_SOURCE
     return PerplexityResult(math.exp(mean), mean, count, per_window, record, time.perf_counter() - start)
