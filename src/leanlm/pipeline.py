@@ -33,7 +33,7 @@ from leanlm.models import ModelSpec, load_model, load_tokenizer, parse_dtype, re
 from leanlm.recipe import Recipe
 from leanlm.recover import add_lora, distill, merge_lora, train_only
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
-from leanlm.report.pipeline_report import describe_transform, write_pipeline_report
+from leanlm.report.pipeline_report import data_words, describe_transform, write_pipeline_report
 from leanlm.transforms import Transform, load_compact, save_compact
 from leanlm.transforms.context import CalibrationSettings, transform_context
 
@@ -294,7 +294,7 @@ def _export(model, tokenizer, path: Path, recipe: Recipe, results: dict) -> dict
     if results.get("recovered"):
         t = results["training"].get("lora_kd") or next(iter(results["training"].values()))
         steps.append(f"Recovered with LoRA (rank {recipe.recover.lora.rank}) + knowledge distillation from the original "
-                     f"on WikiText-2 validation: {t['steps']} steps, {t['train_minutes']:.1f} min; adapters merged.")
+                     f"on {data_words(t.get('data'))}: {t['steps']} steps, {t['train_minutes']:.1f} min; adapters merged.")
     metrics = [
         ("perplexity (WikiText-2 test)", f"{rec['perplexity']:.3f} (original {base['perplexity']:.3f})"),
         ("protocol", f"{rec['protocol']['method']}, window {rec['protocol']['window']}, "
