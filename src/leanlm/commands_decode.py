@@ -112,8 +112,8 @@ def run_eval_kv_cache(args: Namespace) -> int:
     from leanlm.report.markdown import table
     from leanlm.report.plots import plot_kv_windows
 
-    if args.split == "botchan":
-        raise LeanLMError("--kv-cache evaluates on WikiText-2 (test or validation), not botchan")
+    if args.split == "botchan" or args.text is not None:
+        raise LeanLMError("--kv-cache evaluates on WikiText-2 (test or validation), not botchan or a --text")
     context = args.window or args.kv_context
     protocol = StreamingProtocol(args.split, context, args.kv_chunk, args.max_tokens)
     protocol.validate()
