@@ -144,7 +144,7 @@ def drive(url: str, model: str, prompt_list: list[str], concurrency: int, count:
             "itl_ms": ms([x for r in results for x in r["itl"]]), "e2e_ms": ms([r["e2e"] for r in results])}
 
 
-def run_row(row: dict, args, prompt_list: list[str], out_dir: Path) -> dict:
+def run_row(row: dict, args, prompt_list: list[str], out_dir: Path, on_level=None) -> dict:
     row = dict(row)
     row["load_before"] = os.getloadavg()
     proc = None
@@ -163,6 +163,8 @@ def run_row(row: dict, args, prompt_list: list[str], out_dir: Path) -> dict:
                   f"{level['tpot_ms'].get('p95', float('nan')):.1f} ms, p95 TTFT {level['ttft_ms'].get('p95', float('nan')):.0f} ms, "
                   f"failed {level['failed']}", flush=True)
             row["levels"].append(level)
+            if on_level is not None:
+                on_level(row)  # a run stopped later keeps the levels it measured
         if proc is not None:
             row["metrics_scrape"] = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
                                      if line.startswith(("leanlm_cache", "leanlm_requests_total"))]
@@ -206,15 +208,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for row in rows:
+    for index, row in enumerate(rows):
+        color = f"C{index}"
         levels = [lv for lv in row.get("levels", []) if lv["completed"]]
         if not levels:
             continue
         xs = [lv["concurrency"] for lv in levels]
-        axes[0].plot(xs, [lv["tpot_ms"]["p95"] for lv in levels], "o-", label=f"{row['name']} p95")
-        axes[0].plot(xs, [lv["tpot_ms"]["p50"] for lv in levels], "o--", alpha=0.5, label=f"{row['name']} p50")
-        axes[1].plot(xs, [lv["ttft_ms"]["p95"] for lv in levels], "o-", label=row["name"])
-        axes[2].plot(xs, [lv["output_throughput"] for lv in levels], "o-", label=row["name"])
+        axes[0].plot(xs, [lv["tpot_ms"]["p95"] for lv in levels], "o-", color=color, label=f"{row['name']} p95")
+        axes[0].plot(xs, [lv["tpot_ms"]["p50"] for lv in levels], "o--", color=color, alpha=0.5, label=f"{row['name']} p50")
+        axes[1].plot(xs, [lv["ttft_ms"]["p95"] for lv in levels], "o-", color=color, label=row["name"])
+        axes[2].plot(xs, [lv["output_throughput"] for lv in levels], "o-", color=color, label=row["name"])
     axes[0].axhline(TARGETS["p95_tpot_ms_at_2"], color="gray", ls=":", label="120 ms goal")
     for ax, title in zip(axes, ("time per output token (ms)", "p95 time to first token (ms)", "output tokens/s")):
         ax.set_xlabel("concurrency")
@@ -270,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                     "note": "2-core CPU shared with other jobs (load average recorded per row): compare ratios from "
                             "this one run, not absolute speeds", "load_average_at_start": os.getloadavg(), "run_note": args.note},
         "targets": TARGETS, "versions": versions(), "git": git_info(), "rows": []}
-    for row in rows:
-        report["rows"].append(run_row(row, args, prompt_list, args.out.parent))
+    for index, row in enumerate(rows):
+        def partial(done: dict, index: int = index) -> None:
+            report["rows"][index:] = [{**done, "partial": True}]
+            atomic_write_json(args.out, report)
+
+        finished = run_row(row, args, prompt_list, args.out.parent, partial)
+        report["rows"][index:] = [finished]
         atomic_write_json(args.out, report)  # after every row: a stopped run keeps what it measured
     plot(report["rows"], args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
