@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from leanlm.serve.command import add_parser as add_serve_parser
 
-    add_serve_parser(sub)
+    serve = add_serve_parser(sub)
+    add_model_args(serve)
+    add_kv_cache_args(serve)
     kv = sub.add_parser("kv-budget", help="KV-cache bytes per token and per sequence: MHA, GQA, MQA, MLA, quantized",
                         description="Tabulate KV-cache sizes for a model's shape (or one you give) under each layout.")
     kv.add_argument("--model", default="smollm2-135m", help="model whose shape to use (only its config is read)")

@@ -14,14 +14,18 @@ EXAMPLES = [
 ]
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    from leanlm.cli import add_kv_cache_args, add_model_args, positive_int
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return int(text)
 
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The `serve` sub-command's own options; `cli.py` adds the shared --model/--dtype/--device and --kv-* ones."""
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching",
                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics "
                                     "(Prometheus). Examples:\n  " + "\n  ".join(EXAMPLES),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
     sv.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
@@ -37,7 +41,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     sv.add_argument("--shutdown-timeout", type=float, default=10.0,
                     help="on SIGTERM, seconds to let in-flight requests finish before they are cancelled")
-    add_kv_cache_args(sv)
     return sv
 
 
