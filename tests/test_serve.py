@@ -297,6 +297,7 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(live, path, body, s
 
 
 def test_models_health_metrics(live):
+    live["client"].completions.create(model="tiny", prompt=PROMPT, max_tokens=2)  # the slot cache allocates on first use
     assert [m.id for m in live["client"].models.list().data] == ["tiny"]
     assert httpx.get(f"{live['url']}/health").json() == {"status": "ok"}
     text = httpx.get(f"{live['url']}/metrics").text
