@@ -396,3 +396,28 @@ def test_kv_policy_server_runs_sequences_at_batch_one_and_matches_the_engine(rea
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_sample_rows_gives_each_row_its_own_sampler():
+    from leanlm.engine import Sampler, SamplingConfig, sample_rows
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    samplers = [Sampler(), Sampler(SamplingConfig(temperature=1.0, top_k=0, seed=3)),
+                Sampler(SamplingConfig(temperature=0.7, top_p=0.9, seed=4))]
+    got = sample_rows(samplers, logits).tolist()
+    alone = [Sampler(SamplingConfig(temperature=1.0, top_k=0, seed=3)).sample(logits[1:2])[0],
+             Sampler(SamplingConfig(temperature=0.7, top_p=0.9, seed=4)).sample(logits[2:3])[0]]
+    assert got == [int(logits[0].argmax()), int(alone[0]), int(alone[1])]
+
+
+def test_cache_byte_cap_sets_the_number_of_slots():
+    from leanlm.errors import LeanLMError
+    from leanlm.serve.backends import SlotBackend, bytes_per_token
+
+    model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2)
+    per_sequence = bytes_per_token(model.config, torch.float32) * 64
+    assert per_sequence == 2 * 2 * 2 * 16 * 4 * 64  # (K+V) x layers x kv heads x head_dim x fp32 x tokens
+    assert SlotBackend(model, 8, 64, max_cache_bytes=3 * per_sequence + 5).slots == 3
+    assert SlotBackend(model, 2, 64, max_cache_bytes=10 * per_sequence).slots == 2
+    with pytest.raises(LeanLMError, match="cannot hold one sequence"):
+        SlotBackend(model, 8, 64, max_cache_bytes=per_sequence - 1)
