@@ -3,7 +3,8 @@
 - ``collect_stats`` runs calibration windows through the model and keeps, per layer, the attention
   input's second moment X^T X (float64) and the mean 2-norm of every (head, frequency pair) of q and k.
 - ``choose_pairs``: per KV head, the r frequency pairs with the largest sum over its query heads of
-  mean‖q_pair‖ · mean‖k_pair‖ (MHA2MLA's 2-norm criterion: an upper bound of the pair's share of q·k).
+  mean‖q_pair‖ · mean‖k_pair‖ (``norm``: MHA2MLA's 2-norm criterion, an upper bound of the pair's share
+  of q·k), or of the attention-weighted change of the scores when the pair loses RoPE (``attention``).
 - ``whitened_svd``: W = [W_k_nope; W_v] (the no-RoPE key rows and every value row of the layer) is
   factored as up · down minimising ‖(W − up · down) X^T‖ on the calibration inputs: with C = X^T X / n
   = L L^T, the SVD of W L gives up = U_r and down = S_r V_r^T L^{-1}. Optionally each row is weighted
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
 from leanlm.models.arch import AttentionView, arch_of
 
 
@@ -31,8 +34,9 @@ class LayerStats:
     q_pair_norm: torch.Tensor  # (heads, head_dim/2) sum over tokens of ‖q pair‖
     k_pair_norm: torch.Tensor  # (kv_heads, head_dim/2)
     q_square: torch.Tensor  # (heads, head_dim) sum over tokens of q²
+    pair_error: torch.Tensor  # (heads, head_dim/2) sum over queries of Σ_t p(t) |score change without RoPE|
 
-    def add(self, view: AttentionView, hidden: torch.Tensor) -> None:
+    def add(self, view: AttentionView, hidden: torch.Tensor, position_embeddings) -> None:
         x = hidden.reshape(-1, hidden.shape[-1]).double()  # (tokens, hidden)
         self.xtx += x.T @ x
         self.tokens += x.shape[0]
@@ -41,6 +45,29 @@ class LayerStats:
         self.q_pair_norm += pair_norms(q).sum(0)
         self.k_pair_norm += pair_norms(k).sum(0)
         self.q_square += (q**2).sum(0)
+        self.pair_error += rope_removal_error(view, hidden, position_embeddings)
+
+
+def rope_removal_error(view: AttentionView, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """(heads, head_dim/2): per frequency pair, Σ over queries of Σ_t p(t) |Δ score_t| when that pair
+    loses RoPE, p the original attention weights (causal). Low frequencies barely rotate over a
+    window and cost little; pairs that carry position where attention looks cost much."""
+    batch, seq, _ = hidden.shape
+    hd, group = view.head_dim, view.num_heads // view.num_kv_heads
+    q = view.q_proj(hidden).view(batch, seq, -1, hd).transpose(1, 2).float()  # (batch, heads, seq, head_dim)
+    k = view.k_proj(hidden).view(batch, seq, -1, hd).transpose(1, 2).float().repeat_interleave(group, 1)
+    cos, sin = (t.float() for t in position_embeddings)
+    qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    probs = (qr @ kr.transpose(-1, -2) * view.scaling).masked_fill(~causal, float("-inf")).softmax(-1)
+    half = hd // 2
+    errors = []
+    for j in range(half):
+        pair = [j, j + half]
+        with_rope = qr[..., pair] @ kr[..., pair].transpose(-1, -2)  # (batch, heads, seq, seq)
+        without = q[..., pair] @ k[..., pair].transpose(-1, -2)
+        errors.append((probs * (with_rope - without).abs()).sum((-1, -2)).sum(0))  # (heads,)
+    return torch.stack(errors, dim=-1).double() * view.scaling  # (heads, head_dim/2)
 
 
 def pair_norms(states: torch.Tensor) -> torch.Tensor:
@@ -60,11 +87,13 @@ def collect_stats(model: nn.Module, calibration: list[torch.Tensor]) -> list[Lay
         stats.append(LayerStats(torch.zeros(hidden, hidden, dtype=torch.float64), 0,
                                 torch.zeros(view.num_heads, hd // 2, dtype=torch.float64),
                                 torch.zeros(view.num_kv_heads, hd // 2, dtype=torch.float64),
-                                torch.zeros(view.num_heads, hd, dtype=torch.float64)))
+                                torch.zeros(view.num_heads, hd, dtype=torch.float64),
+                                torch.zeros(view.num_heads, hd // 2, dtype=torch.float64)))
     handles = []
     for view, layer_stats in zip(views, stats):
         def hook(module, args, kwargs, view=view, layer_stats=layer_stats):
-            layer_stats.add(view, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+            layer_stats.add(view, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                            kwargs["position_embeddings"])
         handles.append(view.module.register_forward_pre_hook(hook, with_kwargs=True))
     device = next(model.parameters()).device
     try:
@@ -76,11 +105,16 @@ def collect_stats(model: nn.Module, calibration: list[torch.Tensor]) -> list[Lay
     return stats
 
 
-def choose_pairs(stats: LayerStats, rope_pairs: int) -> torch.Tensor:
-    """(kv_heads, r) frequency pairs kept with RoPE per KV head, highest mean ‖q‖·‖k‖ first."""
-    kv_heads = stats.k_pair_norm.shape[0]
-    q = (stats.q_pair_norm / stats.tokens).view(kv_heads, -1, stats.q_pair_norm.shape[-1])  # (kv_heads, group, pairs)
-    score = q.sum(1) * (stats.k_pair_norm / stats.tokens)  # (kv_heads, pairs)
+def choose_pairs(stats: LayerStats, rope_pairs: int, criterion: str = "attention") -> torch.Tensor:
+    """(kv_heads, r) frequency pairs kept with RoPE per KV head, the largest score first, summed over the
+    KV head's query heads: ``norm`` mean‖q‖·mean‖k‖ (MHA2MLA), ``attention`` the attention-weighted
+    score change that dropping the pair's RoPE causes (``rope_removal_error``)."""
+    kv_heads, pairs = stats.k_pair_norm.shape
+    if criterion == "norm":
+        q = (stats.q_pair_norm / stats.tokens).view(kv_heads, -1, pairs)  # (kv_heads, group, pairs)
+        score = q.sum(1) * (stats.k_pair_norm / stats.tokens)  # (kv_heads, pairs)
+    else:
+        score = stats.pair_error.view(kv_heads, -1, pairs).sum(1)  # (kv_heads, pairs)
     return score.topk(rope_pairs, dim=-1).indices.sort(-1).values
 
 

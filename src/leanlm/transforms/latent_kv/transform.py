@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "spectrum")
 WEIGHTINGS = ("qo", "none")
+PAIR_CRITERIA = ("attention", "norm")
 
 
 @dataclass
@@ -66,13 +67,14 @@ def check_family(model: nn.Module) -> list[AttentionView]:
     return views
 
 
-def plan_layers(model: nn.Module, calibration, rope_pairs: int, weighting: str, damping: float) -> list[LayerPlan]:
+def plan_layers(model: nn.Module, calibration, rope_pairs: int, weighting: str, damping: float,
+                pair_criterion: str = "attention") -> list[LayerPlan]:
     """Calibrate, choose each layer's RoPE pairs and factor its no-RoPE key and value rows."""
     views = check_family(model)
     stats = collect_stats(model, check_calibration(calibration, "latent_kv"))
     plans = []
     for view, layer_stats in zip(views, stats):
-        pairs = choose_pairs(layer_stats, rope_pairs)  # (kv_heads, r)
+        pairs = choose_pairs(layer_stats, rope_pairs, pair_criterion)  # (kv_heads, r)
         nope = nope_channels(rope_channels(pairs, view.head_dim), view.head_dim)  # (kv_heads, head_dim - 2r)
         weight, bias = stacked_rows(view, nope)
         factor = whitened_svd(weight, layer_stats, row_weights(view, layer_stats, nope, weighting), damping)
@@ -119,7 +121,7 @@ def build_layer(view: AttentionView, plan: LayerPlan, rank: int) -> LatentAttent
 
 def convert(model: nn.Module, calibration, rope_pairs: int, ranks: list[int] | int | None = None,
             kv_fraction: float | None = None, allocation: str = "uniform", weighting: str = "qo",
-            damping: float = 1e-4) -> dict:
+            damping: float = 1e-4, pair_criterion: str = "attention") -> dict:
     """Replace every attention of ``model`` by a ``LatentAttention`` in place; return what was done.
 
     ``ranks`` (one per layer, or one for all) wins over ``kv_fraction`` (see ``budget_ranks``).
@@ -133,7 +135,7 @@ def convert(model: nn.Module, calibration, rope_pairs: int, ranks: list[int] | i
         ranks = [ranks] * len(views)
     for rank in ranks or []:
         check_latent_shape(rank, rope_pairs, head_dim)
-    plans = plan_layers(model, calibration, rope_pairs, weighting, damping)
+    plans = plan_layers(model, calibration, rope_pairs, weighting, damping, pair_criterion)
     ranks = ranks or budget_ranks(views, plans, kv_fraction, rope_pairs, allocation)
     for layer, (rank, plan) in enumerate(zip(ranks, plans)):
         if rank > plan.max_rank:
@@ -167,6 +169,8 @@ class LatentKV(Transform):
                                                                 "split over layers"))
     weighting: str = field(default="qo", metadata=choices(WEIGHTINGS, "weigh key rows by query RMS and value rows "
                                                           "by o_proj column norms before the SVD, or not"))
+    pair_criterion: str = field(default="attention", metadata=choices(PAIR_CRITERIA, "which frequency pairs keep "
+                                  "RoPE: largest attention-weighted score change without it, or MHA2MLA's q/k 2-norm"))
     damping: float = field(default=1e-4, metadata={"help": "ridge added to the input covariance, × its mean diagonal"})
 
     def __post_init__(self) -> None:
@@ -180,6 +184,7 @@ class LatentKV(Transform):
             raise LeanLMError(f"damping must not be negative, got {self.damping}")
         check_choice(self.allocation, ALLOCATIONS, "allocation")
         check_choice(self.weighting, WEIGHTINGS, "weighting")
+        check_choice(self.pair_criterion, PAIR_CRITERIA, "pair_criterion")
 
     def modify(self, model: nn.Module, calibration=None, **context) -> dict:
         views = check_family(model)
@@ -190,4 +195,4 @@ class LatentKV(Transform):
             # basis of its own, saving nothing. Leave the model exactly as it is.
             return {"unchanged": "all pairs keep RoPE and kv_fraction is 1: nothing to compress"}
         return convert(model, calibration, pairs, self.rank, self.kv_fraction, self.allocation, self.weighting,
-                       self.damping)
+                       self.damping, self.pair_criterion)
