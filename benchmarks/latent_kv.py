@@ -175,8 +175,9 @@ def side_by_side_speed(base, latent, ids: torch.Tensor, args) -> dict:
             "note": "shared machine: only these alternated ratios mean anything"}
 
 
-def evaluate_stage(model, refs: dict, base_scores: dict) -> dict:
+def evaluate_stage(model, refs: dict) -> dict:
     """Test and Botchan scores of ``model``, as row fields (ratios to the original's)."""
+    base_scores = refs["scores"]
     test, _ = score(model, refs["test"], refs["test_logprobs"])
     ood, _ = score(model, refs["botchan"], refs["botchan_logprobs"])
     return {"ppl": test["ppl"], "ppl_ratio": test["ppl"] / base_scores["test"]["ppl"], "kl": test["kl"],
@@ -207,24 +208,24 @@ def run_fraction(fraction: float, base, tokenizer, calibration, refs, result, ar
     rows = result["rows"]
     began = time.process_time()
     model = copy.deepcopy(base)
-    conversion = convert(model, calibration, args.rope_pairs, kv_fraction=fraction, allocation=args.allocation,
+    conversion = convert(model, calibration, args.rope_pairs[fraction], kv_fraction=fraction, allocation=args.allocation,
                          weighting=args.weighting, pair_criterion=args.pair_criterion)
     conversion["cpu_minutes"] = (time.process_time() - began) / 60
     cache = cache_bytes_per_token(model, refs["bytes_ids"], latent=True)
     conversion["bytes_reduction"] = result["baseline"]["bytes_per_token"] / cache["bytes_per_token"]
-    rows.append(make_row(fraction, "none", cache, conversion, evaluate_stage(model, refs, result["baseline"]), {}))
+    rows.append(make_row(fraction, "none", cache, conversion, evaluate_stage(model, refs), {}))
     save(result, out)
     if args.local_steps > 0:
         training = layer_local(model, base, tokenizer, args)
         rows.append(make_row(fraction, "layer_local", cache, conversion,
-                             evaluate_stage(model, refs, result["baseline"]), training))
+                             evaluate_stage(model, refs), training))
         save(result, out)
     if fraction in args.distill_fractions:
         model, distilled = lora_distill(model, base, tokenizer, args, out.parent / f"distill-{fraction}")
         spent = rows[-1].get("train_cpu_minutes", 0.0)
         distilled["train_cpu_minutes"] += spent  # the layer-local fit it started from counts too
         distilled["train_tokens"] += rows[-1].get("train_tokens", 0)
-        rows.append(make_row(fraction, "distill", cache, conversion, evaluate_stage(model, refs, result["baseline"]),
+        rows.append(make_row(fraction, "distill", cache, conversion, evaluate_stage(model, refs),
                              distilled))
         save(result, out)
     if fraction == args.speed_fraction and args.speed_context > 0:
@@ -243,7 +244,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="JSON file to write (rewritten after every stage)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--fractions", default="0.5,0.25,0.125", help="KV fractions of the bf16 cache to convert to")
-    p.add_argument("--rope-pairs", type=int, default=4, help="frequency pairs per KV head kept with RoPE")
+    p.add_argument("--rope-pairs", default="0.5=8,0.25=8,0.125=4",
+                   help="frequency pairs per KV head kept with RoPE, per fraction (FRACTION=PAIRS,...)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "spectrum"))
     p.add_argument("--weighting", default="qo", choices=("qo", "none"))
     p.add_argument("--pair-criterion", default="attention", choices=("attention", "norm"))
@@ -271,6 +273,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     args.fractions = [float(x) for x in args.fractions.split(",") if x]
     args.distill_fractions = [float(x) for x in args.distill_fractions.split(",") if x]
+    args.rope_pairs = {float(k): int(v) for k, v in (item.split("=") for item in args.rope_pairs.split(",") if item)}
+    missing = [f for f in args.fractions if f not in args.rope_pairs]
+    if missing:
+        p.error(f"--rope-pairs gives no pair count for fractions {missing}")
     return args
 
 
@@ -280,11 +286,12 @@ def main() -> int:
     tokenizer, base = load_tokenizer(args.model), load_model(args.model, dtype="bfloat16")
     calibration = calibration_batches(tokenizer, args.calibration_samples, args.calibration_len, batch_size=4)
     refs, base_scores = references(base, tokenizer, args)
+    refs["scores"] = base_scores
     refs["bytes_ids"] = eval_ids(tokenizer, "test", args.bytes_context)
     baseline = cache_bytes_per_token(base, refs["bytes_ids"], latent=False)
     baseline |= {"ppl": base_scores["test"]["ppl"], "ood_ppl": base_scores["botchan"]["ppl"], "dtype": "bfloat16"}
-    result = {"benchmark": "latent_kv", "model": args.model, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                                     for k, v in vars(args).items()},
+    result = {"benchmark": "latent_kv", "model": args.model,
+              "args": {k: (str(v) if isinstance(v, (Path, dict)) else v) for k, v in vars(args).items()},
               "protocol": {"test": "WikiText-2 test, 'paper' join", "ood": f"Botchan ({OOD_SOURCE})",
                            "tokens": args.eval_tokens, "window": args.eval_window, "method": "nonoverlap",
                            "windows": int(refs["test"].shape[0]), "dtype": "bfloat16",

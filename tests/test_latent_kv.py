@@ -151,3 +151,19 @@ def test_refuses_qk_norm_families_and_static_or_policy_caches(calibration):
 
     with pytest.raises(LeanLMError, match="static caches and KV policies"), torch.no_grad():
         model(ids(), **with_cache(StaticCache(config=model.config, max_cache_len=32)), use_cache=True)
+
+
+def test_leanlm_generate_decodes_a_saved_latent_model(capsys, tmp_path, real_tokenizer):
+    from leanlm import cli
+
+    model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=len(real_tokenizer), tie_word_embeddings=True)
+    vocab = torch.Generator().manual_seed(2)
+    convert(model, [torch.randint(0, len(real_tokenizer), (4, 32), generator=vocab)], rope_pairs=2, kv_fraction=0.25)
+    path = save_compact(model, real_tokenizer, tmp_path / "latent")
+    prompt = torch.tensor([real_tokenizer("Hello world")["input_ids"]])
+    tokens = generate(load_model(str(path)), prompt, 5)[0].tolist()
+    if real_tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(real_tokenizer.eos_token_id) + 1]
+    code = cli.main(["generate", "--model", str(path), "--dtype", "float32", "--max-new-tokens", "5", "Hello world"])
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.rstrip("\n") == "Hello world" + real_tokenizer.decode(tokens, skip_special_tokens=True)
