@@ -110,6 +110,10 @@ def test_cache_bytes_equal_the_tensors_held(calibration):
         original(ids(length=30), **with_cache(full), use_cache=True)
     full_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in walk_tensors(layer))
     assert cache.nbytes() * 4 == full_bytes
+    from leanlm.evaluate.memory import memory_report
+
+    report = memory_report(model)  # what `leanlm eval` prints: measured from a real cache, and the formula
+    assert report.kv_bytes_per_token == report.kv_bytes_per_token_analytic == 16 * 2 * 2  # 2 layers x 16 elements x bf16
 
 
 def test_save_reload_gives_identical_logits_and_the_engine_cache(calibration, tmp_path):
