@@ -153,11 +153,12 @@ def decode_rate(model, prompt: torch.Tensor, cache, tokens: int) -> float:
 def side_by_side_speed(base, latent, ids: torch.Tensor, args) -> dict:
     """Original vs latent (absorbed) vs latent re-expanding every step, alternated, from one prefill each."""
     prompt = ids[None, : args.speed_context]
-    caches = {"original": DynamicCache(), "latent": latent_cache(latent), "latent_expanded": latent_cache(latent)}
+    shared = latent_cache(latent)  # both latent runs decode from one prefill (cropped back after each round)
+    caches = {"original": DynamicCache(), "latent": shared, "latent_expanded": shared}
     models = {"original": base, "latent": latent, "latent_expanded": latent}
-    for name, cache in caches.items():
+    for name in ("original", "latent"):
         for part in prompt[:, :-1].split(512, dim=1):
-            models[name](part, **with_cache(cache), use_cache=True, logits_to_keep=1)
+            models[name](part, **with_cache(caches[name]), use_cache=True, logits_to_keep=1)
 
     def run(name):
         for _, module in latent_layers(models[name]):
