@@ -248,7 +248,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rope-pairs", default="0.5=8,0.25=8,0.125=4",
                    help="frequency pairs per KV head kept with RoPE, per fraction (FRACTION=PAIRS,...)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "spectrum"))
-    p.add_argument("--weighting", default="qo", choices=("qo", "none"))
+    p.add_argument("--weighting", default="none", choices=("none", "qo"))
     p.add_argument("--pair-criterion", default="attention", choices=("attention", "norm"))
     p.add_argument("--calibration-samples", type=int, default=32)
     p.add_argument("--calibration-len", type=int, default=256)

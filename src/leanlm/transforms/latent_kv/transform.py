@@ -39,7 +39,7 @@ from leanlm.transforms.latent_kv.fit import (
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "spectrum")
-WEIGHTINGS = ("qo", "none")
+WEIGHTINGS = ("none", "qo")
 PAIR_CRITERIA = ("attention", "norm")
 
 
@@ -120,7 +120,7 @@ def build_layer(view: AttentionView, plan: LayerPlan, rank: int) -> LatentAttent
 
 
 def convert(model: nn.Module, calibration, rope_pairs: int, ranks: list[int] | int | None = None,
-            kv_fraction: float | None = None, allocation: str = "uniform", weighting: str = "qo",
+            kv_fraction: float | None = None, allocation: str = "uniform", weighting: str = "none",
             damping: float = 1e-4, pair_criterion: str = "attention") -> dict:
     """Replace every attention of ``model`` by a ``LatentAttention`` in place; return what was done.
 
@@ -167,8 +167,9 @@ class LatentKV(Transform):
     rank: int | None = field(default=None, metadata={"help": "latent rank of every layer; None = from kv_fraction"})
     allocation: str = field(default="uniform", metadata=choices(ALLOCATIONS, "how kv_fraction's latent channels "
                                                                 "split over layers"))
-    weighting: str = field(default="qo", metadata=choices(WEIGHTINGS, "weigh key rows by query RMS and value rows "
-                                                          "by o_proj column norms before the SVD, or not"))
+    weighting: str = field(default="none", metadata=choices(WEIGHTINGS, "none: plain joint SVD of the whitened K/V "
+                                                            "rows; qo: weigh key rows by query RMS and value rows by "
+                                                            "o_proj column norms first (measured worse on SmolLM2)"))
     pair_criterion: str = field(default="attention", metadata=choices(PAIR_CRITERIA, "which frequency pairs keep "
                                   "RoPE: largest attention-weighted score change without it, or MHA2MLA's q/k 2-norm"))
     damping: float = field(default=1e-4, metadata={"help": "ridge added to the input covariance, × its mean diagonal"})
