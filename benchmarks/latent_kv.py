@@ -216,7 +216,7 @@ def run_fraction(fraction: float, base, tokenizer, calibration, refs, result, ar
     conversion["bytes_reduction"] = result["baseline"]["bytes_per_token"] / cache["bytes_per_token"]
     rows.append(make_row(fraction, "none", cache, conversion, evaluate_stage(model, refs), {}))
     save(result, out)
-    if args.local_steps > 0:
+    if args.local_steps > 0 and (args.local_fractions is None or fraction in args.local_fractions):
         training = layer_local(model, base, tokenizer, args)
         rows.append(make_row(fraction, "layer_local", cache, conversion,
                              evaluate_stage(model, refs), training))
@@ -257,6 +257,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bytes-context", type=int, default=2048, help="prefill length the cache bytes are measured after")
     p.add_argument("--local-steps", type=int, default=100, help="Adam steps per layer of the layer-local fit; 0 = skip")
     p.add_argument("--local-lr", type=float, default=1e-3)
+    p.add_argument("--local-fractions", default=None, help="fractions that get the layer-local fit (default: all)")
     p.add_argument("--local-windows", type=int, default=16)
     p.add_argument("--local-len", type=int, default=256)
     p.add_argument("--distill-fractions", default="0.25", help="fractions that also get LoRA + KD ('' = none)")
@@ -274,6 +275,8 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     args.fractions = [float(x) for x in args.fractions.split(",") if x]
     args.distill_fractions = [float(x) for x in args.distill_fractions.split(",") if x]
+    if args.local_fractions is not None:
+        args.local_fractions = [float(x) for x in args.local_fractions.split(",") if x]
     args.rope_pairs = {float(k): int(v) for k, v in (item.split("=") for item in args.rope_pairs.split(",") if item)}
     missing = [f for f in args.fractions if f not in args.rope_pairs]
     if missing:
