@@ -9,8 +9,8 @@
   factored as up · down minimising ‖(W − up · down) X^T‖ on the calibration inputs: with C = X^T X / n
   = L L^T, the SVD of W L gives up = U_r and down = S_r V_r^T L^{-1}. Optionally each row is weighted
   first (``weighting="qo"``): a key channel by the RMS of the queries that read it, a value channel by
-  the norm of the o_proj columns that read it, so the latent spends its rank where attention output
-  error is largest.
+  the norm of the o_proj columns that read it. On SmolLM2 that was worse than the plain joint SVD
+  (perplexity 359 against 216 at 4x fewer KV bytes, before recovery), so it is off by default.
 """
 
 from __future__ import annotations
