@@ -115,3 +115,26 @@ def test_bad_settings_give_one_clear_error(settings, message):
         swap(model, **{"layers": [0], **settings})
     assert str(info.value).count(";") <= 1 and "\n" not in str(info.value)
     assert not swapped_layers(model)  # nothing was changed
+
+
+def test_search_is_deterministic_for_a_seed_and_keeps_what_it_must():
+    from leanlm.analyze.swap_search import Passkey, SearchConfig, search
+
+    model = tiny_llama(num_layers=4, num_heads=4, num_kv_heads=2)
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    passkey = Passkey(ids=list(range(10, 40)), answer=[7, 8])
+    config = SearchConfig(options=("sliding_window:window=4,sink=1", "linear:window=2,sink=1"), score_from=8,
+                          count=2, keep=1, fit_steps=3, seed=0)
+    first, second = (search(model, windows, config, passkey) for _ in range(2))
+    assert first.table == second.table and first.swapped == second.swapped and first.recipe == second.recipe
+    assert len(first.swapped) == 2 and len(first.kept) == 2
+    costs = {row["layer"]: row["cost"] for row in first.table}
+    assert max(costs[i] for i in first.swapped) <= min(costs[int(i)] for i in first.kept)  # the cheapest went
+    assert not swapped_layers(model)  # the search leaves the model as it was
+    swapped = tiny_llama(num_layers=4, num_heads=4, num_kv_heads=2)
+    for item in first.recipe:  # the recipe rebuilds the chosen model
+        Transform.from_dict(item).apply(swapped)
+    assert sorted(swapped_layers(swapped)) == first.swapped
+    eps = search(model, windows, SearchConfig(options=config.options, score_from=8, epsilon=0.0, fit_steps=0), passkey,
+                 table=first.table)
+    assert eps.swapped == [] and len(eps.kept) == 4  # a zero KL budget swaps nothing

@@ -48,6 +48,7 @@ class SwappedAttention(nn.Module):
     """Base of the replacements: the original projections + ``view`` (queries, keys, values as the model makes them)."""
 
     kind: ClassVar[str]
+    trains: ClassVar[bool] = False  # True when the replacement adds parameters (fitted, then distilled)
     Settings: ClassVar[type[ReplacementSettings]] = ReplacementSettings
 
     def __init__(self, original: nn.Module, config, index: int, settings: ReplacementSettings):

@@ -96,6 +96,7 @@ def recurrent(fq, fk, v, log_gate, state):
 @register_replacement
 class LinearAttention(SwappedAttention):
     kind: ClassVar[str] = "linear"
+    trains: ClassVar[bool] = True
     Settings: ClassVar[type[ReplacementSettings]] = LinearSettings
 
     def __init__(self, original: nn.Module, config, index: int, settings: LinearSettings):
