@@ -138,3 +138,14 @@ def test_search_is_deterministic_for_a_seed_and_keeps_what_it_must():
     eps = search(model, windows, SearchConfig(options=config.options, score_from=8, epsilon=0.0, fit_steps=0), passkey,
                  table=first.table)
     assert eps.swapped == [] and len(eps.kept) == 4  # a zero KL budget swaps nothing
+
+
+@torch.no_grad()
+def test_suffix_replay_equals_a_full_forward():
+    from leanlm.analyze.swap_search import Suffix
+
+    model = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2)
+    ids = IDS[:1]
+    suffix = Suffix(model, ids)
+    swap(model, "sliding_window", layers=[1], window=5)  # changed from layer 1 on: layers 1.. replayed on stored inputs
+    assert torch.allclose(suffix.logits(1, 6), model(ids).logits[:, -6:], atol=1e-5)
