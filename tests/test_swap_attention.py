@@ -149,3 +149,24 @@ def test_suffix_replay_equals_a_full_forward():
     suffix = Suffix(model, ids)
     swap(model, "sliding_window", layers=[1], window=5)  # changed from layer 1 on: layers 1.. replayed on stored inputs
     assert torch.allclose(suffix.logits(1, 6), model(ids).logits[:, -6:], atol=1e-5)
+
+
+def test_recovery_fits_then_distils_only_the_new_parameters(tmp_path):
+    from leanlm.recover.config import DistillConfig
+    from leanlm.recover.swap import SwapRecoverConfig, recover_swapped
+
+    teacher = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2)
+    student = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2)
+    swap(student, "linear", layers=[1], window=2, sink=1)
+    swap(student, "sliding_window", layers=[2], window=4)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    kd = DistillConfig(steps=2, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0, checkpoint_every=0, bf16=False)
+    report = recover_swapped(student, teacher, windows, windows, SwapRecoverConfig(fit_steps=15, kd=kd), str(tmp_path / "kd"))
+    assert report["layers"] == [1]  # the sliding window has nothing to train
+    fit = report["fits"]["1"]
+    assert fit["after"] < fit["before"]  # the layer-local fit moved the replacement toward the original's outputs
+    assert report["kd"]["steps"] == 2
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    new = {f"model.layers.1.self_attn.{n}" for n in swapped_layers(student)[1].new_parameters()}
+    assert changed and changed <= new  # only the replacement's new parameters were trained
