@@ -64,6 +64,22 @@ def validation_passkey(tok, length: int, depth: float, seed: int) -> Passkey:
     return Passkey(intro + filler[:at] + sentence + filler[at:] + question, _answer_ids(tok, key))
 
 
+def write_recipe(found, args, path: Path) -> None:
+    """The search's choice as a leanlm recipe (checked by ``parse_recipe`` before it is written)."""
+    import yaml
+
+    from leanlm.recipe import parse_recipe
+
+    data = {"name": "smollm2-postnas", "model": args.model, "dtype": "bfloat16",
+            "eval": {"method": "sliding", "window": 1024, "stride": 512, "max_tokens": 16384, "speed": False, "ood": True},
+            "transforms": found.recipe, "recover": None}
+    parse_recipe(data, str(path))
+    header = (f"# PostNAS choice written by benchmarks/postnas.py (swap_search on WikiText-2 validation).\n"
+              f"# Swapped layers: {found.swapped}; kept full attention: {sorted(int(k) for k in found.kept)}.\n"
+              f"# Run:   .venv/bin/leanlm run {path} --out runs/postnas-recipe\n")
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+
+
 def cache_bytes(cache) -> int:
     return sum(layer.nbytes() if hasattr(layer, "nbytes") else
                sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None and t.dim() > 0)
@@ -191,6 +207,7 @@ def main() -> int:
     found = search(teacher, windows, config, passkey, table=table)
     result["search"] = found.to_dict()
     save()
+    write_recipe(found, args, args.out.with_name(args.out.stem + "-recipe.yaml"))
     print(json.dumps({"swapped": found.swapped, "recipe": found.recipe}), file=sys.stderr, flush=True)
     models = {"original": teacher, "searched": copy.deepcopy(teacher)}
     apply_choice(models["searched"], found.table, found.swapped)
