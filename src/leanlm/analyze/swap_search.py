@@ -17,6 +17,7 @@ Deterministic for a seed: the window draw, the fits and the tie-breaks depend on
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -150,8 +151,15 @@ def fit_replacement(module, io, config: SearchConfig) -> dict | None:
     if not names or config.fit_steps == 0 or io is None:
         return None
     params = dict(module.named_parameters())
-    result = fit_module(module, io, LocalFitConfig(steps=config.fit_steps, lr=config.fit_lr, batch_calls=1,
-                                                   heldout_fraction=0.0, seed=config.seed), [params[n] for n in names])
+    frozen = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():  # no gradients for the original's projections: only the new parameters move
+        p.requires_grad_(n in names)
+    try:
+        result = fit_module(module, io, LocalFitConfig(steps=config.fit_steps, lr=config.fit_lr, batch_calls=1,
+                                                       heldout_fraction=0.0, seed=config.seed), [params[n] for n in names])
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(frozen[n])
     return {"before": result.before, "after": result.after}
 
 
@@ -228,11 +236,9 @@ def search(model: nn.Module, windows: torch.Tensor, config: SearchConfig | None 
     began = time.process_time()
     torch.manual_seed(config.seed)
     table = table or layer_sensitivity(model, windows, config, passkey)
-    teacher = _scored_logprobs(model, windows, config.score_from)
+    teacher = _scored_logprobs(model, windows, config.score_from) if config.count is None else None
 
     def measure(layers: list[int]) -> float:
-        import copy
-
         trial = copy.deepcopy(model)
         apply_choice(trial, table, layers)
         return _kl(teacher, _scored_logprobs(trial, windows, config.score_from))

@@ -43,6 +43,7 @@ def recover_swapped(student: nn.Module, teacher: nn.Module, fit_windows: torch.T
                     config: SwapRecoverConfig, out_dir: str | None = None) -> dict:
     """Fit, then distil, the new layers of ``student`` (in place). Returns what each stage did and its CPU time."""
     began = time.process_time()
+    flags = {name: p.requires_grad for name, p in student.named_parameters()}  # restored at the end
     trainable = {i: m for i, m in swapped_layers(student).items() if m.new_parameters()}
     report: dict = {"layers": sorted(trainable), "fits": {}}
     if not trainable:
@@ -51,6 +52,8 @@ def recover_swapped(student: nn.Module, teacher: nn.Module, fit_windows: torch.T
     io = capture_attention_io(teacher, fit_windows, sorted(trainable), batch_size=1)
     for index, module in trainable.items():
         params = dict(module.named_parameters())
+        for name, p in params.items():  # the original's projections stay as they are: no gradients for them
+            p.requires_grad_(name in module.new_parameters())
         result = fit_module(module, io[index], LocalFitConfig(steps=config.fit_steps, lr=config.fit_lr, batch_calls=1,
                                                               heldout_fraction=0.25 if len(io[index].calls) > 1 else 0.0),
                             [params[n] for n in module.new_parameters()])
@@ -58,15 +61,14 @@ def recover_swapped(student: nn.Module, teacher: nn.Module, fit_windows: torch.T
     del io
     report["fit_cpu_seconds"] = time.process_time() - began
     if config.kd is not None and kd_windows is not None:
-        frozen = {name: p.requires_grad for name, p in student.named_parameters()}
         train_only(student, new_parameter_patterns(student))
         student.train()
         result = distill(student, teacher, kd_windows, config.kd, out_dir=out_dir)
         student.eval()
-        for name, p in student.named_parameters():
-            p.requires_grad_(frozen[name])
         report["kd"] = {"steps": len(result.losses), "first_loss": result.losses[0] if result.losses else None,
                         "last_loss": result.losses[-1] if result.losses else None, "stopped_early": result.stopped_early}
+    for name, p in student.named_parameters():
+        p.requires_grad_(flags[name])
     report["cpu_seconds"] = time.process_time() - began
     return report
 
