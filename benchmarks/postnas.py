@@ -172,6 +172,7 @@ def parse_args():
     p.add_argument("--search-passkey", type=int, default=1024, help="validation passkey prompt tokens (0 = none)")
     p.add_argument("--fit-steps", type=int, default=5, help="layer-local steps inside the search")
     p.add_argument("--table", type=Path, default=None, help="reuse the sensitivity table of an earlier run's JSON")
+    p.add_argument("--only-option", default=None, help="with --table: give every layer this option (e.g. linear)")
     p.add_argument("--recover-fit-steps", type=int, default=40)
     p.add_argument("--kd-cpu-minutes", type=float, default=2.5)
     p.add_argument("--kd-seq-len", type=int, default=256)
@@ -190,6 +191,9 @@ def parse_args():
 
 def main() -> int:
     args = parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if args.out.exists():
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +208,8 @@ def main() -> int:
     windows = torch.cat(calibration_batches(tok, args.search_windows, args.search_len, args.search_windows, seed=0))
     passkey = validation_passkey(tok, args.search_passkey, 0.1, 0) if args.search_passkey else None
     table = json.loads(args.table.read_text())["search"]["table"] if args.table else None
+    if table and args.only_option:  # the same sensitivities, every layer restricted to one replacement
+        table = [{**r, "option": args.only_option, "cost": r["options"][args.only_option]["cost"]} for r in table]
     found = search(teacher, windows, config, passkey, table=table)
     result["search"] = found.to_dict()
     save()
