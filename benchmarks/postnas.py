@@ -162,8 +162,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--options", default="sliding_window:window=128;sliding_window:window=512;linear",
-                   help="candidates, ';'-separated")
+    p.add_argument("--options", default="sliding_window:window=128;linear;sliding_window:window=512",
+                   help="candidates, ';'-separated, from the smallest cache to the largest")
+    p.add_argument("--slack", type=float, default=0.0, help="per layer: smallest-cache option within this cost of the best")
     p.add_argument("--count", type=int, default=15)
     p.add_argument("--keep", type=int, default=1)
     p.add_argument("--search-len", type=int, default=1024)
@@ -172,7 +173,7 @@ def parse_args():
     p.add_argument("--search-passkey", type=int, default=1024, help="validation passkey prompt tokens (0 = none)")
     p.add_argument("--fit-steps", type=int, default=5, help="layer-local steps inside the search")
     p.add_argument("--table", type=Path, default=None, help="reuse the sensitivity table of an earlier run's JSON")
-    p.add_argument("--only-option", default=None, help="with --table: give every layer this option (e.g. linear)")
+    p.add_argument("--only-option", default=None, help="give every layer this option (e.g. linear; with --table no re-measurement)")
     p.add_argument("--recover-fit-steps", type=int, default=40)
     p.add_argument("--kd-cpu-minutes", type=float, default=2.5)
     p.add_argument("--kd-seq-len", type=int, default=256)
@@ -203,13 +204,12 @@ def main() -> int:
               "note": "shared 2-core machine (5 jobs): speeds only as side-by-side ratios"}
     save = lambda: atomic_write_json(args.out.with_name(args.out.stem + ".partial.json"), result)  # noqa: E731
     teacher, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
-    config = SearchConfig(options=tuple(args.options.split(";")), score_from=args.score_from, count=args.count,
-                          keep=args.keep, fit_steps=args.fit_steps)
+    options = (args.only_option,) if args.only_option else tuple(args.options.split(";"))  # --table: re-picked
+    config = SearchConfig(options=options, score_from=args.score_from, count=args.count, keep=args.keep,
+                          fit_steps=args.fit_steps, slack=args.slack)
     windows = torch.cat(calibration_batches(tok, args.search_windows, args.search_len, args.search_windows, seed=0))
     passkey = validation_passkey(tok, args.search_passkey, 0.1, 0) if args.search_passkey else None
     table = json.loads(args.table.read_text())["search"]["table"] if args.table else None
-    if table and args.only_option:  # the same sensitivities, every layer restricted to one replacement
-        table = [{**r, "option": args.only_option, "cost": r["options"][args.only_option]["cost"]} for r in table]
     found = search(teacher, windows, config, passkey, table=table)
     result["search"] = found.to_dict()
     save()

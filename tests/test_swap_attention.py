@@ -170,3 +170,14 @@ def test_recovery_fits_then_distils_only_the_new_parameters(tmp_path):
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     new = {f"model.layers.1.self_attn.{n}" for n in swapped_layers(student)[1].new_parameters()}
     assert changed and changed <= new  # only the replacement's new parameters were trained
+
+
+def test_slack_prefers_the_smaller_cache_within_the_margin():
+    from leanlm.analyze.swap_search import SearchConfig, pick_option
+
+    options = ("sliding_window:window=128", "linear", "sliding_window:window=512")
+    costs = {"sliding_window:window=128": {"cost": 0.012}, "linear": {"cost": 0.011},
+             "sliding_window:window=512": {"cost": 0.010}}
+    assert pick_option(costs, SearchConfig(options=options)) == "sliding_window:window=512"
+    assert pick_option(costs, SearchConfig(options=options, slack=0.0015)) == "linear"
+    assert pick_option(costs, SearchConfig(options=options, slack=0.002)) == "sliding_window:window=128"

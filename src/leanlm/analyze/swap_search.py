@@ -1,11 +1,12 @@
 """PostNAS search: which attention layers can become bounded (sliding-window / linear), and with what.
 
-1. Sensitivity: for every layer and every candidate replacement (e.g. ``sliding_window:window=512``,
+1. Sensitivity: for every layer and every candidate replacement (e.g. ``sliding_window:window=128``,
    ``linear``), swap only that layer (after a short layer-local fit when the replacement has new
    parameters: ``recover.layer_local``), and measure on validation windows the KL to the original's
    next-token distribution (positions from ``score_from`` on, where a window actually cuts context)
    and, on a passkey prompt, how many nats of answer log-likelihood are lost. Each layer gets the
-   candidate with the lowest cost = KL + ``passkey_weight`` × passkey nats lost.
+   candidate with the lowest cost = KL + ``passkey_weight`` × passkey nats lost (with ``slack``: the
+   first candidate, options going from the smallest cache to the largest, within ``slack`` of it).
 2. Greedy: layers in order of cost (ties by index); take ``count`` of them, or as many as keep the
    summed cost ≤ ``epsilon`` and then, measured together, the real KL ≤ ``epsilon`` (dropping the last
    added while it is not); ``keep`` layers always keep full attention.
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SearchConfig:
-    options: tuple[str, ...] = field(default=("sliding_window:window=512", "linear"),
-                                     metadata={"help": "candidate replacements, 'kind[:key=value,...]'"})
+    options: tuple[str, ...] = field(default=("sliding_window:window=128", "linear", "sliding_window:window=512"),
+                                     metadata={"help": "candidate replacements, 'kind[:key=value,...]', from the smallest "
+                                                       "cache to the largest"})
     score_from: int = field(default=512, metadata={"help": "KL is scored from this position of each window on"})
     epsilon: float = field(default=0.1, metadata={"help": "total KL budget (nats/token) of the swapped set"})
     count: int | None = field(default=None, metadata={"help": "swap exactly this many layers instead of using epsilon"})
@@ -46,6 +48,8 @@ class SearchConfig:
     passkey_weight: float = field(default=0.02, metadata={"help": "KL nats charged per nat of passkey log-likelihood lost"})
     fit_steps: int = field(default=10, metadata={"help": "layer-local Adam steps for replacements with new parameters"})
     fit_lr: float = field(default=3e-3, metadata={"help": "layer-local learning rate"})
+    slack: float = field(default=0.0, metadata={"help": "per layer, take the first option (smallest cache first) whose "
+                                                        "cost is within this of the layer's cheapest"})
     seed: int = field(default=0, metadata={"help": "seeds the fits (and the window draw of search_model)"})
 
     def __post_init__(self) -> None:
@@ -183,10 +187,16 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchCon
                 drop = base_answer - answer_loglik(model, passkey, prompt, index) if passkey else 0.0
             results[option] = {"kl": kl, "passkey_drop": drop, "fit": fit,
                                "cost": kl + config.passkey_weight * max(drop, 0.0)}
-        best = min(config.options, key=lambda o: (results[o]["cost"], config.options.index(o)))
+        best = pick_option(results, config)
         table.append({"layer": index, "option": best, "cost": results[best]["cost"], "options": results})
         log.info("layer %d: %s cost %.4f", index, best, results[best]["cost"])
     return table
+
+
+def pick_option(results: dict, config: SearchConfig) -> str:
+    """The first option (options go from the smallest cache to the largest) within ``slack`` of the cheapest."""
+    best = min(results[o]["cost"] for o in config.options)
+    return next(o for o in config.options if results[o]["cost"] <= best + config.slack)
 
 
 def greedy_select(table: list[dict], config: SearchConfig, measure=None) -> tuple[list[int], float | None]:
@@ -235,7 +245,11 @@ def search(model: nn.Module, windows: torch.Tensor, config: SearchConfig | None 
     config = config or SearchConfig()
     began = time.process_time()
     torch.manual_seed(config.seed)
-    table = table or layer_sensitivity(model, windows, config, passkey)
+    if table is None:
+        table = layer_sensitivity(model, windows, config, passkey)
+    else:  # measured before: re-pick each layer's option under this config (options and slack may differ)
+        table = [{**row, "option": (option := pick_option(row["options"], config)), "cost": row["options"][option]["cost"]}
+                 for row in table]
     teacher = _scored_logprobs(model, windows, config.score_from) if config.count is None else None
 
     def measure(layers: list[int]) -> float:
