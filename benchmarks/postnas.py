@@ -80,6 +80,14 @@ def write_recipe(found, args, path: Path) -> None:
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
 
 
+def cast_weights(model, dtype):
+    """Cast parameters only: buffers (RoPE's float32 inv_freq) keep their dtype, so a round trip changes nothing."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(dtype)
+    return model
+
+
 def cache_bytes(cache) -> int:
     return sum(layer.nbytes() if hasattr(layer, "nbytes") else
                sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None and t.dim() > 0)
@@ -232,11 +240,12 @@ def main() -> int:
             kd = DistillConfig(steps=1000, batch_size=2, seq_len=args.kd_seq_len, lr=1e-3, warmup_steps=2,
                                max_cpu_minutes=args.kd_cpu_minutes, checkpoint_every=0, bf16=args.kd_bf16)
             out_dir = str(args.out.with_name(args.out.stem + f"-kd-{name}"))
-            models[name].float()
-            result["recovery"][name] = recover_swapped(models[name], teacher.float(), fit_windows, kd_windows,
+            float_teacher = cast_weights(copy.deepcopy(teacher), torch.float32)
+            cast_weights(models[name], torch.float32)
+            result["recovery"][name] = recover_swapped(models[name], float_teacher, fit_windows, kd_windows,
                                                        SwapRecoverConfig(fit_steps=args.recover_fit_steps, kd=kd), out_dir)
-            models[name].to(torch.bfloat16)
-            teacher.to(torch.bfloat16)
+            cast_weights(models[name], torch.bfloat16)
+            del float_teacher
             save()
     rows = []
     splits = {"test": tokenize_split(tok, "test", "paper")}
