@@ -13,8 +13,8 @@ from leanlm.models import arch_of, load_model, tiny_gemma3, tiny_llama, tiny_qwe
 from leanlm.models.compact import save_compact
 from leanlm.transforms import Transform
 from leanlm.transforms.swap_attention import swapped_layers
-from leanlm.transforms.swap_attention.linear import chunked, recurrent
-from leanlm.transforms.swap_attention.sliding_window import window_mask
+from leanlm.models.swapped_attention.linear import chunked, recurrent
+from leanlm.models.swapped_attention.sliding_window import window_mask
 
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
 

@@ -31,7 +31,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from leanlm.errors import LeanLMError
-from leanlm.models import arch_of
+from leanlm.models.arch import arch_of
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

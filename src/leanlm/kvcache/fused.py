@@ -22,7 +22,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from leanlm.errors import LeanLMError
-from leanlm.models import decoder_layers
+from leanlm.models.arch import decoder_layers
 
 ATTENTION_NAME = "leanlm_kv"
 LAYER_ATTRIBUTE = "leanlm_kv_layer"

@@ -21,7 +21,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, PolicyCache, check_budget
 from leanlm.kvcache.eviction import EvictionLayer, tokens_for_budget
-from leanlm.models import arch_of
+from leanlm.models.arch import arch_of
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from leanlm.errors import LeanLMError
 from leanlm.models.arch import arch_of
-from leanlm.models.latent_attention import LATENT_KEY, install_latent_shells
+from leanlm.models.config_keys import LATENT_KEY, SWAP_KEY
 from leanlm.models.spec import ModelSpec
 from leanlm.models.weights import parse_dtype, resize_linear, strip_gguf_quantization
 
@@ -43,7 +43,6 @@ INTERMEDIATE_KEY = "leanlm_intermediate_per_layer"
 KEPT_HEADS_KEY = "leanlm_kept_heads"
 LAYERS_KEPT_KEY = "leanlm_layers_kept"
 SHAPE_KEYS = (HEADS_KEY, KV_HEADS_KEY, INTERMEDIATE_KEY)
-SWAP_KEY = "leanlm_swap_attention"  # swapped attention layers (transforms/swap_attention/base.py): rebuilt on load
 
 
 def is_compact(config) -> bool:
@@ -136,6 +135,9 @@ def resize_to_config(model: PreTrainedModel) -> None:
         resize_linear(mlp.up_proj, i, hidden)
         resize_linear(mlp.down_proj, hidden, i)
     if getattr(config, LATENT_KEY, None) is not None:  # latent_kv: K/V projections replaced by a latent
+        # Imported here: the attention modules pull in kvcache, which is built on models (a cycle at import time).
+        from leanlm.models.latent_attention import install_latent_shells
+
         install_latent_shells(model)
 
 
@@ -162,8 +164,8 @@ def load_compact(path: str | Path, dtype: str | torch.dtype = "float32") -> PreT
     # inv_freq are computed at init and are not in the checkpoint.
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     resize_to_config(model)
-    if getattr(config, SWAP_KEY, None):
-        from leanlm.transforms.swap_attention import rebuild_swaps  # transforms import models: import when needed
+    if getattr(config, SWAP_KEY, None):  # swapped attention layers: put the replacements back first
+        from leanlm.models.swapped_attention import rebuild_swaps  # here, as for latent_attention above
 
         rebuild_swaps(model)
     state = _read_state_dict(path)

@@ -30,9 +30,9 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from leanlm.errors import LeanLMError
+from leanlm.models.config_keys import LATENT_KEY
 
 ABSORB_MODES = ("auto", "always", "never")
-LATENT_KEY = "leanlm_latent_kv"  # config key: {"rank_per_layer": [...], "rope_pairs": r}
 
 
 class LatentAttention(nn.Module):

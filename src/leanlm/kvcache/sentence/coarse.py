@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.sentence.segment import segment
-from leanlm.models import ModelSpec, arch_of
+from leanlm.models.arch import arch_of
+from leanlm.models.spec import ModelSpec
 from leanlm.models.arch import rotate_half
 
 

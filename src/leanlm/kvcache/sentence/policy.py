@@ -18,7 +18,7 @@ from leanlm.kvcache.sentence.index import SemanticIndex, minilm_installed, share
 from leanlm.kvcache.sentence.layer import SentenceTierLayer
 from leanlm.kvcache.sentence.segment import Segmenter, boundary_token_ids
 from leanlm.kvcache.sentence.stores import SLOW_STORES, MemoryStore, MmapStore
-from leanlm.models import arch_of
+from leanlm.models.arch import arch_of
 
 log = logging.getLogger("leanlm")
 

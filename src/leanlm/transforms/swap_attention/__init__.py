@@ -1,4 +1,7 @@
-"""Swap attention layers for bounded ones after pretraining (PostNAS): one file per replacement.
+"""Swap attention layers for bounded ones after pretraining (PostNAS): the recipe transform.
+
+The replacements themselves (one file each) are in ``leanlm.models.swapped_attention``: a saved
+swapped model is rebuilt from them when loaded, and the loader must not import transforms.
 
 - ``sliding_window``: the original attention over ``sink`` first + ``window`` last tokens.
 - ``linear``: gated linear attention + a small window branch, initialised from the layer's weights.
@@ -15,12 +18,11 @@ from typing import ClassVar
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.models import arch_of
+from leanlm.models.arch import arch_of
 from leanlm.transforms.base import Transform, register
-from leanlm.transforms.swap_attention.base import (REPLACEMENTS, SWAP_KEY, ReplacementSettings, SwappedAttention,
-                                                   make_settings, rebuild_swaps, swap_layer, swapped_layers)
-from leanlm.transforms.swap_attention.linear import LinearAttention, LinearSettings
-from leanlm.transforms.swap_attention.sliding_window import SlidingWindowAttention
+from leanlm.models.swapped_attention import (REPLACEMENTS, SWAP_KEY, LinearAttention, LinearSettings, ReplacementSettings,
+                                             SlidingWindowAttention, SwappedAttention, make_settings, rebuild_swaps,
+                                             swap_layer, swapped_layers)
 
 
 @register

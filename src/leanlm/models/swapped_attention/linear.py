@@ -36,8 +36,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.swapped import RecurrentLayer
-from leanlm.transforms.swap_attention.base import ReplacementSettings, SwappedAttention, register_replacement
-from leanlm.transforms.swap_attention.sliding_window import local_kv, windowed_attention
+from leanlm.models.swapped_attention.base import ReplacementSettings, SwappedAttention, register_replacement
+from leanlm.models.swapped_attention.sliding_window import local_kv, windowed_attention
 
 FEATURE_MAPS = ("hedgehog", "elu")
 EPS = 1e-6

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.kvcache.swapped import WindowLayer, cache_layer
-from leanlm.transforms.swap_attention.base import ReplacementSettings, SwappedAttention, register_replacement
+from leanlm.models.swapped_attention.base import ReplacementSettings, SwappedAttention, register_replacement
 
 
 def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:

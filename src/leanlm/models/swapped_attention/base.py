@@ -8,7 +8,8 @@ mask (it builds its own causal / windowed one) and keeps its state in its own ca
 (``leanlm.kvcache.swapped``). Batches must be unpadded (as for every leanlm cache policy).
 
 The swap is recorded in the config under ``leanlm_swap_attention`` ({layer index: {"kind": ...,
-settings}}); ``rebuild_swaps`` (called by ``leanlm.models.compact.load_compact``) puts the
+settings}}); ``rebuild_swaps`` (called by ``leanlm.models.compact.load_compact``; hence these modules live in
+``models/``, and ``transforms/swap_attention`` only chooses and applies them) puts the
 replacements back before the weights are loaded, so an exported swapped model reloads exactly.
 
 Why not the stock config: transformers' Llama (5.24) builds one causal mask for every layer and
@@ -27,7 +28,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.models.arch import AttentionView, arch_of, family_of
 
-from leanlm.models.compact import SWAP_KEY  # noqa: E402  (one name, defined where checkpoints are read)
+from leanlm.models.config_keys import SWAP_KEY
 
 
 @dataclass
