@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per cached value (default: 2, bf16)")
     kv.add_argument("--latent-dim", type=positive_int, help="MLA latent width per layer (default: kv_heads x head_dim)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    from leanlm.evaluate.probe.command import add_parser as add_probe_parser
+
+    add_probe_parser(sub)
     add_examples(parser, sub)
     return parser
 
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,
                     "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
                     "export": commands.run_export,
-                    "generate": commands.run_generate}
+                    "generate": commands.run_generate, "probe": _run_probe}
         return handlers[args.command](args)
     except LeanLMError as err:
         print(f"leanlm: error: {err}", file=sys.stderr)
@@ -288,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:  # a signal after which work was saved (distill's checkpoint)
         print(f"leanlm: {stop}", file=sys.stderr)
         return 130
+
+
+def _run_probe(args) -> int:
+    from leanlm.evaluate.probe.command import run
+
+    return run(args)
 
 
 def _quiet_libraries() -> None:

@@ -46,6 +46,10 @@ EXAMPLES: dict[str, list[str]] = {
         "leanlm export --model runs/recovered/model --out runs/release",
         "leanlm export --model runs/recovered/model --out runs/release-fp32 --dtype float32",
     ],
+    "probe": [
+        "leanlm probe --student runs/prune25/model --out runs/probe   # vs the bundled smollm2-135m",
+        "leanlm probe --student pruned=runs/p/stages/t1-prune_heads/model recovered=runs/p/model --texts wikitext-test,botchan",
+    ],
     "kv-budget": [
         "leanlm kv-budget --seq-len 8192",
         "leanlm kv-budget --layers 32 --heads 32 --kv-heads 8 --head-dim 128 --json",
