@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from leanlm import __version__
+from leanlm import __version__, cli_data
 from leanlm.errors import Interrupted, LeanLMError
 from leanlm.outputs import default_out  # noqa: F401  (its old home; commands import it from leanlm.outputs)
 
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per cached value (default: 2, bf16)")
     kv.add_argument("--latent-dim", type=positive_int, help="MLA latent width per layer (default: kv_heads x head_dim)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    cli_data.add_parser(sub)
     from leanlm.evaluate.probe.command import add_parser as add_probe_parser
 
     add_probe_parser(sub)
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,
                     "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
                     "export": commands.run_export,
-                    "generate": commands.run_generate, "probe": _run_probe}
+                    "generate": commands.run_generate, "data": cli_data.run, "probe": _run_probe}
         return handlers[args.command](args)
     except LeanLMError as err:
         print(f"leanlm: error: {err}", file=sys.stderr)

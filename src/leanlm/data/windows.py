@@ -110,18 +110,19 @@ def wikitext_sentence_chunks(tokenizer, split: str, max_tokens: int = 64, limit:
 
 
 def calibration_batches(
-    tokenizer, num_samples: int = 8, seq_len: int = 256, batch_size: int = 4, seed: int = 0
+    tokenizer, num_samples: int = 8, seq_len: int = 256, batch_size: int = 4, seed: int = 0, data=None,
+    model: str | None = None, loaded=None,
 ) -> list[torch.Tensor]:
-    """Random windows of WikiText-2 *validation* (never test), as (batch, seq_len) LongTensors.
+    """Random windows of the ``data`` setting (default: WikiText-2 *validation*, never test), as
+    (batch, seq_len) LongTensors.
 
-    There is deliberately no `split` argument: calibration must not see the split we report on.
+    ``data`` is a spec string, a recipe list or a ``DataMix`` (see ``leanlm.data.sources``);
+    ``model`` / ``loaded`` name the original model for the ``teacher`` source. There is
+    deliberately no ``split`` argument: calibration must not see the split we report on.
     """
+    from leanlm.data.sources import DataContext, DataMix
+
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         raise LeanLMError("calibration needs num_samples >= 1, seq_len >= 2 and batch_size >= 1")
-    ids = tokenize_split(tokenizer, "validation")
-    if len(ids) <= seq_len:
-        raise LeanLMError(f"validation has {len(ids)} tokens, too few for windows of {seq_len}")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len, (num_samples,), generator=generator)
-    samples = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])  # (num_samples, seq_len)
-    return list(samples.split(batch_size))
+    samples = DataMix.parse(data).calibration(DataContext(tokenizer, model, loaded), num_samples, seq_len, seed)
+    return list(samples.split(batch_size))  # each (batch, seq_len)

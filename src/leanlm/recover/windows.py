@@ -1,4 +1,4 @@
-"""Training windows (WikiText-2 validation) and the fixed order a run visits them in (seed, step)."""
+"""Training windows (the `data` setting, WikiText-2 validation by default) and the fixed order a run visits them in (seed, step)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,19 @@ import hashlib
 
 import torch
 
-from leanlm.data import tokenize_split
-from leanlm.errors import LeanLMError
 
 
-def training_windows(tokenizer, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of WikiText-2 *validation*, (num_windows, seq_len) LongTensor.
+def training_windows(tokenizer, seq_len: int, limit: int | None = None, data=None, model: str | None = None,
+                     loaded=None) -> torch.Tensor:
+    """Back-to-back windows of the ``data`` setting (default WikiText-2 *validation*), (num_windows, seq_len).
 
-    There is deliberately no split argument: training must never see the test split we report on.
-    ``limit`` keeps the first windows only.
+    ``data``: a spec string, a recipe list or a ``DataMix`` (``leanlm.data.sources``); ``model`` /
+    ``loaded`` name the teacher for the ``teacher`` source. There is deliberately no split argument:
+    training must never see the test split we report on. ``limit`` keeps the first windows only.
     """
-    if seq_len < 2:
-        raise LeanLMError(f"seq_len must be at least 2, got {seq_len}")
-    if limit is not None and limit < 1:
-        raise LeanLMError(f"limit must be positive when set, got {limit}")
-    ids = tokenize_split(tokenizer, "validation")  # (tokens,)
-    count = len(ids) // seq_len
-    if limit is not None:
-        count = min(count, limit)
-    if count == 0:
-        raise LeanLMError(f"WikiText-2 validation has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return ids[: count * seq_len].reshape(count, seq_len).clone()  # (num_windows, seq_len)
+    from leanlm.data.sources import DataContext, DataMix
+
+    return DataMix.parse(data).training(DataContext(tokenizer, model, loaded), seq_len, limit)
 
 
 @functools.lru_cache(maxsize=8)
