@@ -1,0 +1,286 @@
+"""Benchmark: which recovery generalises? Variants of prune-25%-heads + recovery at one equal CPU budget.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recovery_sweep.py --work runs/sweep --budget 3.5 \\
+        --variants recipe,kl_only,kl_teacher,kl_mix,local_kl_teacher --out runs/sweep/sweep.json
+    # the winner at the full budget, its model saved, then the same-steps reference on the unpruned model:
+    ... --variants local_kl_teacher --budget 20 --save-models --out runs/sweep/final.json
+    ... --variants reference_kl_teacher --reference-steps-of local_kl_teacher@20 --out runs/sweep/reference.json
+
+Every variant starts from the same KL-scored head selection (scores computed once, cached in --work),
+pruned at the variant's granularity and layout, then: an optional layer-local stage (each pruned
+layer's attention o_proj fitted to the teacher's attention output on calibration windows, least
+squares, ``leanlm.recover.local_stage``), then LoRA (or o_proj-only) + KD on the variant's data.
+The budget is *process CPU time* (``time.process_time``; the layer-local stage counts in it), so it is
+honest on a shared machine; the cosine schedule is sized to the steps the budget buys, from a timed
+trial step of that very variant. Every model is measured with the same protocol: perplexity on
+WikiText-2 test (in domain for WikiText-trained variants) and on Botchan / Pride and Prejudice (out of
+domain for every variant), non-overlapping windows, bfloat16. Each finished variant is saved as
+``--work/variants/NAME@BUDGET.json`` (a rerun skips it); --out gathers them all with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from leanlm.analyze import SCORERS, HeadScores
+from leanlm.data import calibration_batches
+from leanlm.errors import LeanLMError
+from leanlm.evaluate import PerplexityProtocol, perplexity
+from leanlm.models import ModelSpec, load_model, load_tokenizer
+from leanlm.models.compact import load_compact, save_compact
+from leanlm.recover import DistillConfig, LoraSettings, add_lora, distill, merge_lora, train_only, training_windows
+from leanlm.recover.local_stage import LocalStageConfig, local_stage
+from leanlm.recover.losses import kd_loss
+from leanlm.report import atomic_write_json, git_info, versions
+from leanlm.transforms.prune_heads import prune_heads, removed_fraction, select_heads
+
+MODEL = "smollm2-135m"
+TEACHER_DATA = "teacher"  # leanlm.data.sources: text sampled from the original model, cached
+
+
+@dataclass
+class Variant:
+    """One recovery recipe: what is pruned, on what data, with which loss and adapters."""
+
+    granularity: str = "kv_group"  # query | kv_group
+    layout: str = "global"  # global | uniform
+    data: str = "wikitext"  # a leanlm data spec: wikitext | teacher | teacher@0.5,wikitext@0.5 | ...
+    alpha: float = 0.5  # KD weight (1 = KL only; 0.5 = KL + CE, today's recipe)
+    temperature: float = 2.0
+    lora_rank: int = 16
+    targets: str = "attn+mlp"  # attn | attn+mlp | o_proj (train_only o_proj, no LoRA)
+    local: str | None = None  # None | lstsq | adam: the layer-local stage first
+    lr: float = 5e-4
+    reference: bool = False  # the unpruned model (same data and steps as --reference-steps-of)
+
+
+MIX = f"{TEACHER_DATA}@0.5,wikitext@0.5"
+VARIANTS: dict[str, Variant] = {
+    "recipe": Variant(),  # today's default: KL + CE on WikiText-2 validation, LoRA r16 attention + MLP
+    "kl_only": Variant(alpha=1.0),
+    "kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA),
+    "klce_teacher": Variant(alpha=0.5, data=TEACHER_DATA),
+    "kl_mix": Variant(alpha=1.0, data=MIX),
+    "local_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, local="lstsq"),
+    "local_kl_mix": Variant(alpha=1.0, data=MIX, local="lstsq"),
+    "local_only": Variant(local="lstsq", targets="none"),
+    "r8_attn_teacher": Variant(alpha=1.0, data=TEACHER_DATA, lora_rank=8, targets="attn"),
+    "r32_teacher": Variant(alpha=1.0, data=TEACHER_DATA, lora_rank=32),
+    "oproj_teacher": Variant(alpha=1.0, data=TEACHER_DATA, targets="o_proj"),
+    "lr1e3_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, lr=1e-3),
+    "query_global_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query"),
+    "kvgroup_uniform_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, layout="uniform"),
+    "query_uniform_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query", layout="uniform"),
+    "reference_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, reference=True),
+    "reference_recipe": Variant(reference=True),
+}
+for _name, _v in list(VARIANTS.items()):  # the layer-local stage on top of each granularity, too
+    if _name.endswith("_kl_teacher") and ("query" in _name or "uniform" in _name):
+        VARIANTS["local_" + _name] = dataclasses.replace(_v, local="lstsq")
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def protocols(texts: list[str], tokens: int, window: int) -> dict[str, PerplexityProtocol]:
+    out = {}
+    for name in texts:
+        if name == "wikitext":
+            out[name] = PerplexityProtocol("test", "nonoverlap", window, window, tokens)
+        elif name == "botchan":
+            out[name] = PerplexityProtocol("botchan", "nonoverlap", window, window, tokens)
+        elif "text" in {f.name for f in dataclasses.fields(PerplexityProtocol)}:
+            out[name] = PerplexityProtocol("test", "nonoverlap", window, window, tokens, text=name)
+        else:
+            raise LeanLMError(f"this leanlm cannot score the text '{name}' (no PerplexityProtocol.text)")
+    return out
+
+
+def measure(model, tokenizer, protos: dict[str, PerplexityProtocol]) -> dict:
+    model = copy.deepcopy(model).to(torch.bfloat16).eval()
+    results = {}
+    for name, proto in protos.items():
+        r = perplexity(model, tokenizer, proto)
+        results[name] = {"perplexity": r.perplexity, "tokens": r.tokens_scored}
+    return results
+
+
+# ------------------------------------------------------------------------------ pruning (cached)
+
+
+def kl_scores(work: Path, teacher, tokenizer) -> HeadScores:
+    path = work / "scores_kl.json"
+    if not path.exists():  # the default recipe's scorer and calibration (8 x 128 validation tokens)
+        batches = calibration_batches(tokenizer, num_samples=8, seq_len=128, batch_size=4, seed=0)
+        SCORERS["kl"]().score(copy.deepcopy(teacher).to(torch.bfloat16), batches).save_json(path)
+    return HeadScores.load_json(path)
+
+
+def pruned_model(work: Path, teacher, tokenizer, v: Variant, fraction: float):
+    """The teacher pruned at the variant's granularity/layout (cached on disk), and the removed share."""
+    path = work / "pruned" / f"{v.granularity}-{v.layout}-{fraction}"
+    if not (path / "config.json").exists():
+        spec = ModelSpec.from_model(teacher)
+        remove = select_heads(kl_scores(work, teacher, tokenizer), fraction, v.layout, v.granularity, spec)
+        model = prune_heads(copy.deepcopy(teacher), remove)
+        save_compact(model, None, path)
+        atomic_write_json(path / "removed.json", {"remove": remove, "fraction": removed_fraction(remove, spec)})
+    return load_compact(path, "bfloat16").requires_grad_(False), json.loads((path / "removed.json").read_text())["fraction"]
+
+
+# ------------------------------------------------------------------------------ recovery
+
+
+def make_trainable(model, v: Variant):
+    if v.targets == "o_proj":
+        train_only(model, [r"self_attn\.o_proj\.weight"])
+        return model
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return add_lora(model, LoraSettings(rank=v.lora_rank, alpha=2.0 * v.lora_rank, targets=targets,
+                                        include_mlp=v.targets == "attn+mlp"))
+
+
+def step_cpu_seconds(student, teacher, windows: torch.Tensor, v: Variant, batch: int) -> float:
+    """CPU seconds of one training step of this variant (teacher forward + student forward/backward), timed
+    on the second of two trial steps; nothing is updated."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    spent = 0.0
+    for trial in range(2):
+        began = time.process_time()
+        ids = windows[trial * batch : (trial + 1) * batch]
+        with torch.no_grad():
+            target = teacher(input_ids=ids, use_cache=False).logits
+        loss, _ = kd_loss(student(input_ids=ids, use_cache=False).logits, target, ids, v.alpha, v.temperature)
+        loss.backward()
+        spent = time.process_time() - began
+    for p in params:
+        p.grad = None
+    return spent
+
+
+def recover(student, teacher, tokenizer, v: Variant, budget_min: float, work: Path, name: str,
+            fixed_steps: int | None, batch: int, seq_len: int) -> tuple[object, dict]:
+    windows = training_windows(tokenizer, seq_len, data=v.data, model=MODEL, loaded=teacher)
+    record: dict = {"train_windows": int(windows.shape[0]), "train_tokens_available": int(windows.numel())}
+    began = time.process_time()  # the budget starts here: the layer-local stage counts in it
+    if v.local:
+        report = local_stage(student, teacher, windows, LocalStageConfig(method=v.local, windows=16))
+        record["local_stage"] = report
+    if v.targets == "none":
+        record["cpu_seconds"] = time.process_time() - began
+        return student, record
+    student = make_trainable(student, v)
+    left = budget_min * 60 - (time.process_time() - began)
+    per_step = step_cpu_seconds(student, teacher, windows, v, batch)
+    steps = fixed_steps or max(2, int(left / per_step))
+    record |= {"trial_step_cpu_seconds": per_step, "planned_steps": steps}
+    config = DistillConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=v.lr, warmup_steps=max(1, steps // 10),
+                           alpha=v.alpha, temperature=v.temperature, seed=0, bf16=False, checkpoint_every=0,
+                           max_cpu_minutes=None if fixed_steps else max(left, 1.0) / 60)
+    result = distill(student, teacher, windows, config, out_dir=work / "checkpoints" / name)
+    merged = merge_lora(student) if v.targets != "o_proj" else student
+    record |= {"steps_done": result.steps_done, "distill_cpu_seconds": result.cpu_seconds,
+               "stopped_early": result.stopped_early, "final_loss": result.losses[-1] if result.losses else None,
+               "tokens_seen": result.steps_done * batch * seq_len}
+    record["cpu_seconds"] = record.get("local_stage", {}).get("cpu_seconds", 0.0) + result.cpu_seconds
+    return merged.requires_grad_(False).eval(), record
+
+
+# ------------------------------------------------------------------------------ the sweep
+
+
+def run_variant(name: str, v: Variant, args, teacher, tokenizer, protos, baseline: dict) -> dict:
+    key = f"{name}@{args.budget:g}"
+    path = args.work / "variants" / f"{key}.json"
+    if path.exists():
+        print(f"{key}: read back from {path}")
+        return json.loads(path.read_text())
+    fixed = None
+    if v.reference:
+        if not args.reference_steps_of:
+            raise LeanLMError(f"{name} is a reference: give --reference-steps-of NAME@BUDGET (its steps are reused)")
+        fixed = json.loads((args.work / "variants" / f"{args.reference_steps_of}.json").read_text())["training"]["steps_done"]
+        student, fraction = copy.deepcopy(teacher).requires_grad_(False), 0.0
+    else:
+        student, fraction = pruned_model(args.work, teacher, tokenizer, v, args.fraction)
+    pruned_key = "unpruned" if v.reference else f"{v.granularity}-{v.layout}"
+    pruned_path = args.work / "pruned_metrics" / f"{pruned_key}.json"
+    if not pruned_path.exists():
+        atomic_write_json(pruned_path, measure(student, tokenizer, protos))
+    model, training = recover(student, teacher, tokenizer, v, args.budget, args.work, key, fixed, args.batch, args.seq_len)
+    if args.save_models:
+        save_compact(model, tokenizer, args.work / "models" / key)
+    metrics = measure(model, tokenizer, protos)
+    record = {"name": name, "budget_cpu_minutes": args.budget, "variant": asdict(v), "heads_removed_fraction": fraction,
+              "pruned": json.loads(pruned_path.read_text()), "recovered": metrics, "training": training,
+              "ratios": ratios(metrics, baseline), "pruned_ratios": ratios(json.loads(pruned_path.read_text()), baseline)}
+    atomic_write_json(path, record)
+    print(f"{key}: {record['ratios']} steps {training.get('steps_done')} cpu {training['cpu_seconds']:.0f}s")
+    return record
+
+
+def ratios(metrics: dict, baseline: dict) -> dict:
+    return {text: metrics[text]["perplexity"] / baseline[text]["perplexity"] for text in metrics if text in baseline}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="cache: scores, pruned models, finished variants")
+    parser.add_argument("--out", type=Path, required=True, help="JSON gathering every finished variant of --work")
+    parser.add_argument("--variants", default="recipe", help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--budget", type=float, default=3.5, help="CPU minutes of recovery per variant")
+    parser.add_argument("--fraction", type=float, default=0.25, help="share of the heads to remove")
+    parser.add_argument("--texts", default="wikitext,botchan,pride", help="evaluation texts (comma list)")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per text")
+    parser.add_argument("--eval-window", type=int, default=512, help="non-overlapping window length")
+    parser.add_argument("--batch", type=int, default=4, help="training windows per step")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    parser.add_argument("--reference-steps-of", help="NAME@BUDGET whose steps a reference variant repeats")
+    parser.add_argument("--save-models", action="store_true", help="save each recovered model under --work/models")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    try:
+        names = [n for n in args.variants.split(",") if n]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise LeanLMError(f"unknown variant '{unknown[0]}'")
+        tokenizer = load_tokenizer(MODEL)
+        teacher = load_model(MODEL, "bfloat16").requires_grad_(False)
+        protos = protocols([t for t in args.texts.split(",") if t], args.eval_tokens, args.eval_window)
+        base_path = args.work / "baseline.json"
+        if not base_path.exists():
+            atomic_write_json(base_path, measure(teacher, tokenizer, protos) | {"protocols": {k: asdict(p) for k, p in protos.items()}})
+        baseline = json.loads(base_path.read_text())
+        for name in names:
+            run_variant(name, VARIANTS[name], args, teacher, tokenizer, protos, baseline)
+    except LeanLMError as err:
+        print(f"recovery_sweep: error: {err}", file=sys.stderr)
+        return 2
+    finished = {p.stem: json.loads(p.read_text()) for p in sorted((args.work / "variants").glob("*.json"))}
+    atomic_write_json(args.out, {"baseline": baseline, "variants": finished, "command": " ".join(sys.argv),
+                                 "versions": versions(), "git": git_info()})
+    print(table(baseline, finished))
+    return 0
+
+
+def table(baseline: dict, finished: dict) -> str:
+    texts = [t for t in baseline if t != "protocols"]
+    lines = ["| variant | " + " | ".join(f"{t} ratio" for t in texts) + " | steps | CPU s |",
+             "| --- |" + " ---: |" * (len(texts) + 2)]
+    for key, r in finished.items():
+        cells = " | ".join(f"{r['ratios'].get(t, float('nan')):.3f}" for t in texts)
+        lines.append(f"| {key} | {cells} | {r['training'].get('steps_done', 0)} | {r['training']['cpu_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
