@@ -76,9 +76,10 @@ def add_device_arg(parser: argparse.ArgumentParser, default: str | None = "auto"
 
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-samples", type=positive_int, default=8,
-                        help="calibration windows (validation split) (default: %(default)s)")
+                        help="calibration windows drawn from --data (default: %(default)s)")
     parser.add_argument("--calib-len", type=positive_int, default=128,
                         help="tokens per calibration window (default: %(default)s)")
+    cli_data.add_data_arg(parser)
 
 
 def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--decode-batches", type=int_list, default=(1, 4), help="comma list (default: 1,4)")
     ev.add_argument("--decode-tokens", type=positive_int, default=32, help="new tokens per decode run (default: 32)")
 
+    cli_data.add_text_arg(ev)
     add_kv_cache_args(ev)
     ev.add_argument("--kv-chunk", type=positive_int, default=32,
                     help="with --kv-cache: tokens per forward as the text streams through the cache (default: %(default)s)")
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_cache_args(gen)
 
     an = sub.add_parser("analyze", help="score attention heads (KL utility, magnitude, Taylor) on calibration text",
-                        description="Score every attention head and KV group on WikiText-2 validation; write JSON "
+                        description="Score every attention head and KV group on calibration text (--data; WikiText-2 "
+                                    "validation by default); write JSON "
                                     "scores and layer x head heatmaps.")
     add_model_args(an)
     an.add_argument("--out", type=Path, help="new results directory (default runs/analyze-MODEL-TIME)")
@@ -173,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also give the unpruned model the same LoRA + CE budget on the same data (domain-adaptation reference)")
 
     pr = sub.add_parser("prune", help="remove attention heads, whole layers or MLP channels physically; writes a loadable model",
-                        description="Score the model on WikiText-2 validation and physically remove attention heads "
+                        description="Score the model on calibration text (--data, default WikiText-2 validation) and "
+                                    "physically remove attention heads "
                                     "(--what heads), decoder blocks (layers) or MLP channels (mlp). Options a technique "
                                     "does not take are refused; the others default to the transform's own defaults.")
     add_model_args(pr, saved=True)
@@ -193,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     di = sub.add_parser("distill", help="recover a pruned model: LoRA + knowledge distillation from the original",
                         description="Train LoRA adapters on the student to match the teacher (KL at temperature T mixed "
-                                    "with CE) on WikiText-2 validation, merge them, and save DIR/model.")
+                                    "with CE) on --data (default WikiText-2 validation), merge them, and save DIR/model.")
     di.add_argument("--student", required=True, help="model directory to recover (e.g. from leanlm prune)")
     di.add_argument("--teacher", default="smollm2-135m", help="the original model (default: %(default)s)")
     di.add_argument("--out", type=Path, required=True, help="directory for checkpoints and the merged model")
@@ -215,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save a checkpoint every N steps, at the end and on Ctrl-C/SIGTERM; 0 = only then "
                          "(default: %(default)s)")
     di.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help=SAVED_DTYPE_HELP)
+    cli_data.add_data_arg(di)
     add_device_arg(di)
 
     ex = sub.add_parser("export", help="write a reloadable checkpoint (stock transformers where possible) with a model card",
@@ -238,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per cached value (default: 2, bf16)")
     kv.add_argument("--latent-dim", type=positive_int, help="MLA latent width per layer (default: kv_heads x head_dim)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
-    cli_data.add_parser(sub)
+    cli_data.add_parser(sub, add_device_arg)
     from leanlm.evaluate.probe.command import add_parser as add_probe_parser
 
     add_probe_parser(sub)

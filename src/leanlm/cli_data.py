@@ -3,16 +3,7 @@
 - ``--data SPEC`` for analyze / prune / distill (``add_data_arg``), checked while parsing;
 - ``leanlm data``: prepare and inspect a data setting (generates and caches teacher text), print its record.
 
-SPEC: items separated by commas, each SOURCE[:ARGS][@WEIGHT]:
-  wikitext                                    WikiText-2 validation (the default)
-  teacher                                     text sampled from the original model (generated once, cached)
-  teacher:tokens=80000:seed=1                 a source's settings as key=value, colon-separated
-  file:notes/*.md  file:corpus/  notes.txt    UTF-8 file, directory or glob (an existing path alone works)
-  jsonl:data.jsonl:text                       the 'text' field of each JSON line (field defaults to text)
-  hf:wikitext:wikitext-103-raw-v1:train:text  a hub dataset NAME[:CONFIG]:SPLIT:FIELD (online, `datasets`)
-  teacher@0.5,wikitext@0.5                    a mix: weights are shares of the windows (normalised)
-teacher settings: tokens (40000), max_new_tokens (256), min_new_tokens (16), batch_size (16),
-temperature (1.0), top_k (0 = all), prompts (mixed | bos | text | chat), seed (0), dtype (bfloat16).
+SPEC: see ``leanlm.data_syntax`` (printed by `leanlm data --help`).
 """
 
 from __future__ import annotations
@@ -21,11 +12,10 @@ import argparse
 import json
 from argparse import Namespace
 
+from leanlm.data_syntax import HINT, SPEC_HELP
 from leanlm.errors import LeanLMError
 
-HINT = "wikitext, teacher, file:PATH, jsonl:PATH:FIELD, hf:NAME[:CONFIG]:SPLIT:FIELD (mix with @WEIGHT, e.g. teacher@0.5,wikitext@0.5)"
 DATA_HELP = f"calibration / training text: {HINT}; see `leanlm data --help` (default: wikitext = WikiText-2 validation)"
-SPEC_HELP = __doc__[__doc__.index("SPEC:"):]
 
 
 def data_spec(text: str):
@@ -42,9 +32,14 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=data_spec, default=None, metavar="SPEC", help=DATA_HELP)
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    from leanlm.cli import add_device_arg
+def add_text_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", default=None, metavar="FILE",
+                        help="score this text instead of WikiText (same protocols): a UTF-8 file, or a built-in "
+                             "out-of-domain novel: botchan, pride (Pride and Prejudice); recorded with its sha256")
 
+
+def add_parser(sub, add_device_arg) -> argparse.ArgumentParser:
+    """`leanlm data`; ``add_device_arg`` is the CLI's own --device option (passed in: no import cycle)."""
     parser = sub.add_parser("data", help="prepare and inspect calibration / distillation data (generates teacher text once)",
                             description="Read a data setting, generating and caching teacher text if it names it, and "
                                         "print what it gives: sources, paths, sha256, tokens, windows, teacher speed.\n\n"

@@ -36,7 +36,7 @@ def _out_dir(args: Namespace, kind: str) -> Path:
 
 
 def run_eval(args: Namespace) -> int:
-    from leanlm.data import wikitext_lines
+    from leanlm.data.wikitext import split_source, wikitext_lines
     from leanlm.evaluate import EvalConfig, PerplexityProtocol, SpeedConfig, evaluate, write_eval_run
     from leanlm.models import load_model, load_tokenizer
     from leanlm.report.markdown import metrics_rows, table
@@ -44,20 +44,21 @@ def run_eval(args: Namespace) -> int:
     if args.kv_cache is not None:
         return run_eval_kv_cache(args)
     window = args.window or (1024 if args.protocol == "sliding" else 2048)
-    protocol = PerplexityProtocol(args.split, args.protocol, window, args.stride or max(1, window // 2), args.max_tokens)
+    protocol = PerplexityProtocol(args.split, args.protocol, window, args.stride or max(1, window // 2), args.max_tokens,
+                                  args.text)
     protocol.validate()
     speed = SpeedConfig(tuple(args.prefill_lengths), tuple(args.decode_batches), decode_tokens=args.decode_tokens,
                         repeats=args.speed_repeats)
     speed.validate()
     out = _out_dir(args, "eval")
-    if protocol.split != "botchan":
+    if protocol.text_name is None:
         wikitext_lines(protocol.split)  # fail on missing data before loading the model
     _check_context(args.model, window, "--window")
     log.info("loading %s (%s)", args.model, args.dtype)
     model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
     config = EvalConfig(protocol, speed, measure_speed=not args.no_speed)
     results = evaluate(model, tokenizer, config)
-    results["protocol"]["data"] = _data_source(protocol.split)
+    results["protocol"]["data"] = results["protocol"].get("text") or split_source(protocol.split)
     header = {"model": args.model, "command": _command_line(), "config": dataclasses.asdict(config)}
     write_eval_run(results, out, header)
     print(table(metrics_rows(results)))
@@ -72,12 +73,6 @@ def _check_context(model: str, tokens: int, flag: str) -> None:
     check_window(tokens, load_config(model), flag)
 
 
-def _data_source(split: str) -> dict:
-    from leanlm.data.wikitext import split_source
-
-    return split_source(split)
-
-
 def run_analyze(args: Namespace) -> int:
     from leanlm.analyze import SCORERS, score_heads
     from leanlm.models import load_model, load_tokenizer
@@ -90,7 +85,8 @@ def run_analyze(args: Namespace) -> int:
         raise LeanLMError(f"unknown scorer '{','.join(unknown)}': choose from {', '.join(SCORERS)}")
     out = _out_dir(args, "analyze")
     model, tokenizer = load_model(args.model, args.dtype, args.device), load_tokenizer(args.model)
-    scores = score_heads(model, tokenizer, names, num_samples=args.calib_samples, seq_len=args.calib_len, seed=args.seed)
+    scores = score_heads(model, tokenizer, names, num_samples=args.calib_samples, seq_len=args.calib_len, seed=args.seed,
+                         data=args.data, source=args.model)
     with staged_output(out) as stage:
         (stage / "plots").mkdir()
         lines = [f"# leanlm analyze: {args.model}", ""]
@@ -201,7 +197,7 @@ def run_prune(args: Namespace) -> int:
         announce_prune_plan(load_config(args.model), transform.fraction, transform.layout, transform.granularity)
     dtype = args.dtype or source_dtype(args.model)
     model, tokenizer = load_model(args.model, "float32", args.device), load_tokenizer(args.model)
-    record, scores = apply_transform(transform, model, tokenizer, calibration, score_dtype="float32")
+    record, scores = apply_transform(transform, model, tokenizer, calibration, "float32", data=args.data, source=args.model)
     summary = describe_transform(record)
     model.to(DTYPES[dtype])  # saved in the source's dtype unless --dtype says otherwise
     with staged_output(out) as stage:
@@ -225,9 +221,10 @@ def run_prune(args: Namespace) -> int:
 
 def run_distill(args: Namespace) -> int:
     from leanlm.cli_support import check_distill_resume, size_line, source_weight_bytes, weight_bytes
+    from leanlm.data.sources import DataContext, DataMix
     from leanlm.models import load_model, load_tokenizer
     from leanlm.models.loading import DTYPES, source_dtype
-    from leanlm.recover import DistillConfig, LoraSettings, add_lora, distill, merge_lora, plot_loss_curve, training_windows
+    from leanlm.recover import DistillConfig, LoraSettings, add_lora, distill, merge_lora, plot_loss_curve
     from leanlm.recover.checkpoint import stop_on_signals
     from leanlm.report import atomic_write_json, ordinary_modes
     from leanlm.transforms import save_compact
@@ -243,15 +240,17 @@ def run_distill(args: Namespace) -> int:
     dtype = args.dtype or source_dtype(args.student)
     student = add_lora(load_model(args.student, "float32", args.device), settings)
     teacher, tokenizer = load_model(args.teacher, "float32", args.device), load_tokenizer(args.student)
+    data = DataMix.parse(args.data)  # WikiText-2 validation unless --data says otherwise
+    windows = data.training(DataContext(tokenizer, args.teacher, teacher, args.device), config.seq_len)  # (n, seq_len)
     with stop_on_signals():  # Ctrl-C / SIGTERM: checkpoint after the current step, then exit 130
-        result = distill(student, teacher, training_windows(tokenizer, config.seq_len), config, out_dir=out, resume=args.resume)
+        result = distill(student, teacher, windows, config, out_dir=out, resume=args.resume)
     merged = merge_lora(student).to(DTYPES[dtype])
     save_compact(merged, tokenizer, out / "model.tmp")
     ordinary_modes(out / "model.tmp")
     (out / "model.tmp").rename(out / "model")
     print(size_line("merged model", weight_bytes(out / "model"), source_weight_bytes(args.student), dtype))
     plot_loss_curve(result, out / "loss.png")
-    atomic_write_json(out / "distill.json", {"command": _command_line(), **result.to_dict()})
+    atomic_write_json(out / "distill.json", {"command": _command_line(), "data": data.describe(), **result.to_dict()})
     ordinary_modes(out)  # the loss plot's temp file, like every output, readable as the umask allows
     print(f"{result.steps_done} steps in {result.seconds / 60:.1f} min; merged model in {out}/model, loss curve {out}/loss.png")
     return 0
@@ -367,6 +366,7 @@ def _generate_speculative(args: Namespace, model, tokenizer, ids, sampling) -> i
 
 def run_eval_kv_cache(args: Namespace) -> int:
     """`leanlm eval --kv-cache P`: streaming perplexity through the policy vs the full cache, same windows."""
+    from leanlm.data.wikitext import split_source
     from leanlm.evaluate.kv import StreamingProtocol, streaming_perplexity, streaming_reference
     from leanlm.kvcache import make_policy
     from leanlm.models import load_model, load_tokenizer
@@ -374,8 +374,8 @@ def run_eval_kv_cache(args: Namespace) -> int:
     from leanlm.report.markdown import table
     from leanlm.report.plots import plot_kv_windows
 
-    if args.split == "botchan":
-        raise LeanLMError("--kv-cache evaluates on WikiText-2 (test or validation), not botchan")
+    if args.split == "botchan" or args.text is not None:
+        raise LeanLMError("--kv-cache evaluates on WikiText-2 (test or validation), not botchan or a --text")
     context = args.window or args.kv_context
     protocol = StreamingProtocol(args.split, context, args.kv_chunk, args.max_tokens)
     protocol.validate()
@@ -390,7 +390,7 @@ def run_eval_kv_cache(args: Namespace) -> int:
     result = streaming_perplexity(model, tokenizer, factory, protocol, reference=reference)
     full = reference.result
     results = {"model": args.model, "command": _command_line(), "perplexity": result.perplexity,
-               "protocol": result.protocol | {"data": _data_source(protocol.split)}, "kv_cache": result.policy,
+               "protocol": result.protocol | {"data": split_source(protocol.split)}, "kv_cache": result.policy,
                "kv_budget": args.kv_budget, "kv_budget_held": result.bytes_per_token / full.bytes_per_token,
                "kv_bytes_per_token": result.bytes_per_token, "kv_peak_bytes": result.peak_bytes,
                "ppl_ratio": result.perplexity / full.perplexity, "kl": result.kl,

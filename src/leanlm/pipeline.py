@@ -25,12 +25,13 @@ from pathlib import Path
 import yaml
 
 from leanlm.analyze import HeadScores
+from leanlm.data.sources import DataContext, DataMix
 from leanlm.errors import LeanLMError
 from leanlm.evaluate import EvalConfig, PerplexityProtocol, SpeedConfig, evaluate, perplexity
 from leanlm.export import export_model, model_card, stock_layout
 from leanlm.models import ModelSpec, load_model, load_tokenizer, parse_dtype, resolve_device
 from leanlm.recipe import Recipe
-from leanlm.recover import add_lora, distill, merge_lora, train_only, training_windows
+from leanlm.recover import add_lora, distill, merge_lora, train_only
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
 from leanlm.report.pipeline_report import describe_transform, write_pipeline_report
 from leanlm.transforms import Transform, load_compact, save_compact
@@ -96,6 +97,9 @@ def measure(model, tokenizer, recipe: Recipe) -> dict:
     if ev.ood:
         ood = perplexity(model, tokenizer, PerplexityProtocol("botchan", ev.method, ev.window, ev.stride, ev.max_tokens))
         results["ood_perplexity"], results["ood_protocol"] = ood.perplexity, ood.protocol
+    for name in ev.texts:  # more evaluation texts (files or built-in novels), same protocol
+        scored = perplexity(model, tokenizer, PerplexityProtocol("test", ev.method, ev.window, ev.stride, ev.max_tokens, name))
+        results.setdefault("texts", {})[name] = {"perplexity": scored.perplexity, "protocol": scored.protocol}
     del model
     return results
 
@@ -109,13 +113,20 @@ def transform_keys(recipe: Recipe) -> list[str]:
 
 
 def apply_transform(transform: Transform, model, tokenizer, calibration: CalibrationSettings,
-                    score_dtype: str = "bfloat16") -> tuple[dict, HeadScores | None]:
-    """Build the context the transform needs (on the model as it is now), apply it in place; JSON record."""
+                    score_dtype: str = "bfloat16", data=None, source: str | None = None,
+                    teacher=None) -> tuple[dict, HeadScores | None]:
+    """Build the context the transform needs (on the model as it is now), apply it in place; JSON record.
+
+    ``data`` is the calibration data setting; ``source`` / ``teacher`` the original model (for teacher text).
+    """
     started = time.perf_counter()
-    context = transform_context(transform, model, tokenizer, calibration, score_dtype)
+    mix = DataMix.parse(data)
+    context = transform_context(transform, model, tokenizer, calibration, score_dtype, mix, source, teacher)
     report = transform.apply(model, **context)
     record = {"settings": transform.to_dict(), **report.to_dict(), "seconds": time.perf_counter() - started,
               "spec": ModelSpec.from_model(model).to_dict()}
+    if mix.used:  # calibration text was read: record what
+        record["data"] = mix.describe()
     scores = context.get("scores")
     if scores is not None:
         record["scores"] = scores.to_dict()
@@ -139,7 +150,8 @@ def transform_stages(run: RunDir, teacher, tokenizer, recipe: Recipe) -> tuple[o
         record_path = stages / f"{key}-report.json"
         if i > last:
             log.info("transform %d of %d: %s", i + 1, len(keys), transform.to_dict())
-            record, _ = apply_transform(transform, model, tokenizer, recipe.calibration, recipe.dtype)
+            record, _ = apply_transform(transform, model, tokenizer, recipe.calibration, recipe.dtype,
+                                        data=recipe.data, source=recipe.model, teacher=teacher)
             save_compact(model, None, stages / f".{key}-model.tmp")
             (stages / key).mkdir(exist_ok=True)
             (stages / f".{key}-model.tmp").rename(stages / key / "model")
@@ -195,13 +207,15 @@ def recover(variant: str, start, teacher, tokenizer, recipe: Recipe, work: Path,
     elif variant == "kd_oproj":
         train_only(student, [r"self_attn\.o_proj\.weight"])
     config = dataclasses.replace(recipe.recover.distill, **overrides)
-    windows = training_windows(tokenizer, config.seq_len)
+    data = DataMix.parse(recipe.recover.data if recipe.recover.data is not None else recipe.data)
+    windows = data.training(DataContext(tokenizer, recipe.model, teacher), config.seq_len)  # (n, seq_len)
     monitor = monitor_fn(tokenizer, recipe) if config.eval_every else None
     result = distill(student, teacher, windows, config, out_dir=work / "checkpoints", resume=True, eval_fn=monitor)
     merged = merge_lora(student) if variant != "kd_oproj" else student
     for param in merged.parameters():
         param.requires_grad_(False)
-    return merged.to(device).eval(), result.to_dict()  # accelerate may have moved it: back to the run's device
+    record = result.to_dict() | {"data": data.describe()}
+    return merged.to(device).eval(), record  # accelerate may have moved it: back to the run's device
 
 
 def recovered_stage(run: RunDir, variant: str, start, teacher, tokenizer, recipe: Recipe, **overrides):
@@ -262,6 +276,7 @@ def run_recipe(recipe: Recipe, out: Path, resume: bool = False, with_reference: 
 def _training_summary(record: dict) -> dict:
     return {
         "steps": record["steps_done"],
+        "data": record.get("data", {}).get("spec"),
         "train_minutes": record["seconds"] / 60,
         "stopped_early": record["stopped_early"],
         "tokens_per_step": record["tokens_per_step"],

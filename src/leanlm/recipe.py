@@ -7,6 +7,10 @@ load -> baseline eval -> each transform in order (with its own eval) -> recover 
       - {name: prune_layers, num_layers: 2}
       - {name: prune_heads, fraction: 0.25, granularity: kv_group, scorer: kl}
       - {name: prune_mlp, fraction: 0.1}
+    data: teacher@0.5,wikitext@0.5      # calibration and training text (syntax: leanlm.data_syntax), or a list:
+    data: [{source: teacher, weight: 0.5, tokens: 80000}, {source: wikitext, weight: 0.5}]
+    recover: {data: teacher}            # training text only (calibration keeps `data:`)
+    eval: {texts: [pride, notes.txt]}   # more evaluation texts (files or built-in novels), same protocol
 
 Each item is built through the ``TRANSFORMS`` registry (its settings are the transform's own
 dataclass fields); ``recover.distill`` *is* a ``DistillConfig`` and ``recover.lora`` a
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from leanlm.data.sources import DEFAULT_DATA, DataMix
+from leanlm.data.texts import check_text
 from leanlm.errors import LeanLMError
 from leanlm.evaluate.perplexity import METHODS
 from leanlm.models import DEVICES
@@ -50,6 +56,12 @@ class EvalStep:
     speed: bool = field(default=True, metadata={"help": "time prefill and decode"})
     speed_repeats: int = field(default=3, metadata={"help": "timed runs per speed number"})
     ood: bool = field(default=True, metadata={"help": "also score out-of-domain text (not WikiText)"})
+    texts: list[str] = field(default_factory=list, metadata={"help": "more evaluation texts: UTF-8 files or built-in "
+                                                                       "names (botchan, pride), same protocol"})
+
+    def __post_init__(self) -> None:
+        for name in self.texts:
+            check_text(name)
 
 
 @dataclass
@@ -63,10 +75,13 @@ class RecoverStep:
         default_factory=lambda: ["lora_kd"],
         metadata=choices(VARIANTS, "recovery runs from the same pruned model: lora_kd, kd_oproj (KD, only o_proj trains)"),
     )
+    data: str | list | None = field(default=None, metadata={"help": "training text; null = the recipe's data"})
 
     def __post_init__(self) -> None:
         self.distill.check()
         self.lora.check()
+        if self.data is not None:
+            DataMix.parse(self.data)  # a bad spec or a missing file is reported with the recipe's problems
         if self.distill.out_dir is not None:
             raise LeanLMError("'recover.distill.out_dir' is set by the pipeline (the run directory); remove it")
 
@@ -83,6 +98,9 @@ class Recipe:
     model: str = "smollm2-135m"
     dtype: str = field(default="bfloat16", metadata=choices(TRAIN_DTYPES, "evaluation (and head scoring) dtype"))
     device: str = field(default="auto", metadata=choices(DEVICES, "where the model runs; auto = CUDA when present"))
+    data: str | list = field(default=DEFAULT_DATA, metadata={"help": "calibration and training text: a spec string "
+                                                                    "('teacher@0.5,wikitext@0.5') or a list of "
+                                                                    "{source: ..., weight: ...} items"})
     eval: EvalStep = field(default_factory=EvalStep)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     transforms: list[Transform] = field(default_factory=list)
@@ -92,6 +110,13 @@ class Recipe:
     def to_dict(self) -> dict:
         """The recipe as YAML-able data; ``load_recipe`` of its YAML gives the same recipe."""
         data = {key: value for key, value in to_plain(self).items() if key != "transforms"}
+        # settings added later are left out at their defaults, so runs started before them still resume
+        if data["data"] == DEFAULT_DATA:
+            del data["data"]
+        if data["recover"] is not None and data["recover"]["data"] is None:
+            del data["recover"]["data"]
+        if not data["eval"]["texts"]:
+            del data["eval"]["texts"]
         return {**data, "transforms": [t.to_dict() for t in self.transforms]}
 
 
@@ -101,6 +126,16 @@ def _transforms(value, where: str, errors: list[str]) -> list[Transform] | None:
         return None
     built = [transform_from_dict(item, f"{where}[{i}]", errors) for i, item in enumerate(value)]
     return None if any(t is None for t in built) else built
+
+
+def _data(value, where: str, errors: list[str]):
+    """The recipe's ``data:`` checked (spec parsed, files there) and kept as written (the config round-trips)."""
+    try:
+        DataMix.parse(value)
+    except LeanLMError as err:
+        errors.append(f"'{where}': {err}")
+        return None
+    return value
 
 
 LEGACY_HINT = (
@@ -172,7 +207,7 @@ def parse_recipe(data, source: str = "recipe") -> Recipe:
     if hint is None and isinstance(data, dict):
         data = copy.deepcopy(data)
         _check_moved_keys(data, errors)
-    recipe = build(Recipe, data, "", errors, nested={"transforms": _transforms})
+    recipe = build(Recipe, data, "", errors, nested={"transforms": _transforms, "data": _data})
     if errors and hint:  # name the problems of an old recipe by its own section names
         errors = [_legacy_names(error) for error in errors]
     if errors:

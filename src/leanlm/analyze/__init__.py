@@ -34,23 +34,33 @@ def score_heads(
     seq_len: int = 128,
     batch_size: int = 4,
     seed: int = 0,
+    data=None,
+    source: str | None = None,
 ) -> dict[str, HeadScores]:
-    """Run each named scorer on the same WikiText-2 *validation* calibration batches.
+    """Run each named scorer on the same calibration batches of ``data`` (default WikiText-2 *validation*).
+
+    ``data``: a spec string, recipe list or ``DataMix`` (``leanlm.data.sources``); ``source`` names
+    ``model`` for the ``teacher`` source (text sampled from the model being scored).
 
     Default calibration is 8 × 128 tokens: the KL scorer's cost is one partial forward per head
     and per KV group (360 on SmolLM2-135M), so it scales with the calibration tokens.
     """
-    from leanlm.data import calibration_batches  # reads WikiText-2 only when called
+    from leanlm.data import calibration_batches  # reads the data only when called
+    from leanlm.data.sources import DataMix
 
     if not scorers:
         raise LeanLMError(f"choose at least one scorer from {', '.join(SCORERS)}")
     unknown = [name for name in scorers if name not in SCORERS]
     if unknown:
         raise LeanLMError(f"unknown scorer '{','.join(unknown)}': choose from {', '.join(SCORERS)}")
-    batches = calibration_batches(tokenizer, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    mix = DataMix.parse(data)
+    batches = calibration_batches(tokenizer, num_samples, seq_len, batch_size, seed, data=mix, model=source, loaded=model)
     results = {}
     for name in scorers:
         results[name] = SCORERS[name]().score(model, batches)
+        if results[name].calibration.get("num_samples"):  # a data-driven score: say what it read
+            results[name].calibration |= {"split": "validation" if mix.label() == "wikitext" else None,
+                                          "data": mix.describe()}
         log.info("scored heads with %s in %.1f s", name, results[name].seconds)
     return results
 

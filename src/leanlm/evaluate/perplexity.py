@@ -1,4 +1,4 @@
-"""Perplexity on WikiText-2 with an explicit, recorded protocol.
+"""Perplexity on WikiText-2 (or any text: ``text=`` a file or a built-in novel) with an explicit, recorded protocol.
 
 Two named protocols, so our numbers can sit beside others':
 - ``sliding``: the file as it is, windows of `window` tokens moved by `stride`; each token is
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from leanlm.data import nonoverlapping_windows, sliding_windows, tokenize_split
 from leanlm.data.ood import SOURCE as OOD_SOURCE
-from leanlm.data.ood import ood_text
+from leanlm.data.texts import check_text, eval_text
 from leanlm.data.wikitext import check_split
 from leanlm.data.windows import Window
 from leanlm.errors import LeanLMError
@@ -37,9 +37,13 @@ class PerplexityProtocol:
     window: int = field(default=1024, metadata={"help": "tokens per forward pass"})
     stride: int = field(default=512, metadata={"help": "sliding only: tokens the window moves"})
     max_tokens: int | None = field(default=16384, metadata={"help": "first N tokens of the split; None = all"})
+    text: str | None = field(default=None, metadata={"help": "score this instead of WikiText: a UTF-8 file or a "
+                                                              "built-in text (botchan, pride)"})
 
     def validate(self) -> None:
-        if self.split != OOD_SPLIT:
+        if self.text is not None:
+            check_text(self.text)
+        elif self.split != OOD_SPLIT:
             check_split(self.split)
         if self.method not in METHODS:
             raise LeanLMError(f"unknown perplexity method '{self.method}': choose one of {', '.join(METHODS)}")
@@ -49,6 +53,15 @@ class PerplexityProtocol:
             raise LeanLMError(f"stride must be between 1 and the window ({self.window}), got {self.stride}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise LeanLMError(f"max tokens must be at least 2 (or 'all'), got {self.max_tokens}")
+
+    @property
+    def text_name(self) -> str | None:
+        """The evaluation text scored instead of a WikiText split (``split='botchan'`` is the text botchan)."""
+        return self.text if self.text is not None else (OOD_SPLIT if self.split == OOD_SPLIT else None)
+
+    @property
+    def label(self) -> str:
+        return self.text_name or self.split
 
     @property
     def join(self) -> str:
@@ -90,23 +103,25 @@ def token_nll(model, ids: torch.Tensor, windows: list[Window], desc: str = "perp
     return total, count, per_window
 
 
-def _protocol_ids(tokenizer, protocol: PerplexityProtocol) -> torch.Tensor:
-    if protocol.split == OOD_SPLIT:
-        text = ood_text()
-        return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
-    return tokenize_split(tokenizer, protocol.split, protocol.join)
+def _protocol_ids(tokenizer, protocol: PerplexityProtocol) -> tuple[torch.Tensor, dict | None]:
+    """The token stream scored, and the text's record (name, path, sha256, tokens) when it is not WikiText."""
+    if protocol.text_name is None:
+        return tokenize_split(tokenizer, protocol.split, protocol.join), None
+    text, record = eval_text(protocol.text_name)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    return ids, record | {"tokens": len(ids)}
 
 
 def perplexity(model, tokenizer, protocol: PerplexityProtocol | None = None) -> PerplexityResult:
     """Perplexity of `model` on WikiText-2 under `protocol` (run in the model's own dtype)."""
     protocol = protocol or PerplexityProtocol()
     protocol.validate()
-    ids = _protocol_ids(tokenizer, protocol)
+    ids, text_record = _protocol_ids(tokenizer, protocol)
     if protocol.max_tokens is not None:
         ids = ids[: protocol.max_tokens]
     windows = protocol.windows(len(ids))
     start = time.perf_counter()
-    total, count, per_window = token_nll(model, ids, windows, desc=f"perplexity ({protocol.split})")
+    total, count, per_window = token_nll(model, ids, windows, desc=f"perplexity ({protocol.label})")
     mean = total / count
     record = asdict(protocol) | {
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -116,6 +131,10 @@ def perplexity(model, tokenizer, protocol: PerplexityProtocol | None = None) -> 
         "tokens_scored": count,
         "bos": False,
     }
-    if protocol.split == OOD_SPLIT:
+    if text_record is not None:
+        record["text"] = text_record
+    if protocol.text is not None:  # not a WikiText split
+        record["split"] = None
+    if protocol.text_name == OOD_SPLIT:
         record["text_source"] = OOD_SOURCE
     return PerplexityResult(math.exp(mean), mean, count, per_window, record, time.perf_counter() - start)

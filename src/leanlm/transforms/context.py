@@ -2,7 +2,8 @@
 
 The pipeline and ``leanlm prune`` call ``transform_context`` with the model *as it is when the
 transform starts* (after earlier transforms), so head scores always match the heads still there.
-Calibration text is WikiText-2 validation only (never the test split that perplexity reports on).
+Calibration text is the ``data`` setting (``leanlm.data.sources``; WikiText-2 validation by default,
+never the test split that perplexity reports on).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from leanlm.transforms.base import Transform
 class CalibrationSettings:
     """Calibration windows for scorers (head scores, Block Influence, MLP channel scores)."""
 
-    samples: int = field(default=8, metadata={"help": "windows drawn from WikiText-2 validation"})
+    samples: int = field(default=8, metadata={"help": "windows drawn from the data (default WikiText-2 validation)"})
     seq_len: int = field(default=128, metadata={"help": "tokens per window"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed of the window draw"})
@@ -34,8 +35,11 @@ class CalibrationSettings:
 
 
 def transform_context(transform: Transform, model: nn.Module, tokenizer, calibration: CalibrationSettings,
-                      score_dtype: str = "bfloat16") -> dict:
+                      score_dtype: str = "bfloat16", data=None, source: str | None = None, teacher=None) -> dict:
     """The keyword arguments ``transform.apply`` needs (its ``needs``), computed on ``model``.
+
+    ``data`` (a spec or ``DataMix``) gives the calibration text; ``source`` / ``teacher`` name and
+    hold the original model (what the ``teacher`` source samples from; ``model`` when not given).
 
     Head scores run on a copy in ``score_dtype`` (bfloat16 is several times faster on CPU and GPU);
     the transform itself changes ``model`` in its own dtype.
@@ -46,7 +50,8 @@ def transform_context(transform: Transform, model: nn.Module, tokenizer, calibra
     if not {"calibration", "scores"} & set(transform.needs):
         return context
     batches = calibration_batches(tokenizer, num_samples=calibration.samples, seq_len=calibration.seq_len,
-                                  batch_size=calibration.batch_size, seed=calibration.seed)
+                                  batch_size=calibration.batch_size, seed=calibration.seed, data=data, model=source,
+                                  loaded=teacher if teacher is not None else model)
     if "calibration" in transform.needs:
         context["calibration"] = batches
     if "scores" in transform.needs:

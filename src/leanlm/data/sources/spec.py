@@ -1,6 +1,6 @@
 """The one ``data`` setting: which sources, with which weights, from a string or a recipe list.
 
-String form (``--data``, or a recipe's ``data:`` as a string): see ``leanlm.cli_data`` (``SPEC_HELP``).
+String form (``--data``, or a recipe's ``data:`` as a string): see ``leanlm.data_syntax`` (``SPEC_HELP``).
 List form (recipes): ``[{source: teacher, weight: 0.5, tokens: 80000}, {source: file, path: x.txt}]``,
 items may also be spec strings.
 """
@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from leanlm.cli_data import HINT
+from leanlm.data_syntax import HINT
 from leanlm.data.sources.base import SOURCES, DataSource
 from leanlm.errors import LeanLMError
 from leanlm.settings import build
