@@ -96,12 +96,8 @@ def protocols(texts: list[str], tokens: int, window: int) -> dict[str, Perplexit
     for name in texts:
         if name == "wikitext":
             out[name] = PerplexityProtocol("test", "nonoverlap", window, window, tokens)
-        elif name == "botchan":
-            out[name] = PerplexityProtocol("botchan", "nonoverlap", window, window, tokens)
-        elif "text" in {f.name for f in dataclasses.fields(PerplexityProtocol)}:
+        else:  # botchan, pride (built in) or a UTF-8 file
             out[name] = PerplexityProtocol("test", "nonoverlap", window, window, tokens, text=name)
-        else:
-            raise LeanLMError(f"this leanlm cannot score the text '{name}' (no PerplexityProtocol.text)")
     return out
 
 
@@ -167,14 +163,23 @@ def step_cpu_seconds(student, teacher, windows: torch.Tensor, v: Variant, batch:
     return spent
 
 
+def data_spec(v: Variant, teacher_tokens: int) -> str:
+    """The variant's data with the teacher stream cut to ``teacher_tokens`` (a prefix of the shared cache)."""
+    return v.data.replace(TEACHER_DATA, f"{TEACHER_DATA}:tokens={teacher_tokens}")
+
+
 def recover(student, teacher, tokenizer, v: Variant, budget_min: float, work: Path, name: str,
-            fixed_steps: int | None, batch: int, seq_len: int) -> tuple[object, dict]:
-    windows = training_windows(tokenizer, seq_len, data=v.data, model=MODEL, loaded=teacher)
-    record: dict = {"train_windows": int(windows.shape[0]), "train_tokens_available": int(windows.numel())}
+            fixed_steps: int | None, args) -> tuple[object, dict]:
+    batch, seq_len = args.batch, args.seq_len
+    windows = training_windows(tokenizer, seq_len, data=data_spec(v, args.teacher_tokens), model=MODEL, loaded=teacher)
+    record: dict = {"data": data_spec(v, args.teacher_tokens), "train_windows": int(windows.shape[0]),
+                    "train_tokens_available": int(windows.numel())}
     began = time.process_time()  # the budget starts here: the layer-local stage counts in it
     if v.local:
         report = local_stage(student, teacher, windows, LocalStageConfig(method=v.local, windows=16))
         record["local_stage"] = report
+        print(f"{name}: layer-local stage", {k: round(r["heldout_before"], 3) for k, r in report["layers"].items()}, "->",
+              {k: round(r["heldout_after"], 3) for k, r in report["layers"].items()}, flush=True)
     if v.targets == "none":
         record["cpu_seconds"] = time.process_time() - began
         return student, record
@@ -185,7 +190,8 @@ def recover(student, teacher, tokenizer, v: Variant, budget_min: float, work: Pa
     record |= {"trial_step_cpu_seconds": per_step, "planned_steps": steps}
     config = DistillConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=v.lr, warmup_steps=max(1, steps // 10),
                            alpha=v.alpha, temperature=v.temperature, seed=0, bf16=False, checkpoint_every=0,
-                           max_cpu_minutes=None if fixed_steps else max(left, 1.0) / 60)
+                           max_cpu_minutes=None if fixed_steps else max(left, 1.0) / 60,
+                           max_minutes=args.max_wall_minutes)
     result = distill(student, teacher, windows, config, out_dir=work / "checkpoints" / name)
     merged = merge_lora(student) if v.targets != "o_proj" else student
     record |= {"steps_done": result.steps_done, "distill_cpu_seconds": result.cpu_seconds,
@@ -216,7 +222,7 @@ def run_variant(name: str, v: Variant, args, teacher, tokenizer, protos, baselin
     pruned_path = args.work / "pruned_metrics" / f"{pruned_key}.json"
     if not pruned_path.exists():
         atomic_write_json(pruned_path, measure(student, tokenizer, protos))
-    model, training = recover(student, teacher, tokenizer, v, args.budget, args.work, key, fixed, args.batch, args.seq_len)
+    model, training = recover(student, teacher, tokenizer, v, args.budget, args.work, key, fixed, args)
     if args.save_models:
         save_compact(model, tokenizer, args.work / "models" / key)
     metrics = measure(model, tokenizer, protos)
@@ -240,7 +246,11 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=3.5, help="CPU minutes of recovery per variant")
     parser.add_argument("--fraction", type=float, default=0.25, help="share of the heads to remove")
     parser.add_argument("--texts", default="wikitext,botchan,pride", help="evaluation texts (comma list)")
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per text")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored per text")
+    parser.add_argument("--teacher-tokens", type=int, default=12000,
+                        help="teacher text: the first N tokens of the cached stream (every variant the same)")
+    parser.add_argument("--max-wall-minutes", type=float, default=None,
+                        help="also stop distillation after this wall time (a deadline on a shared machine; recorded)")
     parser.add_argument("--eval-window", type=int, default=512, help="non-overlapping window length")
     parser.add_argument("--batch", type=int, default=4, help="training windows per step")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window")

@@ -75,3 +75,36 @@ def test_layer_local_stage_refuses_bad_settings():
         local_stage(student, teacher, windows[:4], LocalStageConfig(windows=16))
     with pytest.raises(LeanLMError):
         changed_attention_layers(tiny_llama(num_layers=2), teacher)
+
+
+LOCAL_RECIPE = """
+name: tiny-local
+model: {model}
+dtype: float32
+device: cpu
+eval: {{method: nonoverlap, window: 128, max_tokens: 300, speed: false, ood: false}}
+calibration: {{samples: 2, seq_len: 32}}
+transforms:
+  - {{name: prune_heads, fraction: 0.25, granularity: query, scorer: magnitude}}
+recover:
+  local: {{method: lstsq, windows: 4, batch_size: 1}}
+  distill: {{steps: 1, max_minutes: null, max_cpu_minutes: 5, batch_size: 2, seq_len: 32, checkpoint_every: 0}}
+  variants: [lora_kd]
+export: {{enabled: false}}
+"""
+
+
+def test_recipe_runs_the_layer_local_stage_before_kd(tmp_path, tiny_model_dir):
+    import json
+
+    from leanlm import cli
+
+    path = tmp_path / "local.yaml"
+    path.write_text(LOCAL_RECIPE.format(model=tiny_model_dir))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "stages" / "lora_kd-training.json").read_text())
+    stage = record["local_stage"]
+    assert stage["config"]["method"] == "lstsq" and stage["layers"]  # the pruned layers were fitted
+    for layer in stage["layers"].values():
+        assert layer["after"] < layer["before"]
+    assert record["steps_done"] == 1

@@ -35,14 +35,15 @@ from leanlm.recover.layer_local import (
     relative_error,
 )
 
-METHODS = ("lstsq", "adam")
+METHODS = ("none", "lstsq", "adam")  # none: no layer-local stage (a recipe's default)
 
 
 @dataclass
 class LocalStageConfig:
     """Settings of the layer-local stage."""
 
-    method: str = field(default="lstsq", metadata={"help": "lstsq (o_proj, closed form) | adam (whole attention)"})
+    method: str = field(default="lstsq", metadata={"help": "lstsq (o_proj, closed form) | adam (whole attention) | "
+                                                           "none (skip the stage)"})
     windows: int = field(default=16, metadata={"help": "calibration windows captured from the teacher"})
     batch_size: int = field(default=2, metadata={"help": "windows per captured call"})
     heldout_fraction: float = field(default=0.25, metadata={"help": "share of the calls kept out of the fit"})
@@ -105,6 +106,8 @@ def local_stage(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
     config.check()
     began = time.process_time()
     layers = changed_attention_layers(student, teacher) if layers is None else list(layers)
+    if config.method == "none" or not layers:
+        return {"config": asdict(config), "layers": {}, "cpu_seconds": time.process_time() - began}
     if windows.shape[0] < config.windows:
         raise LeanLMError(f"the layer-local stage wants {config.windows} windows, the data has {windows.shape[0]}")
     # One teacher pass for all layers (SmolLM2, 16 x 256 tokens: ~10 MB of bf16 activations per layer).
