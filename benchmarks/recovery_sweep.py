@@ -80,8 +80,11 @@ VARIANTS: dict[str, Variant] = {
     "query_global_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query"),
     "kvgroup_uniform_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, layout="uniform"),
     "query_uniform_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query", layout="uniform"),
-    "reference_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, reference=True),
-    "reference_recipe": Variant(reference=True),
+    # References: the unpruned model, LoRA + CE only (alpha 0), same data and steps as a named variant. KL
+    # against itself is exactly 0 (no gradient), so CE is what measures how far this data pulls a model.
+    "reference_teacher": Variant(alpha=0.0, data=TEACHER_DATA, reference=True),
+    "reference_mix": Variant(alpha=0.0, data=MIX, reference=True),
+    "reference_wikitext": Variant(alpha=0.0, reference=True),
 }
 for _name, _v in list(VARIANTS.items()):  # the layer-local stage on top of each granularity, too
     if _name.endswith("_kl_teacher") and ("query" in _name or "uniform" in _name):
@@ -185,7 +188,7 @@ def recover(student, teacher, tokenizer, v: Variant, budget_min: float, work: Pa
         return student, record
     student = make_trainable(student, v)
     left = budget_min * 60 - (time.process_time() - began)
-    per_step = step_cpu_seconds(student, teacher, windows, v, batch)
+    per_step = None if fixed_steps else step_cpu_seconds(student, teacher, windows, v, batch)
     steps = fixed_steps or max(2, int(left / per_step))
     record |= {"trial_step_cpu_seconds": per_step, "planned_steps": steps}
     config = DistillConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=v.lr, warmup_steps=max(1, steps // 10),
@@ -204,7 +207,26 @@ def recover(student, teacher, tokenizer, v: Variant, budget_min: float, work: Pa
 # ------------------------------------------------------------------------------ the sweep
 
 
-def run_variant(name: str, v: Variant, args, teacher, tokenizer, protos, baseline: dict) -> dict:
+def pruned_metrics(args, teacher, tokenizer, v: Variant, protos) -> Path:
+    """The pruned model's (or, for a reference, the original's) metrics, measured once per --work."""
+    key = "unpruned" if v.reference else f"{v.granularity}-{v.layout}"
+    path = args.work / "pruned_metrics" / f"{key}.json"
+    if not path.exists():
+        model = teacher if v.reference else pruned_model(args.work, teacher, tokenizer, v, args.fraction)[0]
+        atomic_write_json(path, measure(model, tokenizer, protos))
+    return path
+
+
+def baseline_metrics(args, teacher, tokenizer, protos) -> dict:
+    path = args.work / "baseline.json"
+    if not path.exists():
+        atomic_write_json(path, measure(teacher, tokenizer, protos) | {"protocols": {k: asdict(p) for k, p in protos.items()}})
+    return json.loads(path.read_text())
+
+
+def run_variant(name: str, v: Variant, args, teacher, tokenizer, protos) -> dict:
+    """Recover, save, measure one variant (baseline and pruned metrics are read from --work, or measured last,
+    so several sweeps can start at once after --prepare has built the pruned models)."""
     key = f"{name}@{args.budget:g}"
     path = args.work / "variants" / f"{key}.json"
     if path.exists():
@@ -218,19 +240,17 @@ def run_variant(name: str, v: Variant, args, teacher, tokenizer, protos, baselin
         student, fraction = copy.deepcopy(teacher).requires_grad_(False), 0.0
     else:
         student, fraction = pruned_model(args.work, teacher, tokenizer, v, args.fraction)
-    pruned_key = "unpruned" if v.reference else f"{v.granularity}-{v.layout}"
-    pruned_path = args.work / "pruned_metrics" / f"{pruned_key}.json"
-    if not pruned_path.exists():
-        atomic_write_json(pruned_path, measure(student, tokenizer, protos))
     model, training = recover(student, teacher, tokenizer, v, args.budget, args.work, key, fixed, args)
     if args.save_models:
         save_compact(model, tokenizer, args.work / "models" / key)
     metrics = measure(model, tokenizer, protos)
+    baseline = baseline_metrics(args, teacher, tokenizer, protos)
+    pruned = json.loads(pruned_metrics(args, teacher, tokenizer, v, protos).read_text())
     record = {"name": name, "budget_cpu_minutes": args.budget, "variant": asdict(v), "heads_removed_fraction": fraction,
-              "pruned": json.loads(pruned_path.read_text()), "recovered": metrics, "training": training,
-              "ratios": ratios(metrics, baseline), "pruned_ratios": ratios(json.loads(pruned_path.read_text()), baseline)}
+              "pruned": pruned, "recovered": metrics, "training": training, "ratios": ratios(metrics, baseline),
+              "pruned_ratios": ratios(pruned, baseline), "command": " ".join(sys.argv)}
     atomic_write_json(path, record)
-    print(f"{key}: {record['ratios']} steps {training.get('steps_done')} cpu {training['cpu_seconds']:.0f}s")
+    print(f"{key}: {record['ratios']} steps {training.get('steps_done')} cpu {training['cpu_seconds']:.0f}s", flush=True)
     return record
 
 
@@ -256,6 +276,10 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
     parser.add_argument("--reference-steps-of", help="NAME@BUDGET whose steps a reference variant repeats")
     parser.add_argument("--save-models", action="store_true", help="save each recovered model under --work/models")
+    parser.add_argument("--no-metrics", action="store_true", help="with --prepare: build the pruned models only")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only build and measure the baseline and the variants' pruned models (run once before "
+                             "several sweeps share --work in parallel)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
@@ -266,12 +290,17 @@ def main() -> int:
         tokenizer = load_tokenizer(MODEL)
         teacher = load_model(MODEL, "bfloat16").requires_grad_(False)
         protos = protocols([t for t in args.texts.split(",") if t], args.eval_tokens, args.eval_window)
-        base_path = args.work / "baseline.json"
-        if not base_path.exists():
-            atomic_write_json(base_path, measure(teacher, tokenizer, protos) | {"protocols": {k: asdict(p) for k, p in protos.items()}})
-        baseline = json.loads(base_path.read_text())
         for name in names:
-            run_variant(name, VARIANTS[name], args, teacher, tokenizer, protos, baseline)
+            if args.prepare:  # the pruned models first (seconds), so parallel sweeps can start; then the metrics
+                if not VARIANTS[name].reference:
+                    pruned_model(args.work, teacher, tokenizer, VARIANTS[name], args.fraction)
+                continue
+            run_variant(name, VARIANTS[name], args, teacher, tokenizer, protos)
+        if args.prepare and not args.no_metrics:
+            baseline_metrics(args, teacher, tokenizer, protos)
+            for name in names:
+                pruned_metrics(args, teacher, tokenizer, VARIANTS[name], protos)
+        baseline = baseline_metrics(args, teacher, tokenizer, protos)
     except LeanLMError as err:
         print(f"recovery_sweep: error: {err}", file=sys.stderr)
         return 2

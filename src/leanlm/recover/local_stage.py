@@ -5,8 +5,11 @@ teacher's), ``leanlm.recover.layer_local`` records what the teacher's attention 
 on calibration windows; the student's layer is then fitted to reproduce those outputs from the very
 same inputs (no backward through the model):
 
-- ``lstsq`` (default): the o_proj of the kept heads, in closed form (ridge least squares), so the kept
-  heads' outputs are remixed to stand in for the removed ones;
+- ``lstsq`` (default): the o_proj of the kept heads, in closed form: ridge least squares on the *change*
+  of the weight (targets y - x W0), so the ridge pulls toward the pruned layer's own o_proj instead of
+  toward zero. The kept heads' outputs are remixed to stand in for the removed ones. (On SmolLM2 the
+  plain fit, ridge 1e-4 toward zero, made 6 of 16 pruned layers worse on held-out windows; the change
+  with ridge 1 improved each of the 5 layers checked, e.g. layer 7 0.632 -> 0.429, layer 4 0.261 -> 0.204);
 - ``adam``: every parameter of the layer's attention, a few Adam steps (``LocalFitConfig``).
 
 Each layer's relative error ||y - ŷ||² / ||y||² is reported before and after, on the calls fitted and
@@ -47,7 +50,8 @@ class LocalStageConfig:
     windows: int = field(default=16, metadata={"help": "calibration windows captured from the teacher"})
     batch_size: int = field(default=2, metadata={"help": "windows per captured call"})
     heldout_fraction: float = field(default=0.25, metadata={"help": "share of the calls kept out of the fit"})
-    ridge: float = field(default=1e-4, metadata={"help": "lstsq: ridge, relative to the mean diagonal of XᵀX"})
+    ridge: float = field(default=1.0, metadata={"help": "lstsq: ridge on the weight change, relative to the mean "
+                                                          "diagonal of XᵀX"})
     adam: LocalFitConfig = field(default_factory=LocalFitConfig, metadata={"help": "adam: per-layer fit settings"})
     seed: int = field(default=0, metadata={"help": "seeds the held-out split"})
 
@@ -80,14 +84,23 @@ def _subset(io: ModuleIO, ids: list[int]) -> ModuleIO:
     return ModuleIO([io.calls[i] for i in ids], [io.outputs[i] for i in ids])
 
 
+@torch.no_grad()
+def fit_change_lstsq(o_proj: nn.Linear, module: nn.Module, io: ModuleIO, ridge: float) -> None:
+    """o_proj.weight += the ridge least-squares ΔW with x (W0 + ΔW)ᵀ ≈ y on the captured calls."""
+    inputs = linear_inputs(module, o_proj, io)  # what o_proj receives: (batch, seq, kept heads x head_dim) each
+    current = o_proj.weight.detach().float()  # (out, in)
+    residuals = [y.float() - x.float() @ current.T for x, y in zip(inputs, io.outputs)]  # (batch, seq, out)
+    change = nn.Linear(o_proj.in_features, o_proj.out_features, bias=False, device=current.device)  # float32
+    fit_linear_lstsq(change, inputs, residuals, ridge)
+    o_proj.weight.copy_((current + change.weight).to(o_proj.weight.dtype))
+
+
 def fit_layer(module: nn.Module, io: ModuleIO, config: LocalStageConfig) -> dict:
     """Fit one attention module to the captured teacher calls; its errors before/after, fitted and held out."""
     fit_ids, held_ids = _split(len(io.calls), config)
     record = {"before": relative_error(module, io, fit_ids), "heldout_before": relative_error(module, io, held_ids)}
     if config.method == "lstsq":
-        o_proj = module.o_proj
-        fitted = _subset(io, fit_ids)
-        fit_linear_lstsq(o_proj, linear_inputs(module, o_proj, fitted), fitted.outputs, config.ridge)
+        fit_change_lstsq(module.o_proj, module, _subset(io, fit_ids), config.ridge)
     else:
         adam = LocalFitConfig(**{**asdict(config.adam), "heldout_fraction": 0.0})
         fit_module(module, _subset(io, fit_ids), adam)
