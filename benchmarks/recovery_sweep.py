@@ -1,10 +1,14 @@
 """Benchmark: which recovery generalises? Variants of prune-25%-heads + recovery at one equal CPU budget.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recovery_sweep.py --work runs/sweep --budget 3.5 \\
-        --variants recipe,kl_only,kl_teacher,kl_mix,local_kl_teacher --out runs/sweep/sweep.json
-    # the winner at the full budget, its model saved, then the same-steps reference on the unpruned model:
-    ... --variants local_kl_teacher --budget 20 --save-models --out runs/sweep/final.json
-    ... --variants reference_kl_teacher --reference-steps-of local_kl_teacher@20 --out runs/sweep/reference.json
+    S="nice -n 10 .venv/bin/python benchmarks/recovery_sweep.py --work runs/sweep --teacher-tokens 12000"
+    OMP_NUM_THREADS=1 $S --prepare --no-metrics --variants recipe,query_global_kl_teacher --out runs/sweep/prep.json
+    # then, in parallel processes sharing --work (each ~3.8 GB RSS: mind the memory):
+    OMP_NUM_THREADS=1 $S --budget 2 --variants recipe,kl_only --out runs/sweep/pa.json
+    OMP_NUM_THREADS=1 $S --budget 2 --variants local_kl_mix,reference_mix --reference-steps-of local_kl_mix@2 \\
+        --save-models --out runs/sweep/pc.json
+    # the winner at the full budget (model saved), then its same-steps reference on the unpruned model:
+    OMP_NUM_THREADS=1 $S --budget 20 --variants local_kl_mix --save-models --out runs/sweep/final.json
+    OMP_NUM_THREADS=1 $S --budget 20 --variants reference_mix --reference-steps-of local_kl_mix@20 --out runs/sweep/ref.json
 
 Every variant starts from the same KL-scored head selection (scores computed once, cached in --work),
 pruned at the variant's granularity and layout, then: an optional layer-local stage (each pruned
