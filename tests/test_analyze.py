@@ -255,5 +255,7 @@ def test_score_heads_on_the_real_model(real_model_bf16, real_tokenizer):
         assert [len(row) for row in scores.per_kv_group] == [3] * 30
         values = [x for row in scores.per_head + scores.per_kv_group for x in row]
         assert all(math.isfinite(x) and x >= 0.0 for x in values)
+    data = results["kl"].calibration.pop("data")  # what was read (leanlm.data.sources), recorded with the scores
     assert results["kl"].calibration == {"num_samples": 2, "seq_len": 32, "tokens": 64, "split": "validation",
                                          "dtype": "bfloat16"}
+    assert data["spec"] == "wikitext" and data["sources"][0]["windows"] == 2 and data["sources"][0]["tokens"] > 200_000

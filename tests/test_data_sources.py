@@ -80,6 +80,12 @@ def test_file_sources_read_what_they_say(corpus, real_tokenizer):
     assert jsonl.describe()["sources"][0]["records"] == 12
 
 
+def test_labels_are_specs_that_parse_back(corpus):
+    for spec in [*specs(corpus), "hf:wikitext:wikitext-2-raw-v1:validation:text", "hf:org/name:train:body"]:
+        mix = DataMix.parse(spec)
+        assert DataMix.parse(mix.label()).parts == mix.parts, spec
+
+
 def test_mix_shares_follow_the_weights(corpus, real_tokenizer):
     ctx = DataContext(real_tokenizer)
     a, b = f"file:{corpus / 'a.txt'}", f"jsonl:{corpus / 'data.jsonl'}:text"
@@ -255,3 +261,32 @@ def test_recipe_data_settings(corpus):
                       "eval": {"texts": ["nope.txt"]}})
     message = str(err.value)
     assert "3 problem(s)" in message and "does not exist" in message and "tokens" in message and "nope.txt" in message
+
+
+def test_recipe_runs_on_its_data_and_scores_its_texts(tmp_path, corpus, teacher_cache, tiny_model_dir):
+    notes = corpus / "a.txt"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: tiny-data
+model: {tiny_model_dir}
+dtype: float32
+device: cpu
+data: file:{notes}
+eval: {{method: nonoverlap, window: 64, max_tokens: 200, speed: false, ood: false, texts: ["{notes}"]}}
+calibration: {{samples: 2, seq_len: 16}}
+transforms: [{{name: prune_heads, fraction: 0.25, scorer: taylor}}]
+recover:
+  data: {TINY_TEACHER}
+  distill: {{steps: 2, max_minutes: null, batch_size: 2, seq_len: 16, checkpoint_every: 0, eval_every: 0}}
+""")
+    out = tmp_path / "run"
+    assert cli.main(["run", str(recipe), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    calibration = results["transforms"][0]["record"]["data"]
+    assert calibration["spec"] == f"file:{notes}" and calibration["sources"][0]["windows"] == 2
+    assert results["training"]["lora_kd"]["data"] == DataMix.parse(TINY_TEACHER).label()
+    scored = {s: results[s]["texts"][str(notes)] for s in ("baseline", "recovered")}
+    assert scored["baseline"]["protocol"]["text"]["sha256"] == hashlib.sha256(notes.read_bytes()).hexdigest()
+    assert scored["baseline"]["perplexity"] != scored["recovered"]["perplexity"]
+    report = (out / "report.md").read_text()
+    assert f"ppl ({notes})" in report and "training data: `teacher:" in report

@@ -125,7 +125,7 @@ def test_recipe_errors_exit_2_from_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("path", ["recipes/smollm2-prune25.yaml", "recipes/smollm2-prune25-taylor.yaml",
-                                  "recipes/smollm2-compose.yaml"])
+                                  "recipes/smollm2-compose.yaml", "recipes/smollm2-latent4x.yaml"])
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert recipe.model == "smollm2-135m" and recipe.transforms

@@ -11,6 +11,7 @@ from leanlm.transforms import TRANSFORMS, Transform, load_compact, save_compact
 # A setting that really changes the model, for each registered transform. A new transform without an
 # entry here fails test_every_transform_has_a_change_setting: it must be covered by the tests below.
 CHANGE = {
+    "latent_kv": {"kv_fraction": 0.25, "rope_pairs": 2},
     "prune_heads": {"fraction": 0.5, "layout": "global", "granularity": "query", "scorer": "taylor"},
     "prune_layers": {"num_layers": 1},
     "prune_mlp": {"fraction": 0.25, "layout": "global"},

@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help=SAVED_DTYPE_HELP)
     add_device_arg(ex)
 
+    from leanlm.serve.command import add_parser as add_serve_parser
+
+    serve = add_serve_parser(sub)
+    add_model_args(serve)
+    add_kv_cache_args(serve)
     kv = sub.add_parser("kv-budget", help="KV-cache bytes per token and per sequence: MHA, GQA, MQA, MLA, quantized",
                         description="Tabulate KV-cache sizes for a model's shape (or one you give) under each layout.")
     kv.add_argument("--model", default="smollm2-135m", help="model whose shape to use (only its config is read)")
@@ -287,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                     "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
                     "export": commands.run_export,
                     "generate": commands.run_generate, "data": cli_data.run, "probe": _run_probe}
+        if args.command == "serve":
+            from leanlm.serve.command import run as run_serve
+
+            return run_serve(args)
         return handlers[args.command](args)
     except LeanLMError as err:
         print(f"leanlm: error: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ EXAMPLES: dict[str, list[str]] = {
         "leanlm eval                                      # bundled smollm2-135m, WikiText-2 test, 16k tokens",
         "leanlm eval --model runs/pruned/model --max-tokens all --out runs/eval-pruned",
         "leanlm eval --kv-cache heavy_hitter+int4 --kv-budget 0.125 --no-speed",
+        "leanlm eval --text pride --no-speed               # Pride and Prejudice (out of domain), same protocol",
     ],
     "generate": [
         'leanlm generate "The capital of France is" --max-new-tokens 20',
@@ -49,6 +50,11 @@ EXAMPLES: dict[str, list[str]] = {
     "probe": [
         "leanlm probe --student runs/prune25/model --out runs/probe   # vs the bundled smollm2-135m",
         "leanlm probe --student pruned=runs/p/stages/t1-prune_heads/model recovered=runs/p/model --texts wikitext-test,botchan",
+    ],
+    "data": [
+        "leanlm data --data teacher                       # sample teacher text from smollm2-135m once (cached)",
+        "leanlm data --data teacher@0.5,wikitext@0.5 --show 1",
+        "leanlm distill --student runs/pruned/model --out runs/rec-teacher --data teacher:tokens=80000",
     ],
     "kv-budget": [
         "leanlm kv-budget --seq-len 8192",

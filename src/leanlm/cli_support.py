@@ -7,6 +7,9 @@ Kept out of `commands.py` so each sub-command stays a short list of steps.
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,3 +171,34 @@ def check_distill_resume(out: Path, args) -> None:
             f"{done} steps already taken; resume with --steps {planned}"
             + (f", or train on from its merged model: leanlm distill --student {out}/model --out NEW_DIR" if finished else "")
         )
+
+
+# ---------------------------------------------------------------- shared by the sub-commands
+
+
+def command_line() -> str:
+    return "leanlm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def out_dir(args: Namespace, kind: str) -> Path:
+    from leanlm.outputs import default_out
+    from leanlm.report import check_new_output
+
+    from leanlm.models.loading import resolve_source
+
+    resolve_source(args.model)  # an unknown model is reported before anything else happens
+    out = args.out or default_out(kind, args.model)
+    check_new_output(out)  # refuse before spending minutes on the model
+    return out
+
+
+def check_context(model: str, tokens: int, flag: str) -> None:
+    from leanlm.models import load_config
+
+    check_window(tokens, load_config(model), flag)
+
+
+def data_source(split: str) -> dict:
+    from leanlm.data.wikitext import split_source
+
+    return split_source(split)

@@ -30,11 +30,12 @@ from leanlm.errors import LeanLMError
 from leanlm.evaluate import EvalConfig, PerplexityProtocol, SpeedConfig, evaluate, perplexity
 from leanlm.export import export_model, model_card, stock_layout
 from leanlm.models import ModelSpec, load_model, load_tokenizer, parse_dtype, resolve_device
+from leanlm.models.arch import arch_of
 from leanlm.recipe import Recipe
 from leanlm.recover import add_lora, distill, merge_lora, train_only
 from leanlm.recover.local_stage import local_stage
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
-from leanlm.report.pipeline_report import describe_transform, write_pipeline_report
+from leanlm.report.pipeline_report import data_words, describe_transform, write_pipeline_report
 from leanlm.transforms import Transform, load_compact, save_compact
 from leanlm.transforms.context import CalibrationSettings, transform_context
 
@@ -215,7 +216,8 @@ def recover(variant: str, start, teacher, tokenizer, recipe: Recipe, work: Path,
     if variant in ("lora_kd", "reference_lora_ce"):
         student = add_lora(student, recipe.recover.lora)
     elif variant == "kd_oproj":
-        train_only(student, [r"self_attn\.o_proj\.weight"])
+        family = arch_of(student).family  # the attention output projection's name in this family
+        train_only(student, [rf"{family.attention}\.{family.projections[3]}\.weight"])
     monitor = monitor_fn(tokenizer, recipe) if config.eval_every else None
     result = distill(student, teacher, windows, config, out_dir=work / "checkpoints", resume=True, eval_fn=monitor)
     merged = merge_lora(student) if variant != "kd_oproj" else student
@@ -310,7 +312,7 @@ def _export(model, tokenizer, path: Path, recipe: Recipe, results: dict) -> dict
     if results.get("recovered"):
         t = results["training"].get("lora_kd") or next(iter(results["training"].values()))
         steps.append(f"Recovered with LoRA (rank {recipe.recover.lora.rank}) + knowledge distillation from the original "
-                     f"on WikiText-2 validation: {t['steps']} steps, {t['train_minutes']:.1f} min; adapters merged.")
+                     f"on {data_words(t.get('data'))}: {t['steps']} steps, {t['train_minutes']:.1f} min; adapters merged.")
     metrics = [
         ("perplexity (WikiText-2 test)", f"{rec['perplexity']:.3f} (original {base['perplexity']:.3f})"),
         ("protocol", f"{rec['protocol']['method']}, window {rec['protocol']['window']}, "

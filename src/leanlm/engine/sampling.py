@@ -74,3 +74,19 @@ class Sampler:
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """(batch, vocab) probabilities → (batch,) token ids drawn with this sampler's generator."""
         return torch.multinomial(probs, 1, generator=self.generator(probs.device))[:, 0]
+
+
+def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) logits with one ``Sampler`` per row → (batch,) ids.
+
+    A server's batch mixes requests with their own settings and seeds: greedy rows take one batched
+    argmax; each sampling row draws with its own sampler (its own seeded generator), so a request's
+    tokens do not depend on which other requests share its steps.
+    """
+    if len(samplers) != logits.shape[0]:
+        raise LeanLMError(f"one sampler per row: {len(samplers)} samplers for {logits.shape[0]} rows")
+    tokens = logits.argmax(-1)  # (batch,)
+    for row, sampler in enumerate(samplers):
+        if not sampler.config.greedy:
+            tokens[row] = sampler.sample(logits[row: row + 1])[0]
+    return tokens

@@ -15,10 +15,18 @@ from transformers.cache_utils import Cache
 from leanlm.errors import LeanLMError
 
 
-def static_cache(model, max_len: int) -> StaticCache:
-    """A static cache for ``model`` holding up to ``max_len`` tokens per sequence."""
+def static_cache(model, max_len: int) -> Cache:
+    """A static cache for ``model`` holding up to ``max_len`` tokens per sequence.
+
+    A latent-KV model (``transforms/latent_kv``) caches a latent, not K/V: it gets its growing
+    ``LatentCache`` instead (so nothing compiles a step over it; ``stream`` then decodes eagerly).
+    """
     if max_len < 1:
         raise LeanLMError(f"a static cache needs room for at least one token, got {max_len}")
+    if getattr(model.config, "leanlm_latent_kv", None) is not None:
+        from leanlm.kvcache.latent import latent_cache  # lazy: kvcache sits above the engine
+
+        return latent_cache(model)
     return StaticCache(config=model.config, max_cache_len=max_len)
 
 

@@ -54,9 +54,18 @@ def memory_report(model) -> MemoryReport:
     dtype = model.dtype  # the cache is kept in the model's dtype
     return MemoryReport(
         kv_bytes_per_token=measured_kv_bytes_per_token(model),
-        kv_bytes_per_token_analytic=float(analytic_kv_bytes_per_token(spec, torch.finfo(dtype).bits // 8)),
+        kv_bytes_per_token_analytic=float(_analytic(model, spec, torch.finfo(dtype).bits // 8)),
         kv_cache_dtype=str(dtype).removeprefix("torch."),
         weight_bytes=weight_bytes(model),
         params=param_count(model),
         peak_rss_mb=peak_rss_mb(),
     )
+
+
+def _analytic(model, spec: ModelSpec, dtype_bytes: int) -> int:
+    """2 x kv_heads x head_dim per layer, or for a latent-KV model (transforms/latent_kv) rank + kv_heads x 2r."""
+    latent = getattr(model.config, "leanlm_latent_kv", None)
+    if latent is None:
+        return analytic_kv_bytes_per_token(spec, dtype_bytes)
+    rope = 2 * latent["rope_pairs"]
+    return sum(rank + kv * rope for rank, kv in zip(latent["rank_per_layer"], spec.kv_heads_per_layer)) * dtype_bytes

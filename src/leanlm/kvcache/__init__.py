@@ -6,7 +6,8 @@ import dataclasses
 import typing
 
 from leanlm.errors import LeanLMError
-from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyCache, PolicyLayer, attach, tensor_bytes
+from leanlm.kvcache.base import (CachePolicy, FullPrecisionLayer, PolicyCache, PolicyLayer, attach, hooked, new_cache,
+                               tensor_bytes)
 from leanlm.kvcache.eviction import model_head_dim
 from leanlm.kvcache.heavy_hitter import HeavyHitter
 from leanlm.kvcache.observation_window import ObservationWindow
@@ -89,4 +90,4 @@ def make_policy(name: str, budget: float, context: int, tokenizer=None, model=No
 
 
 __all__ = ["CACHE_POLICIES", "CachePolicy", "FullPrecisionLayer", "HeavyHitter", "ObservationWindow", "PolicyCache",
-           "PolicyLayer", "Quantized", "SinkWindow", "attach", "make_policy", "parse_policy", "tensor_bytes"]
+           "PolicyLayer", "Quantized", "SinkWindow", "attach", "hooked", "make_policy", "new_cache", "parse_policy", "tensor_bytes"]

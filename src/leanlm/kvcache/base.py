@@ -226,7 +226,20 @@ def policy_layers(model: nn.Module, policy: CachePolicy) -> list[PolicyLayer]:
 @contextmanager
 def attach(model: nn.Module, policy: CachePolicy) -> Iterator[PolicyCache]:
     """A fresh cache for ``model`` under ``policy``; hooks (if any) are removed on exit."""
-    cache = PolicyCache(policy_layers(model, policy), positions=policy.positions)
+    cache = new_cache(model, policy)
+    with hooked(model, policy, cache):
+        yield cache
+
+
+def new_cache(model: nn.Module, policy: CachePolicy) -> PolicyCache:
+    """An empty cache for ``model`` under ``policy`` (no hooks: run its forwards inside ``hooked``)."""
+    return PolicyCache(policy_layers(model, policy), positions=policy.positions)
+
+
+@contextmanager
+def hooked(model: nn.Module, policy: CachePolicy, cache: PolicyCache) -> Iterator[PolicyCache]:
+    """``policy``'s hooks for ``cache`` on ``model`` while inside; re-enterable around each forward, so
+    several caches (a server's sequences) can take turns on one model."""
     handles = []
     if policy.needs_queries:
         for view in arch_of(model).attentions():

@@ -70,7 +70,15 @@ class AttentionView:
         self.family, self.config, self.module, self.index = family, config, module, index
 
     def _linear(self, which: int) -> nn.Linear:
-        return getattr(self.module, self.family.projections[which])
+        name = self.family.projections[which]
+        if self.is_latent and not hasattr(self.module, name):
+            raise LeanLMError(f"layer {self.index} caches a joint K/V latent (latent_kv): it has no {name}")
+        return getattr(self.module, name)
+
+    @property
+    def is_latent(self) -> bool:
+        """True for a ``LatentAttention`` (transforms/latent_kv): keys and values come from a cached latent."""
+        return hasattr(self.module, "latent_rank")
 
     @property
     def q_proj(self) -> nn.Linear:
@@ -106,6 +114,8 @@ class AttentionView:
 
     @property
     def num_kv_heads(self) -> int:
+        if self.is_latent:
+            return self.module.num_kv_heads
         return self.k_proj.out_features // self.head_dim
 
     @property

@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from leanlm.errors import LeanLMError
 from leanlm.models.arch import arch_of
+from leanlm.models.latent_attention import LATENT_KEY, install_latent_shells
 from leanlm.models.spec import ModelSpec
 from leanlm.models.weights import parse_dtype, resize_linear, strip_gguf_quantization
 
@@ -45,9 +46,9 @@ SHAPE_KEYS = (HEADS_KEY, KV_HEADS_KEY, INTERMEDIATE_KEY)
 
 
 def is_compact(config) -> bool:
-    """True when the config (object or dict) lists per-layer shapes, i.e. needs ``load_compact``."""
+    """True when the config (object or dict) lists per-layer shapes or latent-KV layers, i.e. needs ``load_compact``."""
     keys = config if isinstance(config, dict) else vars(config)
-    return any(keys.get(key) is not None for key in SHAPE_KEYS)
+    return any(keys.get(key) is not None for key in (*SHAPE_KEYS, LATENT_KEY))
 
 
 def drop_key(config, key: str) -> None:
@@ -133,6 +134,8 @@ def resize_to_config(model: PreTrainedModel) -> None:
         resize_linear(mlp.gate_proj, i, hidden)
         resize_linear(mlp.up_proj, i, hidden)
         resize_linear(mlp.down_proj, hidden, i)
+    if getattr(config, LATENT_KEY, None) is not None:  # latent_kv: K/V projections replaced by a latent
+        install_latent_shells(model)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

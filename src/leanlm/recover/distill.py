@@ -1,8 +1,5 @@
 """Knowledge distillation: recover a compressed student by matching the original model (the teacher).
 
-(~400 lines: the loop with its checkpoint/resume/signal handling; losses, teacher cache, windows and
-config already live in their own modules.)
-
 Loss per next-token position (float32, like torchtune's KD recipe):
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, label)
 The T^2 factor keeps the KD gradients on the same scale for any temperature (Hinton et al., 2015).
@@ -14,6 +11,7 @@ fixed by (seed, step), so a killed and resumed run ends bit-for-bit where an uni
 (on CPU; tested).
 
 This module is the loop; its pieces live beside it: ``config`` (DistillConfig, DistillResult),
+``setup`` (bf16 choice, the accelerator, ``train_only``),
 ``losses`` (kd_loss, kd_loss_topk), ``teacher_cache`` (the teacher's top-k logits), ``windows``
 (training windows and their order); the loss plot is ``leanlm.report.loss_plot``.
 """
@@ -22,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +27,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,72 +35,12 @@ from transformers import get_cosine_schedule_with_warmup
 from leanlm.errors import Interrupted, LeanLMError
 from leanlm.recover.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, stop_requested
 from leanlm.recover.config import TRAJECTORY_FIELDS, DistillConfig, DistillResult
+from leanlm.recover.setup import auto_bf16, bf16_supported, make_accelerator, train_only  # noqa: F401 (re-exported)
 from leanlm.recover.losses import kd_loss, kd_loss_topk
 from leanlm.recover.teacher_cache import TeacherTopK, build_teacher_topk
 from leanlm.recover.windows import stream_windows, windows_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
-def bf16_supported() -> bool:
-    """Whether the hardware computes in bf16 natively.
-
-    GPU: `torch.cuda.is_bf16_supported()`. CPU: the AVX512-BF16 or AMX instructions (oneDNN then
-    runs bf16 matmuls natively; without them bf16 is emulated and slower than float32).
-    """
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in checks if check is not None)
-
-
-def auto_bf16() -> bool:
-    """What ``bf16=None`` means: autocast on a bf16 GPU, not on CPU.
-
-    On the 2-core AVX512-BF16 CPU this project runs on, autocast over float32 weights was measured
-    slower than plain float32 (SmolLM2-135M, batch 4 x 256: forward 9.1 s vs 7.3 s, training step
-    about 1.4x slower): each forward re-casts every weight and the element-wise ops bounce between
-    dtypes. The CPU speed-up comes from loading both models in bfloat16 instead (a LoRA distill step
-    took about 5 s instead of about 15 s); peft keeps the LoRA adapters in float32 on a bf16 base and
-    the KD loss is computed in float32 either way.
-    """
-    return torch.cuda.is_available() and bf16_supported()
-
-
-def train_only(model: nn.Module, name_patterns: list[str] | tuple[str, ...] | str) -> list[str]:
-    """Make exactly the parameters whose name matches a pattern (regex search) trainable.
-
-    E.g. ``train_only(model, ["o_proj"])`` for KD without LoRA on the attention outputs. Returns the
-    trainable names; a pattern that matches nothing is an error (it is almost always a typo).
-    """
-    patterns = [name_patterns] if isinstance(name_patterns, str) else list(name_patterns)
-    if not patterns:
-        raise LeanLMError("train_only needs at least one parameter name pattern")
-    compiled = [re.compile(p) for p in patterns]
-    chosen = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(c.search(name) for c in compiled))
-        if param.requires_grad:
-            chosen.append(name)
-    names = [name for name, _ in model.named_parameters()]
-    for pattern in compiled:
-        if not any(pattern.search(name) for name in names):
-            raise LeanLMError(f"train_only: pattern '{pattern.pattern}' matches no parameter of the model")
-    return chosen
-
-
-def _make_accelerator(bf16: bool) -> Accelerator:
-    precision = "bf16" if bf16 else "no"
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != precision and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # accelerate keeps one process-wide state and refuses a second precision. In a single process
-        # (a notebook, the tests, a pipeline distilling twice) each call may choose its own, so reset it.
-        AcceleratorState._reset_state()
-    # The schedule counts optimizer steps, so the scheduler must step once per step on every process.
-    return Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
 
 
 # -------------------------------------------------------------------------------------- the loop
@@ -169,7 +104,7 @@ def _check_inputs(student: nn.Module, teacher: nn.Module | None, windows: torch.
 
 def _setup(student, teacher, windows, config, out_dir, eval_fn) -> _Run:
     bf16 = auto_bf16() if config.bf16 is None else config.bf16
-    accelerator = _make_accelerator(bf16)
+    accelerator = make_accelerator(bf16, cpu=next(student.parameters()).device.type == "cpu")
     set_seed(config.seed)
     params = list(_trainable(student).values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

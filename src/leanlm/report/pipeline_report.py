@@ -21,12 +21,13 @@ RECOVERY_ROWS = [("kd_oproj", "pruned + KD, no LoRA (o_proj trains)"), ("lora_kd
 def describe_transform(record: dict) -> str:
     """One sentence on what a transform did, from its record (settings + what it removed)."""
     name, settings, removed = record["name"], record["settings"], record["removed"]
+    data = data_words(record.get("data", {}).get("spec"))
     if name == "prune_heads":
         return (f"Removed {removed['fraction_achieved']:.1%} of the query heads ({settings['layout']} layout, "
-                f"{settings['granularity']} granularity, scored by `{settings['scorer']}` on WikiText-2 validation)")
+                f"{settings['granularity']} granularity, scored by `{settings['scorer']}` on {data})")
     if name == "prune_layers":
         return (f"Removed decoder blocks {removed['layers']} of {removed['layers_before']}"
-                + (" (lowest Block Influence on WikiText-2 validation)" if removed.get("block_influence") else ""))
+                + (f" (lowest Block Influence on {data})" if removed.get("block_influence") else ""))
     if name == "prune_mlp":
         return f"Removed {removed['fraction_achieved']:.1%} of the MLP channels ({settings['layout']} layout, activation x weight)"
     options = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "name")
@@ -47,6 +48,32 @@ def _rows(results: dict) -> list[tuple[str, dict]]:
 def _speed(metrics: dict, key: str, sub: str) -> str:
     value = (metrics.get(key) or {}).get(sub)
     return f"{value:.1f}" if value is not None else "–"
+
+
+def data_words(spec) -> str:
+    """A data spec in words for reports (None or 'wikitext' = WikiText-2 validation)."""
+    if isinstance(spec, list):  # a recipe's list form
+        spec = ",".join(item if isinstance(item, str) else str(item.get("source")) for item in spec)
+    return "WikiText-2 validation" if spec in (None, "wikitext") else f"`{spec}`"
+
+
+def _training_words(results: dict) -> str:
+    recover = results["recipe"].get("recover") or {}
+    return data_words(recover.get("data") or results["recipe"].get("data"))
+
+
+def texts_table(results: dict) -> str:
+    """Perplexity on the recipe's extra evaluation texts (eval.texts), each as a ratio to the original."""
+    base = results["baseline"].get("texts") or {}
+    if not base:
+        return ""
+    lines = ["| model | " + " | ".join(f"ppl ({name}) | ratio" for name in base) + " |",
+             "| --- |" + " ---: | ---: |" * len(base)]
+    for label, m in _rows(results):
+        cells = [(m.get("texts") or {}).get(name, {}).get("perplexity") for name in base]
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3f} | {c / base[n]['perplexity']:.3f}" if c else "– | –"
+                                                  for c, n in zip(cells, base)) + " |")
+    return "\n".join(lines)
 
 
 def comparison_table(results: dict) -> str:
@@ -107,11 +134,11 @@ def write_pipeline_report(out: Path, results: dict, training: dict[str, dict]) -
         f"# leanlm run: {results['name']}", "",
         f"Model `{results['model']}` on `{results.get('device', 'cpu')}`. Transforms, in order:", "",
         *(done or ["(none)"]), "",
-        comparison_table(results), "",
+        comparison_table(results), "", texts_table(results), "",
         f"Perplexity protocol (every row): WikiText-2 test, `{protocol['method']}`, window {protocol['window']}, "
         f"stride {protocol['stride']}, {protocol['tokens_scored']:,} tokens scored, {protocol['dtype']}. Out-of-domain: "
-        f"{base.get('ood_protocol', {}).get('text_source', 'not measured')}, same protocol. Calibration and training "
-        "data: WikiText-2 validation only. Speeds are from separate runs on a shared machine: compare them with care "
+        f"{base.get('ood_protocol', {}).get('text_source', 'not measured')}, same protocol. Calibration data: "
+        f"{data_words(results['recipe'].get('data'))}; training data: {_training_words(results)}. Speeds are from separate runs on a shared machine: compare them with care "
         "(the benchmark measures speed ratios side by side).", "",
         "## Recovery runs", "", "| variant | steps | minutes | stopped by time budget | final loss |", "| --- | ---: | ---: | --- | ---: |",
     ]

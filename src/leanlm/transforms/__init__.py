@@ -4,12 +4,14 @@ from leanlm.transforms.base import TRANSFORMS, Transform, TransformReport, regis
 from leanlm.models.compact import is_compact, load_compact, maybe_load_compact, save_compact, sync_shape_config
 from leanlm.transforms.prune_heads import PruneHeads, mask_heads, pad_heads, prune_heads, removed_fraction, select_heads
 from leanlm.transforms.prune_layers import PruneLayers, block_influence, prune_layers
+from leanlm.transforms.latent_kv import LatentKV
 from leanlm.transforms.prune_mlp import PruneMLP, channel_scores, mask_channels, prune_mlp, select_channels
 
 # TRANSFORMS (name -> class) is filled by the @register decorator of each technique imported above.
 
 __all__ = [
     "TRANSFORMS",
+    "LatentKV",
     "PruneHeads",
     "PruneLayers",
     "PruneMLP",

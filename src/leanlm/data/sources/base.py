@@ -56,9 +56,9 @@ class DataSource(ABC):
         return ":".join([self.name, *changed])
 
     def stream(self, ctx: DataContext) -> torch.Tensor:
-        """``token_ids`` once per tokenizer (memoised: a source is tokenized once per process)."""
+        """``token_ids`` once per tokenizer and model (memoised on this source object)."""
         memo = self.__dict__.setdefault("_memo", {})
-        key = id(ctx.tokenizer)
+        key = (id(ctx.tokenizer), ctx.model)
         if key not in memo:
             ids = self.token_ids(ctx)
             if ids.numel() == 0:

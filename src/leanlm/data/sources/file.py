@@ -56,6 +56,9 @@ class FileSource(DataSource):
     name = "file"
     path: str = field(default="", metadata={"help": "a file, a directory or a glob pattern"})
 
+    def label(self) -> str:
+        return f"file:{self.path}"
+
     def check(self) -> None:
         if not self.path:
             raise LeanLMError("the file data source needs a path: file:PATH")

@@ -21,6 +21,9 @@ class HFDatasetSource(DataSource):
     split: str = field(default="train", metadata={"help": "split to read"})
     field: str = field(default="text", metadata={"help": "the column holding the text"})
 
+    def label(self) -> str:
+        return ":".join(["hf", self.dataset, *([self.config] if self.config else []), self.split, self.field])
+
     def check(self) -> None:
         if not self.dataset:
             raise LeanLMError("the hf data source needs a dataset name: hf:NAME[:CONFIG]:SPLIT:FIELD")

@@ -23,6 +23,9 @@ class JsonlSource(DataSource):
     path: str = field(default="", metadata={"help": "the .jsonl file"})
     field: str = field(default="text", metadata={"help": "the key holding each record's text"})
 
+    def label(self) -> str:
+        return f"jsonl:{self.path}:{self.field}"
+
     def check(self) -> None:
         if not self.path:
             raise LeanLMError("the jsonl data source needs a path: jsonl:PATH:FIELD")

@@ -14,6 +14,7 @@ and gives exactly the stream an uninterrupted one would (shard i is seeded by (s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -87,10 +88,14 @@ class TeacherSource(DataSource):
         self.check()
         directory = self.cache_dir(ctx)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_json(directory / "settings.json", {"model": ctx.model, **asdict(self), "tokens": None, "format": FORMAT})
+        if not (directory / "settings.json").is_file():  # for people reading the cache; the key is the identity
+            _atomic_json(directory / "settings.json", {"model": ctx.model, **asdict(self), "tokens": None, "format": FORMAT})
         shards, stream = self._read_shards(directory, ctx.tokenizer)
         if len(stream) < self.tokens:
-            shards, stream = self._generate(ctx, directory, shards, stream)
+            with _generation_lock(directory):  # another process generating the same text: wait, then read its shards
+                shards, stream = self._read_shards(directory, ctx.tokenizer)
+                if len(stream) < self.tokens:
+                    shards, stream = self._generate(ctx, directory, shards, stream)
         ids = torch.tensor(stream[: self.tokens], dtype=torch.long)  # (tokens,)
         self.__dict__["_read"] = {"cache": str(directory), "shards": len(shards),
                                   "samples": sum(len(s["samples"]) for s in shards),
@@ -218,6 +223,26 @@ def _speed(shards: list[dict]) -> dict:
     wall, cpu = sum(s["seconds"] for s in shards), sum(s["cpu_seconds"] for s in shards)
     return {"generated_tokens": tokens, "seconds": wall, "cpu_seconds": cpu,
             "tokens_per_second": tokens / wall if wall else 0.0, "tokens_per_cpu_second": tokens / cpu if cpu else 0.0}
+
+
+@contextlib.contextmanager
+def _generation_lock(directory: Path):
+    """An exclusive lock on the cache folder while shards are generated (POSIX ``flock``; none elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, shards are still written atomically
+        yield
+        return
+    with open(directory / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is generating this teacher text (%s): waiting for it", directory)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _atomic_json(path: Path, data) -> None:
