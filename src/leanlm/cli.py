@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_data.add_parser(sub, add_device_arg)
     from leanlm.evaluate.probe.command import add_parser as add_probe_parser
 
-    add_probe_parser(sub)
+    add_device_arg(add_probe_parser(sub))
     add_examples(parser, sub)
     return parser
 

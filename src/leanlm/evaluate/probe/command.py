@@ -19,9 +19,18 @@ log = logging.getLogger("leanlm")
 BUILTIN_TEXTS = ("wikitext-test", "botchan")
 
 
-def add_parser(sub) -> None:
-    from leanlm.cli import add_device_arg, positive_int
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The `probe` sub-command's own options; `cli.py` adds the shared --device (no import of cli here: no cycle)."""
     pr = sub.add_parser("probe", help="behaviour probe: greedy agreement, divergence, KL and accuracy of students vs the teacher",
                         description="Decode procedurally generated multi-step prompts (answers checked by code) and "
                                     "held-out text with the teacher and each student; write DIR/results.json, "
@@ -47,7 +56,7 @@ def add_parser(sub) -> None:
     pr.add_argument("--chat", action="store_true", help="wrap the prompts in the tokenizer's chat template")
     pr.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                     help="dtype both models run in (default: %(default)s)")
-    add_device_arg(pr)
+    return pr
 
 
 def parse_students(values: list[str]) -> dict[str, str]:
