@@ -43,12 +43,13 @@ INTERMEDIATE_KEY = "leanlm_intermediate_per_layer"
 KEPT_HEADS_KEY = "leanlm_kept_heads"
 LAYERS_KEPT_KEY = "leanlm_layers_kept"
 SHAPE_KEYS = (HEADS_KEY, KV_HEADS_KEY, INTERMEDIATE_KEY)
+SWAP_KEY = "leanlm_swap_attention"  # swapped attention layers (transforms/swap_attention/base.py): rebuilt on load
 
 
 def is_compact(config) -> bool:
-    """True when the config (object or dict) lists per-layer shapes or latent-KV layers, i.e. needs ``load_compact``."""
+    """True when the config (object or dict) lists per-layer shapes, latent-KV or swapped layers, i.e. needs ``load_compact``."""
     keys = config if isinstance(config, dict) else vars(config)
-    return any(keys.get(key) is not None for key in (*SHAPE_KEYS, LATENT_KEY))
+    return any(keys.get(key) is not None for key in (*SHAPE_KEYS, LATENT_KEY, SWAP_KEY))
 
 
 def drop_key(config, key: str) -> None:
@@ -161,6 +162,10 @@ def load_compact(path: str | Path, dtype: str | torch.dtype = "float32") -> PreT
     # inv_freq are computed at init and are not in the checkpoint.
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     resize_to_config(model)
+    if getattr(config, SWAP_KEY, None):
+        from leanlm.transforms.swap_attention import rebuild_swaps  # transforms import models: import when needed
+
+        rebuild_swaps(model)
     state = _read_state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embed_tokens) are saved once; the other name shares the same tensor.

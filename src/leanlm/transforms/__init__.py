@@ -5,6 +5,7 @@ from leanlm.models.compact import is_compact, load_compact, maybe_load_compact, 
 from leanlm.transforms.prune_heads import PruneHeads, mask_heads, pad_heads, prune_heads, removed_fraction, select_heads
 from leanlm.transforms.prune_layers import PruneLayers, block_influence, prune_layers
 from leanlm.transforms.latent_kv import LatentKV
+from leanlm.transforms.swap_attention import SwapAttention
 from leanlm.transforms.prune_mlp import PruneMLP, channel_scores, mask_channels, prune_mlp, select_channels
 
 # TRANSFORMS (name -> class) is filled by the @register decorator of each technique imported above.
@@ -15,6 +16,7 @@ __all__ = [
     "PruneHeads",
     "PruneLayers",
     "PruneMLP",
+    "SwapAttention",
     "Transform",
     "TransformReport",
     "block_influence",
