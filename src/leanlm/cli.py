@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--latent-dim", type=positive_int, help="MLA latent width per layer (default: kv_heads x head_dim)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     cli_data.add_parser(sub, add_device_arg)
+    from leanlm.evaluate.probe.command import add_parser as add_probe_parser
+
+    add_device_arg(add_probe_parser(sub))
     add_examples(parser, sub)
     return parser
 
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,
                     "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
                     "export": commands.run_export,
-                    "generate": commands.run_generate, "data": cli_data.run}
+                    "generate": commands.run_generate, "data": cli_data.run, "probe": _run_probe}
         if args.command == "serve":
             from leanlm.serve.command import run as run_serve
 
@@ -303,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:  # a signal after which work was saved (distill's checkpoint)
         print(f"leanlm: {stop}", file=sys.stderr)
         return 130
+
+
+def _run_probe(args) -> int:
+    from leanlm.evaluate.probe.command import run
+
+    return run(args)
 
 
 def _quiet_libraries() -> None:

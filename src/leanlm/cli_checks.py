@@ -47,6 +47,10 @@ EXAMPLES: dict[str, list[str]] = {
         "leanlm export --model runs/recovered/model --out runs/release",
         "leanlm export --model runs/recovered/model --out runs/release-fp32 --dtype float32",
     ],
+    "probe": [
+        "leanlm probe --student runs/prune25/model --out runs/probe   # vs the bundled smollm2-135m",
+        "leanlm probe --student pruned=runs/p/stages/t1-prune_heads/model recovered=runs/p/model --texts wikitext-test,botchan",
+    ],
     "data": [
         "leanlm data --data teacher                       # sample teacher text from smollm2-135m once (cached)",
         "leanlm data --data teacher@0.5,wikitext@0.5 --show 1",

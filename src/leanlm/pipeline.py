@@ -33,6 +33,7 @@ from leanlm.models import ModelSpec, load_model, load_tokenizer, parse_dtype, re
 from leanlm.models.arch import arch_of
 from leanlm.recipe import Recipe
 from leanlm.recover import add_lora, distill, merge_lora, train_only
+from leanlm.recover.local_stage import local_stage
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
 from leanlm.report.pipeline_report import data_words, describe_transform, write_pipeline_report
 from leanlm.transforms import Transform, load_compact, save_compact
@@ -203,21 +204,36 @@ def recover(variant: str, start, teacher, tokenizer, recipe: Recipe, work: Path,
     device, dtype = start.device, parse_dtype(recipe.recover.dtype)
     student = copy.deepcopy(start).to(dtype)
     teacher = teacher if teacher.dtype == dtype else copy.deepcopy(teacher).to(dtype)
+    config = dataclasses.replace(recipe.recover.distill, **overrides)
+    data = DataMix.parse(recipe.recover.data if recipe.recover.data is not None else recipe.data)
+    windows = data.training(DataContext(tokenizer, recipe.model, teacher), config.seq_len)  # (n, seq_len)
+    local = None
+    if variant != "reference_lora_ce" and recipe.recover.local.method != "none":
+        local = local_stage_record(student, teacher, windows, recipe)
+        if config.max_cpu_minutes is not None:  # the stage's CPU time is part of the recovery budget
+            left = max(config.max_cpu_minutes - local["cpu_seconds"] / 60, 0.01)
+            config = dataclasses.replace(config, max_cpu_minutes=left)
     if variant in ("lora_kd", "reference_lora_ce"):
         student = add_lora(student, recipe.recover.lora)
     elif variant == "kd_oproj":
         family = arch_of(student).family  # the attention output projection's name in this family
         train_only(student, [rf"{family.attention}\.{family.projections[3]}\.weight"])
-    config = dataclasses.replace(recipe.recover.distill, **overrides)
-    data = DataMix.parse(recipe.recover.data if recipe.recover.data is not None else recipe.data)
-    windows = data.training(DataContext(tokenizer, recipe.model, teacher), config.seq_len)  # (n, seq_len)
     monitor = monitor_fn(tokenizer, recipe) if config.eval_every else None
     result = distill(student, teacher, windows, config, out_dir=work / "checkpoints", resume=True, eval_fn=monitor)
     merged = merge_lora(student) if variant != "kd_oproj" else student
     for param in merged.parameters():
         param.requires_grad_(False)
-    record = result.to_dict() | {"data": data.describe()}
+    record = result.to_dict() | {"data": data.describe()} | ({"local_stage": local} if local else {})
     return merged.to(device).eval(), record  # accelerate may have moved it: back to the run's device
+
+
+def local_stage_record(student, teacher, windows, recipe: Recipe) -> dict:
+    """The layer-local stage, in place on ``student``; a resumed run redoes it (seconds) before its checkpoint."""
+    report = local_stage(student, teacher, windows, recipe.recover.local)
+    log.info("layer-local stage (%s): held-out error %s -> %s", recipe.recover.local.method,
+             {k: round(r["heldout_before"], 3) for k, r in report["layers"].items()},
+             {k: round(r["heldout_after"], 3) for k, r in report["layers"].items()})
+    return report
 
 
 def recovered_stage(run: RunDir, variant: str, start, teacher, tokenizer, recipe: Recipe, **overrides):

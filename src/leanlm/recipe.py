@@ -37,6 +37,7 @@ from leanlm.errors import LeanLMError
 from leanlm.evaluate.perplexity import METHODS
 from leanlm.models import DEVICES
 from leanlm.recover import DistillConfig, LoraSettings
+from leanlm.recover.local_stage import LocalStageConfig
 from leanlm.settings import build, choices, to_plain
 from leanlm.transforms import Transform, transform_from_dict
 from leanlm.transforms.context import CalibrationSettings
@@ -76,9 +77,14 @@ class RecoverStep:
         metadata=choices(VARIANTS, "recovery runs from the same pruned model: lora_kd, kd_oproj (KD, only o_proj trains)"),
     )
     data: str | list | None = field(default=None, metadata={"help": "training text; null = the recipe's data"})
+    local: LocalStageConfig = field(
+        default_factory=lambda: LocalStageConfig(method="none"),
+        metadata={"help": "layer-local stage before KD: each pruned layer's attention fitted to the teacher's on the "
+                          "first training windows (method lstsq | adam | none); its CPU time counts in max_cpu_minutes"})
 
     def __post_init__(self) -> None:
         self.distill.check()
+        self.local.check()
         self.lora.check()
         if self.data is not None:
             DataMix.parse(self.data)  # a bad spec or a missing file is reported with the recipe's problems
