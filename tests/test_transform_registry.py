@@ -14,6 +14,7 @@ CHANGE = {
     "prune_heads": {"fraction": 0.5, "layout": "global", "granularity": "query", "scorer": "taylor"},
     "prune_layers": {"num_layers": 1},
     "prune_mlp": {"fraction": 0.25, "layout": "global"},
+    "share_kv": {"kv_heads": 1, "method": "calibrated"},
 }
 
 

@@ -5,6 +5,7 @@ from leanlm.models.compact import is_compact, load_compact, maybe_load_compact, 
 from leanlm.transforms.prune_heads import PruneHeads, mask_heads, pad_heads, prune_heads, removed_fraction, select_heads
 from leanlm.transforms.prune_layers import PruneLayers, block_influence, prune_layers
 from leanlm.transforms.prune_mlp import PruneMLP, channel_scores, mask_channels, prune_mlp, select_channels
+from leanlm.transforms.share_kv import ShareKV, expand_to_mha, merge_kv_heads
 
 # TRANSFORMS (name -> class) is filled by the @register decorator of each technique imported above.
 
@@ -13,10 +14,12 @@ __all__ = [
     "PruneHeads",
     "PruneLayers",
     "PruneMLP",
+    "ShareKV",
     "Transform",
     "TransformReport",
     "block_influence",
     "channel_scores",
+    "expand_to_mha",
     "is_compact",
     "load_compact",
     "mask_channels",
@@ -31,6 +34,7 @@ __all__ = [
     "save_compact",
     "select_channels",
     "select_heads",
+    "merge_kv_heads",
     "sync_shape_config",
     "transform_from_dict",
 ]
