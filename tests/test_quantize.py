@@ -263,3 +263,17 @@ def test_real_model_quantized_perplexity_holds(real_model_bf16, real_tokenizer):
         assert 0.95 < ratio < limit, (scheme, ratio)
     with pytest.raises(LeanLMError, match="does not divide in_features 576"):
         quantize_weights(copy.deepcopy(real_model_bf16), "int4", 128)
+
+
+def test_weight_bytes_counts_the_quantized_codes_and_scales():
+    from leanlm.models.weights import weight_bytes
+
+    model = tiny_llama(num_layers=2, hidden_size=64, intermediate_size=128)
+    before = weight_bytes(model)
+    quantize_weights(model, "int8")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.qweight.dtype == torch.int8
+    expected = sum(t.numel() * t.element_size() for t in tensors_held(model)) - sum(
+        b.numel() * b.element_size() for name, b in model.named_buffers() if "inv_freq" in name)
+    assert weight_bytes(model) == expected  # codes and scales counted, RoPE tables not
+    assert before / 4.5 < weight_bytes(model) < before / 2  # int8 codes (+ scales) vs float32

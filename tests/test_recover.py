@@ -264,6 +264,20 @@ def test_max_minutes_stops_early_with_a_checkpoint(tmp_path):
     assert Path(result.checkpoint).name == "step-000001"
 
 
+def test_max_cpu_minutes_counts_process_cpu_time_and_survives_resume(tmp_path):
+    student, teacher, windows, config = _helper().build()
+    config.max_cpu_minutes = 1e-6
+    result = distill(student, teacher, windows, config, tmp_path)
+    assert result.stopped_early and result.steps_done == 1
+    assert 0 < result.cpu_seconds < 600
+    config.max_cpu_minutes = 1e3
+    resumed = distill(student, teacher, windows, config, tmp_path, resume=True)
+    assert resumed.steps_done == config.steps and not resumed.stopped_early
+    assert resumed.cpu_seconds > result.cpu_seconds  # the first session's CPU time is carried over
+    with pytest.raises(LeanLMError, match="max_cpu_minutes must be positive"):
+        DistillConfig(max_cpu_minutes=0).check()
+
+
 def test_train_only_and_kd_without_lora(tmp_path):
     student, teacher = _noisy_student(), tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2)
     names = train_only(student, ["o_proj"])

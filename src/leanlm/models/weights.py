@@ -46,8 +46,32 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in unique_parameters(model))
 
 
+def tensors_held(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer the module holds, each storage once (tied weights share one)."""
+    seen, out = set(), []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            out.append(tensor)
+    return out
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers held (each storage once)."""
+    return sum(t.numel() * t.element_size() for t in tensors_held(module))
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in unique_parameters(model))
+    """Bytes of the weights as saved: parameters and persistent buffers (quantized layers keep their codes and
+    scales in buffers), each storage once; run-time tables such as RoPE's inverse frequencies are not weights."""
+    seen, total = set(), 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def resize_linear(linear: nn.Linear, out_features: int, in_features: int) -> None:

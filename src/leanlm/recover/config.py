@@ -41,6 +41,11 @@ class DistillConfig:
     max_minutes: float | None = field(
         default=None, metadata={"help": "wall-clock budget: stop cleanly after the step that crosses it"}
     )
+    max_cpu_minutes: float | None = field(
+        default=None,
+        metadata={"help": "CPU budget: process CPU time (all threads, teacher included, resumed sessions added up); "
+                          "stop cleanly after the step that crosses it. Honest on a shared machine, unlike wall time"},
+    )
     out_dir: str | None = field(default=None, metadata={"help": "where checkpoints go (the distill() argument wins)"})
 
     def check(self) -> None:
@@ -54,8 +59,9 @@ class DistillConfig:
                 raise LeanLMError(f"distill {name} must not be negative, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise LeanLMError(f"distill seq_len must be at least 2, got {self.seq_len}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise LeanLMError(f"max_minutes must be positive when set, got {self.max_minutes}")
+        for name in ("max_minutes", "max_cpu_minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise LeanLMError(f"{name} must be positive when set, got {getattr(self, name)}")
         check_mix(self.alpha, self.temperature)
 
 
@@ -73,13 +79,14 @@ class DistillResult:
     seconds: float  # wall clock over all sessions of the run (a resumed run adds up)
     losses: list[dict[str, float]]  # per step: {"step", "total", "kd", "ce"}
     eval_curve: list[tuple[int, float]]  # (step, eval_fn value)
-    stopped_early: bool  # max_minutes ran out before config.steps
+    stopped_early: bool  # max_minutes or max_cpu_minutes ran out before config.steps
     checkpoint: str | None  # directory of the last checkpoint
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step (teacher included)
     teacher_cache_seconds: float = 0.0  # building the top-k cache (0 when live or reused)
     tokens_per_step: int = 0  # input tokens per optimizer step, all processes
     resumed_from: int = 0  # step the last session started at
     bf16: bool = False
+    cpu_seconds: float = 0.0  # process CPU time over all sessions of the run (all threads)
 
     def to_dict(self) -> dict:
         return asdict(self)

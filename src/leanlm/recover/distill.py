@@ -130,6 +130,8 @@ class _Run:
     step: int = 0
     resumed_from: int = 0
     seconds_before: float = 0.0
+    cpu_started: float = field(default_factory=time.process_time)
+    cpu_before: float = 0.0
     losses: list[dict[str, float]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
@@ -189,6 +191,7 @@ def _state(run: _Run) -> dict:
         "eval_curve": run.eval_curve,
         "step_seconds": run.step_seconds,
         "seconds": run.seconds_before + time.monotonic() - run.started,
+        "cpu_seconds": _cpu_seconds(run),
         "config": asdict(run.config),
         "bf16": run.bf16,
         "num_processes": run.accelerator.num_processes,
@@ -233,6 +236,7 @@ def _restore(run: _Run, path: Path) -> None:
     run.losses, run.step_seconds = state["losses"], state["step_seconds"]
     run.eval_curve = [tuple(pair) for pair in state["eval_curve"]]
     run.seconds_before = state["seconds"]
+    run.cpu_before = state.get("cpu_seconds", 0.0)
     run.checkpoint = path
     log.info("resumed from %s at step %d", path, run.step)
 
@@ -303,10 +307,16 @@ def _evaluate(run: _Run) -> None:
     run.eval_curve.append((run.step, value))
 
 
+def _cpu_seconds(run: _Run) -> float:
+    return run.cpu_before + time.process_time() - run.cpu_started
+
+
 def _out_of_time(run: _Run) -> bool:
-    if run.config.max_minutes is None:
+    cfg = run.config
+    if cfg.max_minutes is None and cfg.max_cpu_minutes is None:
         return False
-    over = time.monotonic() - run.started > run.config.max_minutes * 60
+    over = cfg.max_minutes is not None and time.monotonic() - run.started > cfg.max_minutes * 60
+    over = over or (cfg.max_cpu_minutes is not None and _cpu_seconds(run) > cfg.max_cpu_minutes * 60)
     # Every process must stop at the same step: stop if any one is over.
     flag = run.accelerator.reduce(torch.tensor(float(over), device=run.accelerator.device), reduction="sum")
     return bool(flag.item() > 0)
@@ -338,7 +348,8 @@ def _loop(run: _Run) -> None:
                               "run the same command with --resume to continue")
         if out_of_time:
             run.stopped_early = True
-            log.warning("max_minutes=%s reached: stopped after step %d of %d", cfg.max_minutes, run.step, cfg.steps)
+            log.warning("time budget reached (max_minutes=%s, max_cpu_minutes=%s): stopped after step %d of %d",
+                        cfg.max_minutes, cfg.max_cpu_minutes, run.step, cfg.steps)
             break
     bar.close()
 
@@ -408,4 +419,5 @@ def _result(run: _Run) -> DistillResult:
         tokens_per_step=cfg.batch_size * cfg.grad_accum * run.accelerator.num_processes * cfg.seq_len,
         resumed_from=run.resumed_from,
         bf16=run.bf16,
+        cpu_seconds=_cpu_seconds(run),
     )

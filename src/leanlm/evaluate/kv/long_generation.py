@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from leanlm.engine.decode import stream
+from leanlm.engine.sampling import Sampler, SamplingConfig
 from leanlm.errors import LeanLMError
 from leanlm.models.device import synced_clock
 from leanlm.evaluate.kv.common import (PolicyArg, dtype_name, encode_text, cache_held_tokens, cache_nbytes, cache_total_nbytes,
-                                      describe_policy,
-                                      forward_hidden, open_cache, output_logits, resolve_policy)
+                                      describe_policy, open_cache, resolve_policy)
 
 DEFAULT_PROMPT = ("Chapter 1\n\nThe old lighthouse keeper had not spoken to anyone for three winters. "
                   "On the morning the supply boat failed to arrive, he")
@@ -70,18 +71,6 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
-    """logits (vocab,) → a token id: argmax at temperature 0, else top-k sampling at the temperature."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    if top_k:
-        values, indices = logits.topk(min(top_k, logits.shape[-1]))  # (k,)
-        choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
-        return int(indices[choice])
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-
-
 def long_generation(model, tokenizer, policy: PolicyArg = None,
                     protocol: LongGenerationProtocol | None = None) -> LongGenerationResult:
     """Generate ``protocol.new_tokens`` tokens through ``policy``, recording memory every ``sample_every``."""
@@ -90,29 +79,32 @@ def long_generation(model, tokenizer, policy: PolicyArg = None,
     prompt = torch.tensor(encode_text(tokenizer, protocol.prompt), dtype=torch.long)
     resolved = resolve_policy(policy, len(prompt) + protocol.new_tokens)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(protocol.seed)
+    sampler = Sampler(SamplingConfig(temperature=protocol.temperature, top_k=protocol.top_k, seed=protocol.seed))
     steps, nbytes, totals, held, rss, seconds = [], [], [], [], [], []
     head, tail = [], deque(maxlen=64)
     with torch.inference_mode(), open_cache(model, resolved) as cache:
-        for piece in prompt.split(protocol.prefill_chunk):
-            hidden = forward_hidden(model, cache, piece)  # (piece, hidden)
-        logits = output_logits(model, hidden[-1:])[0]  # (vocab,)
-        start = synced_clock(device)
-        bar = tqdm(range(1, protocol.new_tokens + 1), desc=f"generate ({resolved.name if resolved else 'none'})",
-                   unit="tok", leave=False)
-        for step in bar:
-            token = _next_token(logits, protocol.temperature, protocol.top_k, generator)
-            if len(head) < 64:
-                head.append(token)
-            tail.append(token)
-            logits = output_logits(model, forward_hidden(model, cache, torch.tensor([token])))[0]
-            if step % protocol.sample_every == 0 or step == protocol.new_tokens:
-                steps.append(step)
+        # The engine's one decode loop. It yields token k before feeding it, so ask for one token more:
+        # when token k + 1 arrives, the cache has taken exactly k generated tokens (the extra one is dropped).
+        tokens = stream(model, prompt[None].to(device), protocol.new_tokens + 1, cache=cache, sampling=sampler,
+                        prefill_chunk=protocol.prefill_chunk)
+        bar = tqdm(total=protocol.new_tokens, desc=f"generate ({resolved.name if resolved else 'none'})", unit="tok", leave=False)
+        for fed, token in enumerate(tokens):  # ``fed`` generated tokens are in the cache when this one arrives
+            if fed == 0:
+                start = synced_clock(device)  # after the prefill: decode time only
+            elif fed % protocol.sample_every == 0 or fed == protocol.new_tokens:
+                steps.append(fed)
                 nbytes.append(cache_nbytes(cache))
                 totals.append(cache_total_nbytes(cache))
                 held.append(cache_held_tokens(cache))
                 rss.append(_rss_mib())
                 seconds.append(synced_clock(device) - start)
+            if fed == protocol.new_tokens:
+                break
+            if len(head) < 64:
+                head.append(int(token[0]))
+            tail.append(int(token[0]))
+            bar.update(1)
+        bar.close()
     record = {"name": "long_generation", **asdict(protocol), "dtype": dtype_name(model), "bos": False}
     return LongGenerationResult(
         steps=steps, cache_bytes=nbytes, total_bytes=totals, held_tokens=held, rss_mib=rss, seconds=seconds,

@@ -14,8 +14,9 @@ from leanlm.data import split_sentences
 from leanlm.data.wikitext import wikitext_text
 from leanlm.errors import LeanLMError
 from leanlm.evaluate.kv.common import (PolicyArg, dtype_name, encode_text, cache_held_tokens, cache_nbytes, cache_total_nbytes,
-                                      describe_policy,
-                                      forward_hidden, open_cache, output_logits, resolve_policy)
+                                      describe_policy, open_cache, resolve_policy)
+from leanlm.engine.decode import forward, prefill, start_state
+from leanlm.engine.sampling import Sampler
 
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                  "Find it and memorize it. I will quiz you about the important information there.\n")
@@ -130,15 +131,17 @@ def passkey_eval(model, tokenizer, policy: PolicyArg, items: list[PasskeyItem],
     protocol.validate()
     start = time.perf_counter()
     details, policies = [], {}
+    greedy, device = Sampler(), next(model.parameters()).device  # the engine's sampler, temperature 0
     bar = tqdm(total=sum(len(it.ids) + len(it.answer_ids) for it in items), desc="passkey", unit="tok", leave=False)
     with torch.inference_mode(), bar:
         for item in items:
             resolved = resolve_policy(policy, item.length)
             policies[str(item.length)] = describe_policy(resolved)
             with open_cache(model, resolved) as cache:
-                for piece in torch.tensor(item.ids).split(protocol.prefill_chunk):
-                    hidden = forward_hidden(model, cache, piece)  # (piece, hidden)
-                    bar.update(len(piece))
+                ids = torch.tensor([item.ids], device=device)  # (1, length)
+                state = start_state(model, ids, None, cache, ids.shape[1] + len(item.answer_ids))
+                logits = prefill(model, ids, state, protocol.prefill_chunk)  # (1, vocab): predicts answer token 0
+                bar.update(ids.shape[1])
                 nbytes, held, total = cache_nbytes(cache), cache_held_tokens(cache), cache_total_nbytes(cache)
                 # One pass gives both numbers. The answer is teacher-forced one token per forward, exactly
                 # as greedy decoding would feed it: while every argmax so far equals the answer, greedy's
@@ -147,14 +150,12 @@ def passkey_eval(model, tokenizer, policy: PolicyArg, items: list[PasskeyItem],
                 # answer. One token per forward (not the answer in one forward) keeps the cache dynamics of
                 # real decoding: an evicting policy evicts after every token, a quantizing one flushes its
                 # residual when it fills.
-                logits = output_logits(model, hidden[-1:])[0]  # (vocab,) predicts answer token 0
                 loglik, predicted = 0.0, []
                 for i, target in enumerate(item.answer_ids):
-                    logp = F.log_softmax(logits.float(), dim=-1)
-                    loglik += logp[target].item()
-                    predicted.append(int(logp.argmax()))
+                    loglik += F.log_softmax(logits[0].float(), dim=-1)[target].item()
+                    predicted.append(int(greedy.sample(logits)[0]))
                     if i + 1 < len(item.answer_ids):
-                        logits = output_logits(model, forward_hidden(model, cache, torch.tensor([target])))[0]
+                        logits = forward(model, torch.tensor([[target]], device=device), state)[:, -1]  # (1, vocab)
                     bar.update(1)
             details.append({
                 "length": item.length, "depth": item.depth, "passkey": item.passkey,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import LeanLMError
+from leanlm.models.weights import held_bytes, tensors_held  # noqa: F401  (re-exported: quantize reports them)
 
 # The packed kernels are matrix-vector kernels: fast at decode (few rows), several times slower than
 # the float GEMM at prefill. Above this many rows, forward dequantizes the weight for that call.
@@ -116,22 +117,6 @@ def round_up_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return scale.clone()
     rel = torch.finfo(dtype).eps  # one ulp relative; rounding to nearest moves at most half of it
     return (scale * (1 + rel)).to(dtype)
-
-
-def tensors_held(module: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer the module holds, each storage once (tied weights share one)."""
-    seen, out = set(), []
-    for tensor in [*module.parameters(), *module.buffers()]:
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            out.append(tensor)
-    return out
-
-
-def held_bytes(module: nn.Module) -> int:
-    """Bytes of all parameters and buffers held (each storage once)."""
-    return sum(t.numel() * t.element_size() for t in tensors_held(module))
 
 
 SCHEMES: dict[str, type[QuantizedLinear]] = {}
