@@ -141,3 +141,11 @@ def test_bad_settings_give_one_clear_error(options, message, tiny_gqa, calibrati
 def test_calibrated_without_calibration_batches_is_refused(tiny_gqa):
     with pytest.raises(LeanLMError, match="needs calibration batches"):
         merge_kv_heads(tiny_gqa, 1, "calibrated")
+
+
+def test_shipped_mqa_recipe_is_valid():
+    from leanlm.recipe import load_recipe
+    from leanlm.transforms.share_kv import ShareKV
+
+    recipe = load_recipe("recipes/smollm2-mqa.yaml")
+    assert recipe.transforms == [ShareKV(kv_heads=1, method="calibrated")]
