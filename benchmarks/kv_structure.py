@@ -113,6 +113,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--windows", type=int, default=8, help="windows (kv_pareto's rows used 8)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--add-to", type=Path, default=None,
+                   help="keep an earlier kv_structure JSON's rows (same protocol, checked) and add this run's to --out")
     return p.parse_args()
 
 
@@ -135,6 +137,12 @@ def main() -> int:
                            "continuation_windows_sha256": kv_pareto.windows_digest(continuation_windows(tok, protocol)),
                            "budgets_relative_to": "each structure's own full cache", "command": " ".join(sys.argv)},
               "baseline": baseline, "rows": [], "versions": versions(), "git": git_info()}
+    if args.add_to:
+        earlier = json.loads(args.add_to.read_text())
+        if earlier["protocol"]["continuation_windows_sha256"] != result["protocol"]["continuation_windows_sha256"]:
+            raise LeanLMError(f"'{args.add_to}' was measured on other windows than --context/--continuation/--windows give")
+        result["rows"] = [r for r in earlier["rows"] if r.get("structure") not in builders]
+        result["added_to"] = {"file": str(args.add_to), "command": earlier["protocol"]["command"]}
     partial = args.out.with_name(args.out.stem + ".partial.json")
     for name, build in builders.items():
         model, info = build(teacher, tok, args)
