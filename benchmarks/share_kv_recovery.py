@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -106,6 +107,41 @@ def run_method(method: str, teacher, tok, io: dict, capture_cpu: float, calibrat
     return row
 
 
+def stages(row: dict) -> list[tuple[str, float, dict]]:
+    """(stage, cumulative training CPU minutes, ratios) of one method: merged, layer-local, recovered."""
+    merge = row["merge_cpu_seconds"] / 60
+    out = [("merged", merge, row["merged_ratio"])]
+    if "local_ratio" in row:
+        merge += (row["layer_local"]["cpu_seconds"] + row["layer_local"]["capture_cpu_seconds"]) / 60
+        out.append(("layer-local", merge, row["local_ratio"]))
+    if "recovered_ratio" in row:
+        out.append(("LoRA+KD", merge + row["kd"]["cpu_seconds"] / 60, row["recovered_ratio"]))
+    return out
+
+
+def recovery_plot(result: dict, path: Path) -> None:
+    """Perplexity ratio vs training CPU minutes, one line per method and split (log y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in result["rows"]:
+        points = stages(row)
+        for split, style in zip(SPLITS, ("-", "--")):
+            ax.plot([p[1] for p in points], [p[2][split] for p in points], style, marker="o",
+                    label=f"{row['method']} ({'WikiText-2 test' if split == 'test' else 'Botchan, out of domain'})")
+    ax.axhline(1.10, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(yscale="log", xlabel="training CPU minutes (process time: merge, layer-local fit, LoRA+KD)",
+           ylabel="perplexity / original", title=f"MQA (kv_heads {result['rows'][0]['kv_heads']}) on SmolLM2-135M")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def log(method: str, stage: str, ratio: dict) -> None:
     print(f"{method:>10} {stage:>12}: " + "  ".join(f"{k} x{v:.4f}" for k, v in ratio.items()), file=sys.stderr, flush=True)
 
@@ -132,11 +168,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-dir", type=Path, default=None, help="save each recovered model here (mqa-METHOD)")
+    p.add_argument("--replot", action="store_true", help="only redraw --out's curve plot from its JSON")
     return p.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    if args.replot:
+        recovery_plot(json.loads(args.out.read_text()), args.out.with_name(args.out.stem + "-curve.png"))
+        return 0
     if args.out.exists():
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
     torch.set_num_threads(args.threads)
@@ -159,6 +199,7 @@ def main() -> int:
         result["rows"].append(run_method(method, teacher, tok, io, capture_cpu, calibration, base, args))
         atomic_write_json(partial, result)
     atomic_write_json(args.out, result)
+    recovery_plot(result, args.out.with_name(args.out.stem + "-curve.png"))
     partial.unlink(missing_ok=True)
     return 0
 
