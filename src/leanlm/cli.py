@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per cached value (default: 2, bf16)")
     kv.add_argument("--latent-dim", type=positive_int, help="MLA latent width per layer (default: kv_heads x head_dim)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    from leanlm import plan_command
+
+    plan_command.add_parser(sub)
     add_examples(parser, sub)
     return parser
 
@@ -273,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
 
             resolve_device(args.device)  # `--device cuda` without CUDA fails before any work
         from leanlm import commands
+        from leanlm import plan_command
 
         handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,
                     "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
                     "export": commands.run_export,
-                    "generate": commands.run_generate}
+                    "generate": commands.run_generate, "plan": plan_command.run}
         return handlers[args.command](args)
     except LeanLMError as err:
         print(f"leanlm: error: {err}", file=sys.stderr)
