@@ -50,7 +50,7 @@ def mean_merge(view: AttentionView, kv_heads: int) -> None:
 def root_and_inverse(moments: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(C, C^(1/2), C^(-1/2))`` of the damped moments ``C = E[x x^T] + damping * mean(diag) * I``."""
     size = moments.shape[0]
-    damped = moments + damping * moments.diagonal().mean() * torch.eye(size, dtype=moments.dtype)
+    damped = moments + damping * moments.diagonal().mean() * torch.eye(size, dtype=moments.dtype, device=moments.device)
     values, vectors = torch.linalg.eigh(damped)
     values = values.clamp_min(values.max() * 1e-12)
     root = (vectors * values.sqrt()) @ vectors.T  # (D, D)
