@@ -80,7 +80,9 @@ def kd(student, teacher, tok, args):
     return merged, info
 
 
-def run_method(method: str, teacher, tok, io: dict, capture_cpu: float, calibration, base: dict, args) -> dict:
+def run_method(method: str, teacher, tok, io: dict, capture_cpu: float, calibration, base: dict, args,
+               checkpoint=lambda row: None) -> dict:
+    """One merge method through every stage; ``checkpoint(row)`` after each, so a stopped run keeps its stages."""
     began = time.process_time()
     student = copy.deepcopy(teacher)
     report = merge_kv_heads(student, args.kv_heads, method, calibration)
@@ -89,11 +91,13 @@ def run_method(method: str, teacher, tok, io: dict, capture_cpu: float, calibrat
     row["merged"] = evaluate(student, tok, args)
     row["merged_ratio"] = ratios(row["merged"], base)
     log(method, "merged", row["merged_ratio"])
+    checkpoint(row)
     if args.local_steps:
         row["layer_local"] = layer_local(student, io, args) | {"capture_cpu_seconds": capture_cpu}
         row["local"] = evaluate(student, tok, args)
         row["local_ratio"] = ratios(row["local"], base)
         log(method, "layer-local", row["local_ratio"])
+        checkpoint(row)
     if args.kd_cpu_minutes:
         student, row["kd"] = kd(student, teacher, tok, args)
         row["recovered"] = evaluate(student, tok, args)
@@ -196,7 +200,10 @@ def main() -> int:
               "baseline": base, "rows": [], "versions": versions(), "git": git_info()}
     partial = args.out.with_name(args.out.stem + ".partial.json")
     for method in args.methods:
-        result["rows"].append(run_method(method, teacher, tok, io, capture_cpu, calibration, base, args))
+        done = list(result["rows"])
+        row = run_method(method, teacher, tok, io, capture_cpu, calibration, base, args,
+                         checkpoint=lambda row: atomic_write_json(partial, result | {"rows": done + [row]}))
+        result["rows"].append(row)
         atomic_write_json(partial, result)
     atomic_write_json(args.out, result)
     recovery_plot(result, args.out.with_name(args.out.stem + "-curve.png"))
