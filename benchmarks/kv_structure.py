@@ -69,8 +69,8 @@ def saved_structures(args) -> dict[str, Builder]:
         if not path:
             raise LeanLMError(f"--model wants NAME=DIR, got '{spec}'")
         found[name] = (path, {"training": "saved model", "training_cpu_minutes": None, "training_tokens": None})
-    if args.recovery:
-        for r in json.loads(args.recovery.read_text())["rows"]:
+    for recovery in args.recovery:
+        for r in json.loads(recovery.read_text())["rows"]:
             if r.get("model_dir"):
                 found[f"mqa-{r['method']}-recovered"] = (r["model_dir"], {
                     "training": "layer-local fit + LoRA/KD (benchmarks/share_kv_recovery.py)",
@@ -105,7 +105,8 @@ def parse_args() -> argparse.Namespace:
                    help=f"built-in structures to build ({', '.join(STRUCTURES)}); '' for none")
     p.add_argument("--model-dir", dest="model_dirs", action="append", default=[], metavar="NAME=DIR",
                    help="a saved structural model to add (repeatable)")
-    p.add_argument("--recovery", type=Path, default=None, help="a share_kv_recovery.py JSON: add its recovered models")
+    p.add_argument("--recovery", type=Path, action="append", default=[],
+                   help="a share_kv_recovery.py JSON: add its recovered models (repeatable)")
     p.add_argument("--policies", nargs="*", default=POLICIES, help="run-time policies each structure also runs with")
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.125],
                    help="policy budgets, as fractions of the *structure's* full cache")

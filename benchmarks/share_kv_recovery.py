@@ -150,6 +150,19 @@ def log(method: str, stage: str, ratio: dict) -> None:
     print(f"{method:>10} {stage:>12}: " + "  ".join(f"{k} x{v:.4f}" for k, v in ratio.items()), file=sys.stderr, flush=True)
 
 
+def combine(paths: list[Path], out: Path) -> int:
+    """One result from runs of single methods (run side by side as separate processes)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    if any(r["protocol"]["eval"] != runs[0]["protocol"]["eval"] for r in runs):
+        raise LeanLMError("the runs used different evaluation protocols: their ratios cannot share a table")
+    result = runs[0] | {"rows": [row for r in runs for row in r["rows"]],
+                        "combined_from": [{"file": str(p), "command": r["protocol"]["command"],
+                                           "baseline": r["baseline"]} for p, r in zip(paths, runs)]}
+    atomic_write_json(out, result)
+    recovery_plot(result, out.with_name(out.stem + "-curve.png"))
+    return 0
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON file to write (never overwritten)")
@@ -173,6 +186,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-dir", type=Path, default=None, help="save each recovered model here (mqa-METHOD)")
     p.add_argument("--replot", action="store_true", help="only redraw --out's curve plot from its JSON")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="only join these runs' rows (same baseline protocol, checked) into --out, with its plot")
     return p.parse_args()
 
 
@@ -183,6 +198,8 @@ def main() -> int:
         return 0
     if args.out.exists():
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
+    if args.combine:
+        return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
