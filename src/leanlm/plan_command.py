@@ -25,6 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     plan.add_argument("--probe-samples", type=positive_int, default=4, help="validation windows for the layer probes")
     plan.add_argument("--probe-len", type=positive_int, default=256, help="tokens per layer-probe window")
     plan.add_argument("--probe-context", type=positive_int, default=512, help="policy probes: context tokens")
+    plan.epilog = ("examples:\n  leanlm plan --kv-budget 0.125 --out runs/plan-0.125      # then: leanlm run "
+                   "runs/plan-0.125/recipe.yaml\n  leanlm plan --kv-budget 0.25 --method mean --policies quantized --out runs/plan")
     return plan
 
 
