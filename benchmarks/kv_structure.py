@@ -80,10 +80,25 @@ def saved_structures(args) -> dict[str, Builder]:
             for name, (path, info) in found.items()}
 
 
-def structure_rows(name: str, model, info: dict, tok, args, refs: dict) -> list[dict]:
-    """The structure with its own full cache, then under each policy and budget."""
+def plan_structure(path: Path) -> tuple[str, Builder, list]:
+    """A ``leanlm plan`` result: its per-layer KV heads (merged here) and its own policy and budget."""
+    plan = json.loads(path.read_text())["plan"]
+
+    def build(teacher, tok, args):
+        began = time.process_time()
+        model = copy.deepcopy(teacher)
+        calibration = calibration_batches(tok, num_samples=16, seq_len=256, batch_size=4)
+        report = merge_kv_heads(model, plan["kv_heads_per_layer"], plan["method"], calibration)
+        return model, {"transform": report, "plan": plan, "training_tokens": 0,
+                       "training_cpu_minutes": (time.process_time() - began) / 60, "training": "leanlm plan, merge only"}
+    runs = [(None, 1.0)] + ([] if plan["policy"] == "none" else [(plan["policy"], plan["policy_budget"])])
+    return f"plan-{plan['budget']}", build, runs
+
+
+def structure_rows(name: str, model, info: dict, tok, args, refs: dict, runs: list | None = None) -> list[dict]:
+    """The structure with its own full cache, then under each policy and budget (or the given ``runs``)."""
     rows = []
-    runs = [(None, 1.0)] + [(policy, budget) for policy in args.policies for budget in args.budgets]
+    runs = runs or [(None, 1.0)] + [(policy, budget) for policy in args.policies for budget in args.budgets]
     for policy, budget in runs:
         factory = None if policy is None else (lambda n, p=policy, b=budget: make_policy(p, b, n, tok, model))
         began = time.perf_counter()
@@ -114,6 +129,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--windows", type=int, default=8, help="windows (kv_pareto's rows used 8)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plan", type=Path, default=None, help="a `leanlm plan` plan.json: its structure with its policy")
     p.add_argument("--add-to", type=Path, default=None,
                    help="keep an earlier kv_structure JSON's rows (same protocol, checked) and add this run's to --out")
     return p.parse_args()
@@ -130,16 +146,23 @@ def main() -> int:
     teacher, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
     protocol = ContinuationProtocol(context=args.context, continuation=args.continuation, windows=args.windows)
     refs = {"cont_protocol": protocol, "cont": continuation_reference(teacher, tok, protocol)}
-    baseline_cont = continuation_perplexity(teacher, tok, None, protocol, reference=refs["cont"])
-    baseline = kv_pareto.row("full", "leanlm", 1.0, baseline_cont, refs["cont"].result,
-                             policy={"policy": "none", "cache": "DynamicCache"})
+    earlier = json.loads(args.add_to.read_text()) if args.add_to else None
+    if earlier is None:
+        baseline_cont = continuation_perplexity(teacher, tok, None, protocol, reference=refs["cont"])
+        baseline = kv_pareto.row("full", "leanlm", 1.0, baseline_cont, refs["cont"].result,
+                                 policy={"policy": "none", "cache": "DynamicCache"})
+    else:
+        baseline = earlier["baseline"]  # the same windows (checked below): its measured full-cache row
     builders = {s: STRUCTURES[s] for s in args.structures if s} | saved_structures(args)
+    runs: dict[str, list] = {}
+    if args.plan:
+        name, build, runs[name] = plan_structure(args.plan)
+        builders[name] = build
     result = {"protocol": {"model": args.model, "continuation": refs["cont"].result.protocol,
                            "continuation_windows_sha256": kv_pareto.windows_digest(continuation_windows(tok, protocol)),
                            "budgets_relative_to": "each structure's own full cache", "command": " ".join(sys.argv)},
               "baseline": baseline, "rows": [], "versions": versions(), "git": git_info()}
-    if args.add_to:
-        earlier = json.loads(args.add_to.read_text())
+    if earlier is not None:
         if earlier["protocol"]["continuation_windows_sha256"] != result["protocol"]["continuation_windows_sha256"]:
             raise LeanLMError(f"'{args.add_to}' was measured on other windows than --context/--continuation/--windows give")
         result["rows"] = [r for r in earlier["rows"] if r.get("structure") not in builders]
@@ -147,7 +170,7 @@ def main() -> int:
     partial = args.out.with_name(args.out.stem + ".partial.json")
     for name, build in builders.items():
         model, info = build(teacher, tok, args)
-        result["rows"] += structure_rows(name, model.eval(), info, tok, args, refs)
+        result["rows"] += structure_rows(name, model.eval(), info, tok, args, refs, runs.get(name))
         atomic_write_json(partial, result)
         del model
     result["targets"] = structure_targets(result["rows"], baseline["bytes_per_token"])
