@@ -129,6 +129,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--continuation", type=int, default=128)
     p.add_argument("--windows", type=int, default=8, help="windows (kv_pareto's rows used 8)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--replot", action="store_true", help="only rewrite --out's table and plot from its JSON")
     p.add_argument("--plan", type=Path, default=None, help="a `leanlm plan` plan.json: its structure with its policy")
     p.add_argument("--add-to", type=Path, default=None,
                    help="keep an earlier kv_structure JSON's rows (same protocol, checked) and add this run's to --out")
@@ -137,6 +138,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.replot:
+        write_outputs(json.loads(args.out.read_text()), args.out)
+        return 0
     if args.out.exists():
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
     unknown = [s for s in args.structures if s and s not in STRUCTURES]
@@ -174,11 +178,21 @@ def main() -> int:
         atomic_write_json(partial, result)
         del model
     result["targets"] = structure_targets(result["rows"], baseline["bytes_per_token"])
-    kv_pareto.write_outputs(result, args.out)
-    with args.out.with_suffix(".md").open("a") as table:
-        table.write(training_table(result["rows"]))
+    write_outputs(result, args.out)
     partial.unlink(missing_ok=True)
     return 0
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """kv_pareto's JSON, table and plot (log y up to the worst row: unrecovered structures sit far above 1),
+    plus the training-cost table."""
+    for r in result["rows"]:
+        r["flag"] = kv_pareto.retrieval_flag(r)
+    atomic_write_json(out, result)
+    out.with_suffix(".md").write_text(kv_pareto.markdown(result) + training_table(result["rows"]))
+    worst = max([r["ppl_ratio"] for r in result["rows"] if r.get("ppl_ratio")] + [1.6])
+    kv_pareto.pareto_plot(result, out.with_name(out.stem + "-pareto.png"), top=worst * 1.2, log_y=True)
+    print(out.with_suffix(".md").read_text())
 
 
 def training_table(rows: list[dict]) -> str:
