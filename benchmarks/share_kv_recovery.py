@@ -80,8 +80,7 @@ def kd(student, teacher, tok, args):
     return merged, info
 
 
-def run_method(method: str, teacher, tok, io: dict, capture_cpu: float, calibration, base: dict, args,
-               checkpoint=lambda row: None) -> dict:
+def run_method(method: str, teacher, tok, calibration, base: dict, args, checkpoint=lambda row: None) -> dict:
     """One merge method through every stage; ``checkpoint(row)`` after each, so a stopped run keeps its stages."""
     began = time.process_time()
     student = copy.deepcopy(teacher)
@@ -92,8 +91,14 @@ def run_method(method: str, teacher, tok, io: dict, capture_cpu: float, calibrat
     row["merged_ratio"] = ratios(row["merged"], base)
     log(method, "merged", row["merged_ratio"])
     checkpoint(row)
+    capture_cpu = 0.0
     if args.local_steps:
+        began_capture = time.process_time()
+        windows = training_windows(tok, args.seq_len)[: args.local_windows]
+        io = capture_attention_io(teacher, windows, range(len(arch_of(teacher).layers)), args.batch_size)
+        capture_cpu = time.process_time() - began_capture
         row["layer_local"] = layer_local(student, io, args) | {"capture_cpu_seconds": capture_cpu}
+        del io  # the captured activations are not needed by KD (and hold GBs)
         row["local"] = evaluate(student, tok, args)
         row["local_ratio"] = ratios(row["local"], base)
         log(method, "layer-local", row["local_ratio"])
@@ -206,11 +211,6 @@ def main() -> int:
     teacher.requires_grad_(False)
     base = evaluate(teacher, tok, args)
     calibration = calibration_batches(tok, num_samples=args.calibration_samples, seq_len=256, batch_size=4)
-    began = time.process_time()
-    layers = list(range(len(arch_of(teacher).layers)))
-    windows = training_windows(tok, args.seq_len)[: args.local_windows]
-    io = capture_attention_io(teacher, windows, layers, args.batch_size) if args.local_steps else {}
-    capture_cpu = time.process_time() - began
     result = {"protocol": {"model": args.model, "dtype": "bfloat16", "threads": args.threads,
                            "eval": {s: base[s]["protocol"] for s in SPLITS},
                            "training_data": "WikiText-2 validation", "command": " ".join(sys.argv)},
@@ -218,7 +218,7 @@ def main() -> int:
     partial = args.out.with_name(args.out.stem + ".partial.json")
     for method in args.methods:
         done = list(result["rows"])
-        row = run_method(method, teacher, tok, io, capture_cpu, calibration, base, args,
+        row = run_method(method, teacher, tok, calibration, base, args,
                          checkpoint=lambda row: atomic_write_json(partial, result | {"rows": done + [row]}))
         result["rows"].append(row)
         atomic_write_json(partial, result)
