@@ -24,7 +24,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     plan.add_argument("--policy-budgets", default="0.5,0.25,0.125", help="their budgets, comma-separated")
     plan.add_argument("--probe-samples", type=positive_int, default=4, help="validation windows for the layer probes")
     plan.add_argument("--probe-len", type=positive_int, default=256, help="tokens per layer-probe window")
-    plan.add_argument("--probe-context", type=positive_int, default=512, help="policy probes: context tokens")
+    plan.add_argument("--probe-context", type=positive_int, default=2048,
+                      help="policy probes: context tokens; use the context you will run at, since a policy's sizing "
+                           "(e.g. the bits quantized picks) depends on it (default: %(default)s)")
     plan.epilog = ("examples:\n  leanlm plan --kv-budget 0.125 --out runs/plan-0.125      # then: leanlm run "
                    "runs/plan-0.125/recipe.yaml\n  leanlm plan --kv-budget 0.25 --method mean --policies quantized --out runs/plan")
     return plan
