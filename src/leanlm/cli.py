@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     from leanlm import plan_command
 
-    plan_command.add_parser(sub)
+    plan_command.add_parser(sub, add_model_args, positive_int)
     add_examples(parser, sub)
     return parser
 

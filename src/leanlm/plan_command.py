@@ -9,9 +9,8 @@ from pathlib import Path
 POLICIES = ("quantized", "heavy_hitter+int4:group=64")
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    from leanlm.cli import add_model_args, positive_int
-
+def add_parser(sub, add_model_args, positive_int) -> argparse.ArgumentParser:
+    """The ``plan`` sub-command; ``cli.py`` passes its shared helpers in (no import back into cli: no cycle)."""
     plan = sub.add_parser("plan", help="choose per-layer KV heads and a cache policy for a KV byte budget; writes a recipe",
                           description="KL probes on WikiText-2 validation (each layer merged alone; each run-time "
                                       "policy alone), then the least estimated KL that meets --kv-budget.")
