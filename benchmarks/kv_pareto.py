@@ -243,7 +243,7 @@ def short(method: str) -> str:
     return re.sub(r"(maps|store_dir)=[^,]*/", r"\1=", method)
 
 
-def pareto_plot(result: dict, path: Path) -> None:
+def pareto_plot(result: dict, path: Path, top: float = 1.6, log_y: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,7 +252,7 @@ def pareto_plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 5))
     methods = sorted({(r["method"], r["source"]) for r in result["rows"] if r.get("ppl_ratio") is not None})
     colors = plt.get_cmap("tab20").colors
-    top = 1.6  # a collapsed method (ratios of 2-4) would flatten everyone else: clip, and say so
+    # top: a collapsed method (ratios of 2-4) would flatten everyone else: clip, and say so
     clipped = [r for r in result["rows"] if (r.get("ppl_ratio") or 0) > top]
     for index, (method, source) in enumerate(methods):
         pts = sorted((r["bytes_per_token"], r["ppl_ratio"]) for r in result["rows"]
@@ -262,6 +262,8 @@ def pareto_plot(result: dict, path: Path) -> None:
     base = result["baseline"]
     ax.scatter([base["bytes_per_token"]], [base.get("ppl_ratio", 1.0)], color="black", zorder=5, label="full bf16 cache")
     ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_ylim(0.98, top)
     if clipped:
         ax.text(0.01, 0.98, "off the chart: " + ", ".join(f"{r['method']}@{r['budget']} x{r['ppl_ratio']:.2f}"

@@ -16,6 +16,7 @@ CHANGE = {
     "prune_layers": {"num_layers": 1},
     "prune_mlp": {"fraction": 0.25, "layout": "global"},
     "swap_attention": {"replacement": "linear", "layers": [1], "window": 4, "sink": 1},
+    "share_kv": {"kv_heads": 1, "method": "calibrated"},
 }
 
 

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leanlm.evaluate.probe.command import add_parser as add_probe_parser
 
     add_device_arg(add_probe_parser(sub))
+    from leanlm import plan_command
+
+    plan_command.add_parser(sub, add_model_args, positive_int)
     add_examples(parser, sub)
     return parser
 
@@ -287,11 +290,13 @@ def main(argv: list[str] | None = None) -> int:
 
             resolve_device(args.device)  # `--device cuda` without CUDA fails before any work
         from leanlm import commands
+        from leanlm import plan_command
 
         handlers = {"eval": commands.run_eval, "analyze": commands.run_analyze, "kv-budget": commands.run_kv_budget,
                     "run": commands.run_run, "prune": commands.run_prune, "distill": commands.run_distill,
                     "export": commands.run_export,
-                    "generate": commands.run_generate, "data": cli_data.run, "probe": _run_probe}
+                    "generate": commands.run_generate, "data": cli_data.run, "probe": _run_probe,
+                    "plan": plan_command.run}
         if args.command == "serve":
             from leanlm.serve.command import run as run_serve
 

@@ -7,6 +7,7 @@ from leanlm.transforms.prune_layers import PruneLayers, block_influence, prune_l
 from leanlm.transforms.latent_kv import LatentKV
 from leanlm.transforms.swap_attention import SwapAttention
 from leanlm.transforms.prune_mlp import PruneMLP, channel_scores, mask_channels, prune_mlp, select_channels
+from leanlm.transforms.share_kv import ShareKV, expand_to_mha, merge_kv_heads
 
 # TRANSFORMS (name -> class) is filled by the @register decorator of each technique imported above.
 
@@ -17,10 +18,12 @@ __all__ = [
     "PruneLayers",
     "PruneMLP",
     "SwapAttention",
+    "ShareKV",
     "Transform",
     "TransformReport",
     "block_influence",
     "channel_scores",
+    "expand_to_mha",
     "is_compact",
     "load_compact",
     "mask_channels",
@@ -35,6 +38,7 @@ __all__ = [
     "save_compact",
     "select_channels",
     "select_heads",
+    "merge_kv_heads",
     "sync_shape_config",
     "transform_from_dict",
 ]
