@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from leanlm import __version__, cli_data
+from leanlm.cli_types import int_list, positive_int, tokens_or_all  # noqa: F401  (argparse types, also used by sub-command modules)
 from leanlm.errors import Interrupted, LeanLMError
 from leanlm.outputs import default_out  # noqa: F401  (its old home; commands import it from leanlm.outputs)
 
@@ -22,29 +23,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def tokens_or_all(text: str) -> int | None:
-    if text == "all":
-        return None
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError("expected at least 2 tokens, or 'all'")
-    return value
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    return tuple(positive_int(part) for part in text.split(",") if part)
 
 
 SAVED_DTYPE_HELP = ("dtype of the saved weights (default: the source model's dtype from its config; bfloat16 for "
@@ -249,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--latent-dim", type=positive_int, help="MLA latent width per layer (default: kv_heads x head_dim)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     cli_data.add_parser(sub, add_device_arg)
-    from leanlm.evaluate.probe.command import add_parser as add_probe_parser
+    from leanlm.probe_command import add_parser as add_probe_parser
 
     add_device_arg(add_probe_parser(sub))
     from leanlm import plan_command
@@ -314,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_probe(args) -> int:
-    from leanlm.evaluate.probe.command import run
+    from leanlm.probe_command import run
 
     return run(args)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from leanlm.cli_types import positive_int
+
 log = logging.getLogger("leanlm")
 
 EXAMPLES = [
@@ -12,12 +14,6 @@ EXAMPLES = [
     "leanlm serve --model runs/pruned/model --max-batch 8 --max-queue 64",
     "leanlm serve --kv-cache quantized --kv-budget 0.25       # compressed cache (sequences run at batch 1)",
 ]
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return int(text)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

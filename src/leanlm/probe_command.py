@@ -12,21 +12,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from leanlm.cli_types import positive_int
 from leanlm.errors import LeanLMError
 
 log = logging.getLogger("leanlm")
 
 BUILTIN_TEXTS = ("wikitext-test", "botchan")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
