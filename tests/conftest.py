@@ -49,3 +49,13 @@ def tiny_model_dir(tmp_path_factory, real_tokenizer):
     model.save_pretrained(path)
     real_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """Grad mode is thread-global: a test (or the code under it) that leaves it off breaks every later test that
+    trains, far from the cause (e.g. a generator suspended inside ``inference_mode`` and closed after it)."""
+    yield
+    leaked = torch.is_inference_mode_enabled() or not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left torch's grad mode off or inference mode on"

@@ -56,6 +56,11 @@ EXAMPLES: dict[str, list[str]] = {
         "leanlm data --data teacher@0.5,wikitext@0.5 --show 1",
         "leanlm distill --student runs/pruned/model --out runs/rec-teacher --data teacher:tokens=80000",
     ],
+    "serve": [
+        "leanlm serve --port 8000                                  # bundled smollm2-135m, bf16, batch up to 8",
+        "leanlm serve --model runs/pruned/model --max-batch 8 --max-queue 64",
+        "leanlm serve --kv-cache quantized --kv-budget 0.25       # compressed cache (sequences run at batch 1)",
+    ],
     "kv-budget": [
         "leanlm kv-budget --seq-len 8192",
         "leanlm kv-budget --layers 32 --heads 32 --kv-heads 8 --head-dim 128 --json",

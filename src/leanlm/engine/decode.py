@@ -137,19 +137,20 @@ def stream(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, cach
     cache = DynamicCache() if cache is None else cache
     state = start_state(model, prompt_ids, attention_mask, cache, prompt_ids.shape[1] + max_new_tokens)
     step = compiled_step(model, cache) if compile else None
+    # inference_mode wraps each computation, never a ``yield``: grad mode is thread-global, and a generator
+    # suspended (or closed late) inside the context would leave the caller in inference mode.
     with torch.inference_mode():
         logits = prefill(model, prompt_ids, state, prefill_chunk)
-        for index in range(max_new_tokens):
+    for index in range(max_new_tokens):
+        with torch.inference_mode():
             token = sampler.sample(logits)  # (batch,)
-            yield token
-            if index + 1 == max_new_tokens:
-                break
-            if step is not None:
-                logits = step(token[:, None], state)
-                if logits is None:  # compilation failed: the step said why, decode eagerly from here
-                    step, logits = None, forward(model, token[:, None], state)[:, -1]
-            else:
-                logits = forward(model, token[:, None], state)[:, -1]
+        yield token
+        if index + 1 == max_new_tokens:
+            break
+        with torch.inference_mode():
+            logits = step(token[:, None], state) if step is not None else forward(model, token[:, None], state)[:, -1]
+            if logits is None:  # compilation failed: the step said why, decode eagerly from here
+                step, logits = None, forward(model, token[:, None], state)[:, -1]
 
 
 def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, cache=None,

@@ -9,19 +9,11 @@ from leanlm.cli_types import positive_int
 
 log = logging.getLogger("leanlm")
 
-EXAMPLES = [
-    "leanlm serve --port 8000                                  # bundled smollm2-135m, bf16, batch up to 8",
-    "leanlm serve --model runs/pruned/model --max-batch 8 --max-queue 64",
-    "leanlm serve --kv-cache quantized --kv-budget 0.25       # compressed cache (sequences run at batch 1)",
-]
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     """The `serve` sub-command's own options; `cli.py` adds the shared --model/--dtype/--device and --kv-* ones."""
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching",
                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics "
-                                    "(Prometheus). Examples:\n  " + "\n  ".join(EXAMPLES),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    "(Prometheus). Examples: see the end of this help.")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
     sv.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
