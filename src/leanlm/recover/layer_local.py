@@ -16,7 +16,7 @@ the original function, not a patch for the errors of the layers before it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +121,25 @@ def capture_attention_io(model: nn.Module, windows: torch.Tensor, layers: Sequen
         raise LeanLMError(f"layers {bad} do not exist: the model has {len(arch.layers)} layers")
     named = {str(i): arch.attention(i).module for i in layers}
     return {int(name): io for name, io in capture_io(model, named, windows, batch_size).items()}
+
+
+@torch.no_grad()
+def attention_input_pass(model: nn.Module, batches, callbacks: dict[int, Callable[[torch.Tensor, dict], None]]) -> None:
+    """Run ``model`` over ``batches`` (each (batch, seq) ids) calling ``callbacks[layer](hidden, kwargs)`` with what
+    each listed layer's attention receives (hidden (batch, seq, hidden); kwargs: RoPE tables, mask), hooks removed after."""
+    arch = arch_of(model)
+    handles = []
+    for index, callback in callbacks.items():
+        def hook(_module, args, kwargs, callback=callback):
+            callback(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], kwargs)
+        handles.append(arch.attention(index).module.register_forward_pre_hook(hook, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            model(batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _replay(module: nn.Module, call: tuple[tuple, dict], dtype: torch.dtype) -> torch.Tensor:

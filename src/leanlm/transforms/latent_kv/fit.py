@@ -23,6 +23,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leanlm.models.arch import AttentionView, arch_of
+from leanlm.recover.layer_local import attention_input_pass
 
 
 QUERY_STRIDE = 8  # rope_removal_error scores every 8th query (the statistic, not the fit, needs few)
@@ -94,19 +95,10 @@ def collect_stats(model: nn.Module, calibration: list[torch.Tensor]) -> list[Lay
                                 torch.zeros(view.num_kv_heads, hd // 2, dtype=torch.float64),
                                 torch.zeros(view.num_heads, hd, dtype=torch.float64),
                                 torch.zeros(view.num_heads, hd // 2, dtype=torch.float64)))
-    handles = []
-    for view, layer_stats in zip(views, stats):
-        def hook(module, args, kwargs, view=view, layer_stats=layer_stats):
-            layer_stats.add(view, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
-                            kwargs["position_embeddings"])
-        handles.append(view.module.register_forward_pre_hook(hook, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for batch in calibration:
-            model(batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    callbacks = {i: (lambda hidden, kwargs, view=view, layer_stats=layer_stats:
+                     layer_stats.add(view, hidden, kwargs["position_embeddings"]))
+                 for i, (view, layer_stats) in enumerate(zip(views, stats))}
+    attention_input_pass(model, calibration, callbacks)
     return stats
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from leanlm.models import arch_of
+from leanlm.recover.layer_local import attention_input_pass
 
 
 def has_bias(view) -> bool:
@@ -49,26 +50,15 @@ def attention_input_moments(model: nn.Module, batches: Sequence[torch.Tensor], l
     arch = arch_of(model)
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    handles = []
 
-    def hook(index: int, augmented: bool):
-        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def moments(index: int, augmented: bool):
+        def add(hidden: torch.Tensor, _kwargs: dict) -> None:
             x = hidden.reshape(-1, hidden.shape[-1]).double()  # (tokens, hidden)
             if augmented:
                 x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (tokens, hidden + 1)
             sums[index] = sums.get(index, 0) + x.T @ x
             counts[index] = counts.get(index, 0) + x.shape[0]
-        return grab
+        return add
 
-    for index in layers:
-        view = arch.attention(index)
-        handles.append(view.module.register_forward_pre_hook(hook(index, has_bias(view)), with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            model(batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    attention_input_pass(model, batches, {index: moments(index, has_bias(arch.attention(index))) for index in layers})
     return {index: sums[index] / counts[index] for index in layers}
