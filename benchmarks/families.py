@@ -56,7 +56,7 @@ def main() -> None:
     for budget in map(float, args.budgets.split(",")):
         for name in args.policies.split(","):
             start = time.perf_counter()
-            policy = make_policy(name, budget, args.context, tokenizer)
+            policy = make_policy(name, budget, args.context, tokenizer, model)
             result = continuation_perplexity(model, tokenizer, policy, protocol, reference=reference).to_dict()
             record["rows"].append({
                 "policy": name, "budget": budget, "settings": policy.describe(), "perplexity": result["perplexity"],

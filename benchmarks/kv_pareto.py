@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -51,15 +49,12 @@ from leanlm.models import load_model, load_tokenizer
 from leanlm.models.loading import resolve_source
 from leanlm.report import atomic_write_json, git_info, versions
 
+from kv_rows import check_same_windows, row, targets, windows_digest, write_outputs
+
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ["quantized", "quantized:rotate=0", "sink_window", "heavy_hitter", "observation_window",
             "heavy_hitter+int4:group=64", "observation_window+int4:group=64"]
 PRESSES = ["streaming_llm", "snapkv", "knorm", "expected_attention", "observed_attention", "quantized"]
-
-
-def windows_digest(windows: list[list[int]]) -> str:
-    """sha256 of the token ids of every window, in order (kvpress_driver.py computes the same)."""
-    return hashlib.sha256(json.dumps([[int(t) for t in w] for w in windows]).encode()).hexdigest()
 
 
 def decode_speed(model, policy_factory, context_ids: list[int], tokens: int = 32, warmup: int = 2,
@@ -99,13 +94,6 @@ def side_by_side_decode(model, factory, context_ids: list[int], args, stats: dic
     both = median_ratio(runs["full"], runs["policy"])
     return {"decode_tokens_per_s": both["candidate"], "decode_full_tokens_per_s": both["base"],
             "decode_speed_ratio": both["ratio"], "decode_runs": runs}
-
-
-def row(method: str, source: str, budget: float, cont, baseline_cont, **extra) -> dict:
-    return {"method": method, "source": source, "budget": budget, "bytes_per_token": cont.bytes_per_token,
-            "total_bytes_per_token": cont.total_bytes_per_token,
-            "ppl": cont.perplexity, "ppl_ratio": cont.perplexity / baseline_cont.perplexity, "kl": cont.kl,
-            "top1_agreement": cont.top1_agreement, "peak_bytes": cont.peak_bytes, **extra}
 
 
 def run_leanlm(model, tok, args, refs: dict, passkey_items, baseline_passkey, checkpoint=None) -> list[dict]:
@@ -170,13 +158,6 @@ def run_kvpress(args, refs: dict, passkey_items) -> dict:
     return result
 
 
-def check_same_windows(theirs: str | None, ours: str, who: str) -> None:
-    """Stop unless ``who`` scored exactly the token ids of leanlm's windows (digests equal)."""
-    if theirs != ours:
-        raise LeanLMError(f"{who} scored other windows than leanlm's rows (token-id digest {theirs} != {ours}): "
-                          "its rows would not be comparable")
-
-
 def kvpress_rows(result: dict, lean_baseline_ppl: float) -> list[dict]:
     """Driver rows with ratios against kvpress's own uncompressed run (same windows, its transformers)."""
     base = result["baseline"]
@@ -193,90 +174,6 @@ def _norm(acc: dict | None, base: dict | None) -> dict | None:
     if not acc or not base:
         return None
     return {k: (acc[k] / base[k] if base.get(k) else None) for k in acc}
-
-
-def targets(rows: list[dict], baseline_bytes: float) -> dict:
-    """The issue's targets: best ppl ratio at ≥4× and ≥8× fewer bytes, per source."""
-    out = {}
-    for factor, goal in ((4, 1.02), (8, 1.08)):
-        for source in ("leanlm", "kvpress"):
-            fits = [r for r in rows if r["source"] == source and r.get("ppl_ratio") is not None
-                    and r["bytes_per_token"] <= baseline_bytes / factor]
-            best = min(fits, key=lambda r: r["ppl_ratio"], default=None)
-            out[f"{source}_at_{factor}x_fewer_bytes"] = None if best is None else {
-                "method": best["method"], "budget": best["budget"], "ppl_ratio": best["ppl_ratio"],
-                "bytes_per_token": best["bytes_per_token"], "goal": goal, "met": best["ppl_ratio"] <= goal}
-    return out
-
-
-PPL_HOLDS = 1.05  # a perplexity ratio this close to 1 can hide a retrieval loss: such rows are flagged
-
-
-def retrieval_flag(row: dict) -> str | None:
-    """'perplexity holds, retrieval drops at N tokens' when both are true of a row, else None."""
-    norm = row.get("passkey_normalised") or {}
-    dropped = [length for length, ratio in norm.items() if ratio is not None and ratio < 1]
-    if not dropped or row.get("ppl_ratio") is None or row["ppl_ratio"] > PPL_HOLDS:
-        return None
-    return f"perplexity holds, retrieval drops at {', '.join(dropped)} tokens"
-
-
-def markdown(result: dict) -> str:
-    lines = ["| method | source | budget | bytes/token | total bytes/token | ppl ratio | KL | stream ppl ratio | "
-             "passkey (norm.) | decode tok/s | decode ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    def fmt(x, spec=".4f"):  # noqa: E306
-        return "—" if x is None else format(x, spec)
-    for r in [result["baseline"], *result["rows"]]:
-        pk = r.get("passkey_normalised") or r.get("passkey")
-        pk = ", ".join(f"{k}: {fmt(v, '.2f')}" for k, v in pk.items()) if pk else (r.get("error") or "—")
-        pk += f" ⚠ {r['flag']}" if r.get("flag") else ""
-        lines.append(f"| {short(r['method'])} | {r['source']} | {r['budget']} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
-                     f"{fmt(r.get('total_bytes_per_token'), ',.0f')} | "
-                     f"{fmt(r.get('ppl_ratio'))} | {fmt(r.get('kl'))} | {fmt(r.get('stream_ppl_ratio'))} | {pk} | "
-                     f"{fmt(r.get('decode_tokens_per_s'), '.1f')} | {fmt(r.get('decode_speed_ratio'), '.2f')} |")
-    return "\n".join(lines) + "\n"
-
-
-def short(method: str) -> str:
-    """A method name for tables and legends: file paths in settings shortened to their file name."""
-    return re.sub(r"(maps|store_dir)=[^,]*/", r"\1=", method)
-
-
-def pareto_plot(result: dict, path: Path, top: float = 1.6, log_y: bool = False) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 5))
-    methods = sorted({(r["method"], r["source"]) for r in result["rows"] if r.get("ppl_ratio") is not None})
-    colors = plt.get_cmap("tab20").colors
-    # top: a collapsed method (ratios of 2-4) would flatten everyone else: clip, and say so
-    clipped = [r for r in result["rows"] if (r.get("ppl_ratio") or 0) > top]
-    for index, (method, source) in enumerate(methods):
-        pts = sorted((r["bytes_per_token"], r["ppl_ratio"]) for r in result["rows"]
-                     if r["method"] == method and r["source"] == source and r.get("ppl_ratio") is not None)
-        ax.plot(*zip(*pts), marker="o" if source == "leanlm" else "x", linestyle="-" if source == "leanlm" else ":",
-                label=f"{short(method)} ({source})", color=colors[index % len(colors)])
-    base = result["baseline"]
-    ax.scatter([base["bytes_per_token"]], [base.get("ppl_ratio", 1.0)], color="black", zorder=5, label="full bf16 cache")
-    ax.set_xscale("log")
-    if log_y:
-        ax.set_yscale("log")
-    ax.set_ylim(0.98, top)
-    if clipped:
-        ax.text(0.01, 0.98, "off the chart: " + ", ".join(f"{r['method']}@{r['budget']} x{r['ppl_ratio']:.2f}"
-                                                          for r in clipped),
-                transform=ax.transAxes, fontsize=7, va="top")
-    ax.set_xlabel("measured KV bytes per context token (log)")
-    ax.set_ylabel("perplexity / full cache (continuation protocol)")
-    ax.set_title("KV-cache policies on SmolLM2-135M, WikiText-2 test")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay readable
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args() -> argparse.Namespace:
@@ -305,6 +202,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kvpress-from", type=Path, default=None,
                    help="add kvpress rows to an earlier run's JSON (its leanlm rows are kept as they are; the "
                         "windows and passkey prompts are rebuilt from its protocol) and write --out")
+    p.add_argument("--kvpress-rows", type=Path, default=None,
+                   help="with --kvpress-from: take the kvpress rows from this earlier --kvpress-from output instead "
+                        "of running the driver (both halves of a run in parallel); its windows digest must match")
     p.add_argument("--kvpress-attn", default="eager", choices=["eager", "sdpa"],
                    help="kvpress attention kernel; observed_attention needs eager (default: %(default)s)")
     p.add_argument("--add-to", type=Path, default=None,
@@ -360,7 +260,8 @@ def add_kvpress(args) -> int:
                            "the windows rebuilt from the earlier run's protocol")
     items = [it for it in passkey_prompts(tok, pk) if it.length in args.passkey_lengths]
     args.continuation = protocol.continuation
-    kvpress = run_kvpress(args, {"cont_windows": windows}, items)
+    kvpress = (kvpress_from_file(args.kvpress_rows, earlier) if args.kvpress_rows
+               else run_kvpress(args, {"cont_windows": windows}, items))
     rerun = {f"kvpress:{press}" for press in args.presses}  # earlier rows of other presses are kept
     rows = [r for r in earlier["rows"] if r["source"] != "kvpress" or r["method"] not in rerun]
     if "rows" in kvpress:
@@ -371,13 +272,17 @@ def add_kvpress(args) -> int:
     return 0
 
 
-def write_outputs(result: dict, out: Path) -> None:
-    for r in result["rows"]:
-        r["flag"] = retrieval_flag(r)
-    atomic_write_json(out, result)
-    out.with_suffix(".md").write_text(markdown(result))
-    pareto_plot(result, out.with_name(out.stem + "-pareto.png"))
-    print(markdown(result))
+def kvpress_from_file(path: Path, earlier: dict) -> dict:
+    """The driver result kept in an earlier --kvpress-from output (its kvpress rows back in driver form),
+    refused unless it scored the same windows as ``earlier``."""
+    other = json.loads(path.read_text())
+    check_same_windows(other["protocol"].get("continuation_windows_sha256"),
+                       earlier["protocol"]["continuation_windows_sha256"], f"'{path}'")
+    if not other.get("kvpress") or other["kvpress"].get("error"):
+        raise LeanLMError(f"'{path}' holds no kvpress result: {(other.get('kvpress') or {}).get('error')}")
+    drop = {"source", "ppl_ratio", "total_bytes_per_token", "passkey_normalised", "flag"}
+    rows = [{k: v for k, v in r.items() if k not in drop} for r in other["rows"] if r["source"] == "kvpress"]
+    return {k: v for k, v in other["kvpress"].items() if k != "added_by"} | {"rows": rows, "merged_from": str(path)}
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kv_structure.py --out runs/kv/kv_structure.json \
         --recovery runs/kv/share_kv_recovery.json
 
-The rows have `benchmarks/kv_pareto.py`'s schema (its `row`, table, plot and target helpers are
+The rows have `benchmarks/kv_rows.py`'s schema (its `row`, table, plot and target helpers are
 imported, not copied), on the same continuation protocol (WikiText-2 test, back-to-back windows of
 2,048 context + 128 scored tokens): a structural model (e.g. MQA from ``share_kv``) runs with its own
 full cache and with each run-time policy (a structural model can carry a cache policy too), and is
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kv_pareto  # noqa: E402  (the row schema, table, plot and targets of the run-time policy benchmark)
+import kv_rows  # noqa: E402  (the row schema, table, plot and targets shared with kv_pareto)
 
 from leanlm.data import calibration_batches  # noqa: E402
 from leanlm.errors import LeanLMError  # noqa: E402
@@ -105,7 +105,7 @@ def structure_rows(name: str, model, info: dict, tok, args, refs: dict, runs: li
         cont = continuation_perplexity(model, tok, factory, refs["cont_protocol"], reference=refs["cont"])
         method = name if policy is None else f"{name} × {policy}"
         described = {"policy": "none", "cache": "DynamicCache"} if policy is None else factory(args.context).describe()
-        rows.append(kv_pareto.row(method, "leanlm", budget, cont, refs["cont"].result, structure=name, policy=described,
+        rows.append(kv_rows.row(method, "leanlm", budget, cont, refs["cont"].result, structure=name, policy=described,
                                   seconds=time.perf_counter() - began, **info))
         print(f"{method:>45} @ {budget:<5}: ppl x{rows[-1]['ppl_ratio']:.4f}  kl {cont.kl:.4f}  "
               f"{cont.bytes_per_token:,.0f} B/token", file=sys.stderr, flush=True)
@@ -153,7 +153,7 @@ def main() -> int:
     earlier = json.loads(args.add_to.read_text()) if args.add_to else None
     if earlier is None:
         baseline_cont = continuation_perplexity(teacher, tok, None, protocol, reference=refs["cont"])
-        baseline = kv_pareto.row("full", "leanlm", 1.0, baseline_cont, refs["cont"].result,
+        baseline = kv_rows.row("full", "leanlm", 1.0, baseline_cont, refs["cont"].result,
                                  policy={"policy": "none", "cache": "DynamicCache"})
     else:
         baseline = earlier["baseline"]  # the same windows (checked below): its measured full-cache row
@@ -163,7 +163,7 @@ def main() -> int:
         name, build, runs[name] = plan_structure(args.plan)
         builders[name] = build
     result = {"protocol": {"model": args.model, "continuation": refs["cont"].result.protocol,
-                           "continuation_windows_sha256": kv_pareto.windows_digest(continuation_windows(tok, protocol)),
+                           "continuation_windows_sha256": kv_rows.windows_digest(continuation_windows(tok, protocol)),
                            "budgets_relative_to": "each structure's own full cache", "command": " ".join(sys.argv)},
               "baseline": baseline, "rows": [], "versions": versions(), "git": git_info()}
     if earlier is not None:
@@ -187,11 +187,11 @@ def write_outputs(result: dict, out: Path) -> None:
     """kv_pareto's JSON, table and plot (log y up to the worst row: unrecovered structures sit far above 1),
     plus the training-cost table."""
     for r in result["rows"]:
-        r["flag"] = kv_pareto.retrieval_flag(r)
+        r["flag"] = kv_rows.retrieval_flag(r)
     atomic_write_json(out, result)
-    out.with_suffix(".md").write_text(kv_pareto.markdown(result) + training_table(result["rows"]))
+    out.with_suffix(".md").write_text(kv_rows.markdown(result) + training_table(result["rows"]))
     worst = max([r["ppl_ratio"] for r in result["rows"] if r.get("ppl_ratio")] + [1.6])
-    kv_pareto.pareto_plot(result, out.with_name(out.stem + "-pareto.png"), top=worst * 1.2, log_y=True)
+    kv_rows.pareto_plot(result, out.with_name(out.stem + "-pareto.png"), top=worst * 1.2, log_y=True)
     print(out.with_suffix(".md").read_text())
 
 

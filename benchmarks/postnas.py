@@ -7,7 +7,7 @@
 2. the same count swapped uniformly (every other layer, each with the option the search chose for it);
 3. recovery of layers with new parameters (layer-local fit, then KD of the new parameters only,
    ``--kd-cpu-minutes`` of process CPU time each);
-4. rows in ``benchmarks/kv_pareto.py``'s schema (its ``row``): continuation perplexity ratio and KL to
+4. rows in ``benchmarks/kv_rows.py``'s schema (its ``row``): continuation perplexity ratio and KL to
    the original on WikiText-2 test and on Botchan (``split: botchan``, out of domain), passkey at
    ``--passkey-lengths`` normalised to the original's, cache bytes measured from the cache at
    ``--byte-contexts``, decode tokens/s at the longest context alternated with the original's through
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_pareto import row  # noqa: E402  (the shared row schema)
+from kv_rows import row  # noqa: E402  (the shared row schema)
 
 from leanlm.analyze.swap_search import Passkey, SearchConfig, apply_choice, recipe_items, search  # noqa: E402
 from leanlm.data import calibration_batches  # noqa: E402

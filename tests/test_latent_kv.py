@@ -15,6 +15,7 @@ from leanlm.models.compat import with_cache
 from leanlm.models.latent_attention import LatentAttention, latent_layers
 from leanlm.transforms import Transform, save_compact
 from leanlm.transforms.latent_kv import convert
+from recipe_helpers import tiny_recipe
 
 
 @pytest.fixture
@@ -173,20 +174,14 @@ def test_leanlm_generate_decodes_a_saved_latent_model(capsys, tmp_path, real_tok
     assert code == 0 and printed.rstrip("\n") == "Hello world" + real_tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-LATENT_RECIPE = """
-name: tiny-latent
-model: {model}
-dtype: float32
-device: cpu
-eval: {{method: nonoverlap, window: 128, max_tokens: 300, speed: false, ood: false}}
-calibration: {{samples: 2, seq_len: 32}}
+LATENT_BODY = """
 transforms:
-  - {{name: latent_kv, kv_fraction: 0.5, rope_pairs: 2}}
+  - {name: latent_kv, kv_fraction: 0.5, rope_pairs: 2}
 recover:
-  lora: {{rank: 4, targets: [q_proj, o_proj, kv_down, k_up, v_up, k_rope]}}
-  distill: {{steps: 2, max_minutes: null, batch_size: 2, seq_len: 32, checkpoint_every: 0}}
+  lora: {rank: 4, targets: [q_proj, o_proj, kv_down, k_up, v_up, k_rope]}
+  distill: {steps: 2, max_minutes: null, batch_size: 2, seq_len: 32, checkpoint_every: 0}
   variants: [lora_kd]
-export: {{enabled: true, padded: false}}
+export: {enabled: true, padded: false}
 """
 
 
@@ -196,7 +191,7 @@ def test_recipe_converts_recovers_and_exports_a_latent_model(tmp_path, tiny_mode
     from leanlm import cli
 
     recipe = tmp_path / "latent.yaml"
-    recipe.write_text(LATENT_RECIPE.format(model=tiny_model_dir))
+    recipe.write_text(tiny_recipe("tiny-latent", tiny_model_dir, LATENT_BODY))
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["transforms"][0]["record"]["removed"]["kv_fraction_achieved"] == 0.5

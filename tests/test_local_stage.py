@@ -12,6 +12,7 @@ from leanlm.models import tiny_llama
 from leanlm.recover.layer_local import LocalFitConfig
 from leanlm.recover.local_stage import LocalStageConfig, changed_attention_layers, local_stage
 from leanlm.transforms.prune_heads import prune_heads
+from recipe_helpers import tiny_recipe
 
 
 def _redundant(model, noise: float = 0.3):
@@ -77,20 +78,14 @@ def test_layer_local_stage_refuses_bad_settings():
         changed_attention_layers(tiny_llama(num_layers=2), teacher)
 
 
-LOCAL_RECIPE = """
-name: tiny-local
-model: {model}
-dtype: float32
-device: cpu
-eval: {{method: nonoverlap, window: 128, max_tokens: 300, speed: false, ood: false}}
-calibration: {{samples: 2, seq_len: 32}}
+LOCAL_BODY = """
 transforms:
-  - {{name: prune_heads, fraction: 0.25, granularity: query, scorer: magnitude}}
+  - {name: prune_heads, fraction: 0.25, granularity: query, scorer: magnitude}
 recover:
-  local: {{method: lstsq, windows: 4, batch_size: 1}}
-  distill: {{steps: 1, max_minutes: null, max_cpu_minutes: 5, batch_size: 2, seq_len: 32, checkpoint_every: 0}}
+  local: {method: lstsq, windows: 4, batch_size: 1}
+  distill: {steps: 1, max_minutes: null, max_cpu_minutes: 5, batch_size: 2, seq_len: 32, checkpoint_every: 0}
   variants: [lora_kd]
-export: {{enabled: false}}
+export: {enabled: false}
 """
 
 
@@ -100,7 +95,7 @@ def test_recipe_runs_the_layer_local_stage_before_kd(tmp_path, tiny_model_dir):
     from leanlm import cli
 
     path = tmp_path / "local.yaml"
-    path.write_text(LOCAL_RECIPE.format(model=tiny_model_dir))
+    path.write_text(tiny_recipe("tiny-local", tiny_model_dir, LOCAL_BODY))
     assert cli.main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "stages" / "lora_kd-training.json").read_text())
     stage = record["local_stage"]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from leanlm.models import ModelSpec, load_model, load_tokenizer, tiny_llama
 from leanlm.recipe import load_recipe
 from leanlm.recover import DistillConfig
 from leanlm.transforms import TRANSFORMS, prune_heads
+from recipe_helpers import tiny_recipe
 
 TINY_RECIPE = """
 name: tiny
@@ -30,19 +32,13 @@ recover:
 """
 
 
-COMPOSE_RECIPE = """
-name: tiny-compose
-model: {model}
-dtype: float32
-device: cpu
-eval: {{method: nonoverlap, window: 128, max_tokens: 300, speed: false, ood: false}}
-calibration: {{samples: 2, seq_len: 32}}
+COMPOSE_BODY = """
 transforms:
-  - {{name: prune_layers, num_layers: 1}}
-  - {{name: prune_heads, fraction: 0.25, granularity: kv_group, scorer: taylor}}
-  - {{name: prune_mlp, fraction: 0.25, layout: global}}
+  - {name: prune_layers, num_layers: 1}
+  - {name: prune_heads, fraction: 0.25, granularity: kv_group, scorer: taylor}
+  - {name: prune_mlp, fraction: 0.25, layout: global}
 recover:
-  distill: {{steps: 2, max_minutes: null, batch_size: 2, seq_len: 32, checkpoint_every: 1, weight_decay: 0.01, seed: 3}}
+  distill: {steps: 2, max_minutes: null, batch_size: 2, seq_len: 32, checkpoint_every: 1, weight_decay: 0.01, seed: 3}
   variants: [lora_kd]
 """
 
@@ -60,7 +56,7 @@ def recipe_error(tmp_path, text: str) -> str:
 
 
 def test_recipe_transforms_are_built_through_the_registry(tmp_path):
-    recipe = load_recipe(write_recipe(tmp_path, COMPOSE_RECIPE.format(model="m")))
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe("tiny-compose", "m", COMPOSE_BODY)))
     assert [type(t) for t in recipe.transforms] == [TRANSFORMS[n] for n in ("prune_layers", "prune_heads", "prune_mlp")]
     assert recipe.transforms[1] == TRANSFORMS["prune_heads"](fraction=0.25, granularity="kv_group", scorer="taylor")
     # recover.distill IS a DistillConfig: every field is settable, nothing is copied by hand
@@ -124,11 +120,13 @@ def test_recipe_errors_exit_2_from_the_cli(tmp_path, capsys):
     assert err.count("\n") == 1 and "prune: the fraction of heads" in err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("path", ["recipes/smollm2-prune25.yaml", "recipes/smollm2-prune25-taylor.yaml",
-                                  "recipes/smollm2-compose.yaml", "recipes/smollm2-latent4x.yaml"])
-def test_shipped_recipes_are_valid(path):
-    recipe = load_recipe(path)
-    assert recipe.model == "smollm2-135m" and recipe.transforms
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_shipped_recipes_are_valid(name):
+    recipe = load_recipe(RECIPES / name)  # every shipped recipe parses, named after its file and its model
+    assert recipe.name == Path(name).stem and recipe.model.startswith(name.split("-")[0]) and recipe.transforms
 
 
 @pytest.mark.real_model  # uses the bundled tokenizer and WikiText-2
@@ -213,7 +211,7 @@ def exported_logits(run_dir, name="model"):
 def test_composed_transforms_run_resume_and_export(tmp_path, tiny4_model_dir, monkeypatch, capsys):
     from leanlm import pipeline
 
-    path = write_recipe(tmp_path, COMPOSE_RECIPE.format(model=tiny4_model_dir))
+    path = write_recipe(tmp_path, tiny_recipe("tiny-compose", tiny4_model_dir, COMPOSE_BODY))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert cli.main(["run", str(path), "--out", str(straight)]) == 0
 
@@ -253,9 +251,10 @@ def test_composed_transforms_run_resume_and_export(tmp_path, tiny4_model_dir, mo
 def test_resume_with_another_recipe_is_refused(tmp_path):
     from leanlm.pipeline import RunDir
 
-    first = load_recipe(write_recipe(tmp_path, COMPOSE_RECIPE.format(model="m")))
+    first = load_recipe(write_recipe(tmp_path, tiny_recipe("tiny-compose", "m", COMPOSE_BODY)))
     RunDir(tmp_path / "run", resume=False).check_recipe(first)
     RunDir(tmp_path / "run", resume=True).check_recipe(first)  # the same recipe: fine
-    changed = load_recipe(write_recipe(tmp_path, COMPOSE_RECIPE.format(model="m").replace("0.25, layout", "0.5, layout")))
+    changed_body = COMPOSE_BODY.replace("0.25, layout", "0.5, layout")
+    changed = load_recipe(write_recipe(tmp_path, tiny_recipe("tiny-compose", "m", changed_body)))
     with pytest.raises(LeanLMError, match="another recipe"):
         RunDir(tmp_path / "run", resume=True).check_recipe(changed)
