@@ -11,7 +11,6 @@ text is what costs it. Rows: perplexity and its ratio to the whole context's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from leanlm.evaluate.kv import ContinuationProtocol, continuation_windows
 from leanlm.models import load_model, load_tokenizer
 from leanlm.report import atomic_write_text
+
+from families import continuation_parser  # the same windows as the policy table
 
 SINKS = 4
 
@@ -34,12 +35,7 @@ def continuation_nll(model, ids: list[int], scored: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--continuation", type=int, default=64)
-    parser.add_argument("--windows", type=int, default=4)
+    parser = continuation_parser(__doc__, windows=4)
     parser.add_argument("--keep", default="256,512", help="comma list of context tokens kept (sinks included)")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, dtype="bfloat16"), load_tokenizer(args.model)

@@ -25,14 +25,20 @@ from leanlm.models import ModelSpec, arch_of, load_model, load_tokenizer
 from leanlm.report import atomic_write_text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def continuation_parser(doc: str, windows: int) -> argparse.ArgumentParser:
+    """--model, --out and the continuation protocol's windows (shared with context_truncation.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", required=True)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--continuation", type=int, default=64)
-    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=windows)
+    return parser
+
+
+def main() -> None:
+    parser = continuation_parser(__doc__, windows=2)
+    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--budgets", default="0.25", help="comma list of KV budgets")
     parser.add_argument("--policies", default=",".join(sorted(CACHE_POLICIES)))
     args = parser.parse_args()
