@@ -8,7 +8,9 @@ For each (batch, context) cell, every method runs once per round, in a rotating 
 numbers). Tokens/s counts decode only: from the first new token to the last, after the prompt
 (random token ids, the same for every method) was prefilled. The memory bandwidth is measured in the
 same run (a large tensor copy); each row's effective GB/s = (weight bytes + KV bytes read per step) ×
-steps/s. llama.cpp runs in its own venv (benchmarks/llamacpp_env.sh) through
+steps/s. A method name with the suffix ``:aten`` runs that method with leanlm's CPU kernels off
+(engine/kernels; ATen's matmuls instead), e.g. ``engine_static:aten``. llama.cpp runs in its own
+venv (benchmarks/llamacpp_env.sh) through
 benchmarks/llamacpp_driver.py, on a BF16 GGUF written from the same weights and on the bundled Q4_1.
 Writes FILE.json (rows + protocol), FILE.md (table) and FILE.png (tokens/s vs context).
 """
@@ -25,13 +27,14 @@ import torch
 
 from benchmarks_common import bandwidth_gbs, markdown_table, plot_rows, weight_bytes
 from leanlm.engine import Sampler, static_cache, stream
+from leanlm.engine.kernels import use_kernels
 from leanlm.engine.speculative import SpeculativeStats, speculative_generate
 from leanlm.engine.weights import quantizer
 from leanlm.kvcache import attach, make_policy
 from leanlm.models import load_model
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
 
-METHODS = ["hf_dynamic", "hf_static", "engine_dynamic", "engine_static", "engine_compiled", "quantized@0.25",
+METHODS = ["hf_dynamic", "hf_static", "engine_dynamic", "engine_static:aten", "engine_static", "engine_compiled", "quantized@0.25",
            "heavy_hitter+int4@0.25", "weights_int8", "weights_int4", "speculative_k2", "speculative_k4",
            "speculative_k6", "llamacpp_bf16", "llamacpp_q4_1"]
 
@@ -78,7 +81,7 @@ class HFTimer:
 def run_hf(model, ids, new, kind):
     streamer = HFTimer()
     extra = {"cache_implementation": "static"} if kind == "static" else {}
-    with torch.inference_mode():
+    with torch.inference_mode(), use_kernels(False):  # stock transformers: ATen's matmuls
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, streamer=streamer, pad_token_id=0, **extra)
     return {"steps_per_s": streamer.timer.steps_per_s(), "kv_bytes": ids.shape[0] * (ids.shape[1] + new) * kv_bytes_per_token(model)}
@@ -113,6 +116,11 @@ def engine_total(model, ids, new):
     return new / (time.perf_counter() - start), tokens
 
 
+def _without_kernels(run, *args, **kwargs):
+    with use_kernels(False):
+        return run(*args, **kwargs)
+
+
 def _with_kv(result: dict | None, kv_bytes: int) -> dict | None:
     return None if result is None else {"kv_bytes": kv_bytes} | result
 
@@ -121,6 +129,12 @@ def build_runners(args, model, draft, quantized_models, llama):
     """name → callable(ids, new) -> row fields; None when the method is not available (reason recorded)."""
     runners, skipped = {}, {}
     for name in args.methods:
+        if name.endswith(":aten"):  # the same method with leanlm's kernels off (ATen's matmuls): what they gain
+            base, base_skipped = build_runners(argparse.Namespace(**vars(args) | {"methods": [name[:-5]]}), model, draft,
+                                               quantized_models, llama)
+            runners |= {name: lambda ids, new, r=run: _without_kernels(r, ids, new) for run in base.values()}
+            skipped |= {name: why for why in base_skipped.values()}
+            continue
         if name in ("hf_dynamic", "hf_static"):
             runners[name] = lambda ids, new, kind=name[3:]: run_hf(model, ids, new, kind)
         elif name == "engine_dynamic":
@@ -133,7 +147,7 @@ def build_runners(args, model, draft, quantized_models, llama):
             runners[name] = lambda ids, new, p=policy, b=float(budget): run_engine(
                 model, ids, new, policy=make_policy(p, b, ids.shape[1] + new))
         elif name.startswith("weights_"):
-            if name not in quantized_models:
+            if name.split(":")[0] not in quantized_models:
                 skipped[name] = "not available: leanlm.transforms.quantize is not in this install"
                 continue
             runners[name] = lambda ids, new, m=quantized_models[name]: run_engine(
@@ -175,7 +189,7 @@ def main() -> None:
     quantized_models = {}
     if quantizer() is not None:
         for scheme in ("int8", "int4"):
-            if f"weights_{scheme}" in args.methods:
+            if f"weights_{scheme}" in (m.split(":")[0] for m in args.methods):
                 quantized_models[f"weights_{scheme}"] = copy.deepcopy(model)
                 quantizer()(quantized_models[f"weights_{scheme}"], scheme, args.weight_group)
     from llamacpp_bridge import LlamaCpp
@@ -219,7 +233,7 @@ def measure_grid(args, model, runners, quantized_models, llama, bandwidth) -> li
             for name, runs in (results | extra).items():
                 if not runs:
                     continue
-                row = _summarise(name, runs, batch, context, quantized_models.get(name, model), wbytes, bandwidth)
+                row = _summarise(name, runs, batch, context, quantized_models.get(name.split(":")[0], model), wbytes, bandwidth)
                 rows.append(row)
                 print(row, flush=True)
     return rows

@@ -8,6 +8,7 @@
 Batches of different lengths are left-padded (``left_pad``) and carry an ``attention_mask``; each
 sequence's positions count only its own tokens. Policy caches decide positions themselves
 (``next_position_ids``: eviction may renumber the cache) and take unpadded batches only.
+Plain bf16 linear layers on the CPU decode through ``StreamingLinear`` (engine/kernels).
 Only the last position's logits are computed (``logits_to_keep=1``): the 49K-wide output head runs
 once per sequence per step, not once per prompt token.
 """
@@ -25,6 +26,7 @@ from transformers import DynamicCache
 from leanlm.engine.compile import compiled_step
 from leanlm.engine.sampling import Sampler, SamplingConfig
 from leanlm.engine.static_cache import capacity, is_static
+from leanlm.engine.streaming_linear import enable_streaming_linears
 from leanlm.errors import LeanLMError
 from leanlm.models.compat import with_cache
 
@@ -135,6 +137,7 @@ def stream(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, cach
         raise LeanLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampler = sampling if isinstance(sampling, Sampler) else Sampler(sampling)
     cache = DynamicCache() if cache is None else cache
+    enable_streaming_linears(model)  # bf16 CPU weights: decode steps stream them through leanlm's kernel
     state = start_state(model, prompt_ids, attention_mask, cache, prompt_ids.shape[1] + max_new_tokens)
     step = compiled_step(model, cache) if compile else None
     # inference_mode wraps each computation, never a ``yield``: grad mode is thread-global, and a generator

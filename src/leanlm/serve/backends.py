@@ -15,6 +15,7 @@ import torch
 
 from leanlm.engine.decode import forward, start_state
 from leanlm.engine.slot_cache import SlotCache, slot_forward
+from leanlm.engine.streaming_linear import enable_streaming_linears
 from leanlm.errors import LeanLMError
 
 
@@ -32,6 +33,7 @@ class SlotBackend:
     batched = True
 
     def __init__(self, model, slots: int, max_len: int, max_cache_bytes: int | None = None):
+        enable_streaming_linears(model)  # decode steps of bf16 CPU weights through leanlm's kernel
         per_token = bytes_per_token(model.config, next(model.parameters()).dtype)
         if max_cache_bytes is not None:
             fit = max_cache_bytes // (per_token * max_len)
@@ -81,6 +83,7 @@ class PolicyBackend:
         from leanlm.kvcache import hooked, new_cache
 
         self.model, self.policy, self.budget = model, policy, budget
+        enable_streaming_linears(model)
         self._hooked, self._new_cache = hooked, new_cache
         self.per_token = bytes_per_token(model.config, next(model.parameters()).dtype)
         self.capacity_bytes = max_cache_bytes or 0  # 0: no cap

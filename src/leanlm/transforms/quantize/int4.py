@@ -4,21 +4,36 @@
 ``_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)``, which reads 4-bit codes
 packed by ``_convert_weight_to_int4pack_for_cpu`` (a quarter of the bytes of bf16 per step).
 
-That packed layout is the kernel's own: rows go in blocks of 64; inside a full block, byte
-(k, j) holds row j (low nibble) and row j + 32 (high nibble) of column k; a last block of fewer
-rows pairs rows 2j and 2j + 1. ``_kernel_rows`` reads rows back from it (the tied embedding and
+That packed layout is the kernel's own: rows go in blocks of B (64 in ATen's AVX512 build, 32 in its
+AVX2 build: ``packed_block`` reads it off the kernel); inside a full block, byte (k, j) holds row j
+(low nibble) and row j + B/2 (high nibble) of column k; a last block of fewer rows pairs rows 2j
+and 2j + 1. ``_kernel_rows`` reads rows back from it (the tied embedding and
 ``dequantize`` need them); a test checks it against the kernel's own products. Checkpoints hold a
 plain layout instead (``portable_state``), re-packed at load, so they do not depend on it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from leanlm.transforms.quantize.base import QuantizedLinear, register, round_up_scale
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
-BLOCK = 64  # rows per block of the kernel's packed layout
+
+
+@functools.cache
+def packed_block() -> int:
+    """Rows per block of the kernel's packed layout: ATen's AVX512 build packs 64, its AVX2 build 32.
+
+    Read off the kernel itself: pack rows whose codes are their own index (mod 16, and its 16s) and see
+    which row shares the first byte with row 0 (its high nibble holds row B / 2)."""
+    rows = torch.arange(128, dtype=torch.int32)[:, None].expand(128, 32).contiguous()
+    low = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows % 16, 1).reshape(-1)[0]
+    high = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows // 16, 1).reshape(-1)[0]
+    partner = int(low >> 4) + 16 * int(high >> 4)  # the row in byte 0's high nibble
+    return 2 * partner
 
 
 @register
@@ -81,15 +96,16 @@ class Int4Linear(QuantizedLinear):
 
     def _kernel_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The 4-bit codes of rows ``rows`` (T,) read from the kernel's packed layout -> (T, in) int64."""
-        n_full = self.out_features // BLOCK * BLOCK
+        block = packed_block()
+        n_full = self.out_features // block * block
         rows = rows.long()
         in_full = rows < n_full
         tail = self.out_features - n_full  # rows of the last, smaller block (0 when none)
-        block_start = torch.where(in_full, rows // BLOCK * BLOCK, torch.full_like(rows, n_full))
-        width = torch.where(in_full, torch.full_like(rows, BLOCK), torch.full_like(rows, max(tail, 1)))  # rows in block
+        block_start = torch.where(in_full, rows // block * block, torch.full_like(rows, n_full))
+        width = torch.where(in_full, torch.full_like(rows, block), torch.full_like(rows, max(tail, 1)))  # rows in block
         r = rows - block_start
-        col = torch.where(in_full, r % (BLOCK // 2), r // 2)  # byte column inside the block
-        high = torch.where(in_full, r >= BLOCK // 2, r % 2 == 1)  # high nibble?
+        col = torch.where(in_full, r % (block // 2), r // 2)  # byte column inside the block
+        high = torch.where(in_full, r >= block // 2, r % 2 == 1)  # high nibble?
         k = torch.arange(self.in_features, device=rows.device)
         # byte offset = block_start * in / 2 + k * width / 2 + col
         offset = (block_start * self.in_features // 2)[:, None] + k[None, :] * (width // 2)[:, None] + col[:, None]  # (T, in)
@@ -98,11 +114,12 @@ class Int4Linear(QuantizedLinear):
 
     def _all_codes(self) -> torch.Tensor:
         """Every row's codes (out, in) uint8, unpacked with reshapes (no gather): the fast full path."""
-        n_full, k = self.out_features // BLOCK * BLOCK, self.in_features
+        block = packed_block()
+        n_full, k = self.out_features // block * block, self.in_features
         parts = []
         if n_full:
-            blocks = self.packed.reshape(-1)[: n_full * k // 2].reshape(n_full // BLOCK, k, BLOCK // 2)  # (nb, in, 32)
-            both = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # (nb, in, 64): rows j then j + 32
+            blocks = self.packed.reshape(-1)[: n_full * k // 2].reshape(n_full // block, k, block // 2)  # (nb, in, block / 2)
+            both = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # (nb, in, block): rows j then j + block / 2
             parts.append(both.permute(0, 2, 1).reshape(n_full, k))
         if n_full < self.out_features:
             tail = self.packed.reshape(-1)[n_full * k // 2 :].reshape(k, -1)  # (in, tail / 2)

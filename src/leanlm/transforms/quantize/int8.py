@@ -1,7 +1,8 @@
 """int8 weights, symmetric, one scale per output channel: ``w ~= q * scale`` with q in [-127, 127].
 
-The matmul is ATen's ``_weight_int8pack_mm(x, q, scale)`` (CPU), which reads the int8 codes and
-converts them inside the kernel: half the bytes of bf16 read per step. The group size does not
+The matmul reads the int8 codes and converts them inside the kernel: half the bytes of bf16 read per
+step. Decode-sized calls (<= 16 rows) use leanlm's ``linear_int8`` (engine/kernels), others ATen's
+``_weight_int8pack_mm(x, q, scale)``. The group size does not
 apply (one scale per row), so any ``group_size`` is accepted and recorded as 0.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from leanlm.engine import kernels
 from leanlm.transforms.quantize.base import QuantizedLinear, register, round_up_scale
 
 
@@ -58,4 +60,6 @@ class Int8Linear(QuantizedLinear):
         return self.qweight.to(self.scales.dtype).mul_(self.scales[:, None])  # (out, in)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.shape[0] <= kernels.MAX_ROWS and self.in_features % 8 == 0 and kernels.available():
+            return torch.ops.leanlm.linear_int8(x2d, self.qweight, self.scales, None)  # decode: stream the codes
         return torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)  # (tokens, out)
