@@ -9,7 +9,8 @@ numbers). Tokens/s counts decode only: from the first new token to the last, aft
 (random token ids, the same for every method) was prefilled. The memory bandwidth is measured in the
 same run (a large tensor copy); each row's effective GB/s = (weight bytes + KV bytes read per step) ×
 steps/s. A method name with the suffix ``:aten`` runs that method with leanlm's CPU kernels off
-(engine/kernels; ATen's matmuls instead), e.g. ``engine_static:aten``. llama.cpp runs in its own
+(engine/kernels; ATen's matmuls and attention instead), ``:layers`` with transformers' layer code
+instead of the lean decode step (engine/lean_step.py), e.g. ``engine_static:layers:aten`` = both off. llama.cpp runs in its own
 venv (benchmarks/llamacpp_env.sh) through
 benchmarks/llamacpp_driver.py, on a BF16 GGUF written from the same weights and on the bundled Q4_1.
 Writes FILE.json (rows + protocol), FILE.md (table) and FILE.png (tokens/s vs context).
@@ -24,18 +25,20 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from benchmarks_common import bandwidth_gbs, markdown_table, plot_rows, weight_bytes
 from leanlm.engine import Sampler, static_cache, stream
 from leanlm.engine.kernels import use_kernels
+from leanlm.engine.lean_step import use_lean_step
 from leanlm.engine.speculative import SpeculativeStats, speculative_generate
 from leanlm.engine.weights import quantizer
 from leanlm.kvcache import attach, make_policy
 from leanlm.models import load_model
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
 
-METHODS = ["hf_dynamic", "hf_static", "engine_dynamic", "engine_static:aten", "engine_static", "engine_compiled", "quantized@0.25",
-           "heavy_hitter+int4@0.25", "weights_int8", "weights_int4", "speculative_k2", "speculative_k4",
+METHODS = ["hf_dynamic", "hf_static", "engine_dynamic", "engine_static:layers:aten", "engine_static", "engine_compiled", "quantized@0.25",
+           "heavy_hitter+int4@0.25", "weights_int8", "weights_int8_compiled", "weights_int4", "speculative_k2", "speculative_k4",
            "speculative_k6", "llamacpp_bf16", "llamacpp_q4_1"]
 
 
@@ -116,8 +119,11 @@ def engine_total(model, ids, new):
     return new / (time.perf_counter() - start), tokens
 
 
-def _without_kernels(run, *args, **kwargs):
-    with use_kernels(False):
+SWITCHES = {"aten": lambda: use_kernels(False), "layers": lambda: use_lean_step(False)}  # method-name suffixes
+
+
+def _switched_off(run, suffix, *args, **kwargs):
+    with SWITCHES[suffix]():
         return run(*args, **kwargs)
 
 
@@ -129,16 +135,17 @@ def build_runners(args, model, draft, quantized_models, llama):
     """name → callable(ids, new) -> row fields; None when the method is not available (reason recorded)."""
     runners, skipped = {}, {}
     for name in args.methods:
-        if name.endswith(":aten"):  # the same method with leanlm's kernels off (ATen's matmuls): what they gain
-            base, base_skipped = build_runners(argparse.Namespace(**vars(args) | {"methods": [name[:-5]]}), model, draft,
+        base_name, _, suffix = name.rpartition(":")
+        if base_name and suffix in SWITCHES:  # the same method with one part of leanlm off: what that part gains
+            base, base_skipped = build_runners(argparse.Namespace(**vars(args) | {"methods": [base_name]}), model, draft,
                                                quantized_models, llama)
-            runners |= {name: lambda ids, new, r=run: _without_kernels(r, ids, new) for run in base.values()}
+            runners |= {name: lambda ids, new, r=run, s=suffix: _switched_off(r, s, ids, new) for run in base.values()}
             skipped |= {name: why for why in base_skipped.values()}
             continue
         if name in ("hf_dynamic", "hf_static"):
             runners[name] = lambda ids, new, kind=name[3:]: run_hf(model, ids, new, kind)
         elif name == "engine_dynamic":
-            runners[name] = lambda ids, new: run_engine(model, ids, new)
+            runners[name] = lambda ids, new: run_engine(model, ids, new, DynamicCache())
         elif name in ("engine_static", "engine_compiled"):
             runners[name] = lambda ids, new, c=name == "engine_compiled": run_engine(
                 model, ids, new, static_cache(model, ids.shape[1] + new), compile=c)
@@ -146,12 +153,13 @@ def build_runners(args, model, draft, quantized_models, llama):
             policy, budget = name.split("@")
             runners[name] = lambda ids, new, p=policy, b=float(budget): run_engine(
                 model, ids, new, policy=make_policy(p, b, ids.shape[1] + new))
-        elif name.startswith("weights_"):
-            if name.split(":")[0] not in quantized_models:
+        elif name.startswith("weights_"):  # weights_int8, weights_int4 (eager), weights_int8_compiled, ...
+            scheme = name.removesuffix("_compiled")
+            if scheme not in quantized_models:
                 skipped[name] = "not available: leanlm.transforms.quantize is not in this install"
                 continue
-            runners[name] = lambda ids, new, m=quantized_models[name]: run_engine(
-                m, ids, new, static_cache(m, ids.shape[1] + new))
+            runners[name] = lambda ids, new, m=quantized_models[scheme], c=name.endswith("_compiled"): run_engine(
+                m, ids, new, static_cache(m, ids.shape[1] + new), compile=c)
         elif name.startswith("speculative_k"):
             runners[name] = lambda ids, new, k=int(name[13:]): (
                 run_speculative(model, draft, ids, new, k, engine_total(model, ids, new)[1]) if ids.shape[0] == 1 else None)
@@ -189,7 +197,7 @@ def main() -> None:
     quantized_models = {}
     if quantizer() is not None:
         for scheme in ("int8", "int4"):
-            if f"weights_{scheme}" in (m.split(":")[0] for m in args.methods):
+            if f"weights_{scheme}" in (m.split(":")[0].removesuffix("_compiled") for m in args.methods):
                 quantized_models[f"weights_{scheme}"] = copy.deepcopy(model)
                 quantizer()(quantized_models[f"weights_{scheme}"], scheme, args.weight_group)
     from llamacpp_bridge import LlamaCpp

@@ -71,7 +71,7 @@ def test_compiled_step_equals_eager_step(ids):
 
 
 def test_compile_with_a_dynamic_cache_falls_back_to_eager(model, ids, caplog):
-    tokens = generate(model, ids, NEW, compile=True)
+    tokens = generate(model, ids, NEW, cache=DynamicCache(), compile=True)
     assert torch.equal(tokens, hf_greedy(model, ids))
     assert "needs a static cache" in caplog.text
 

@@ -8,7 +8,8 @@
 Batches of different lengths are left-padded (``left_pad``) and carry an ``attention_mask``; each
 sequence's positions count only its own tokens. Policy caches decide positions themselves
 (``next_position_ids``: eviction may renumber the cache) and take unpadded batches only.
-Plain bf16 linear layers on the CPU decode through ``StreamingLinear`` (engine/kernels).
+Plain bf16 linear layers on the CPU decode through ``StreamingLinear`` (engine/kernels), and a
+Llama-family model over a static cache decodes through ``LeanStep`` (engine/lean_step.py).
 Only the last position's logits are computed (``logits_to_keep=1``): the 49K-wide output head runs
 once per sequence per step, not once per prompt token.
 """
@@ -24,8 +25,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from leanlm.engine.compile import compiled_step
+from leanlm.engine.lean_step import lean_step, runs_lean
 from leanlm.engine.sampling import Sampler, SamplingConfig
-from leanlm.engine.static_cache import capacity, is_static
+from leanlm.engine.static_cache import capacity, is_static, static_cache
 from leanlm.engine.streaming_linear import enable_streaming_linears
 from leanlm.errors import LeanLMError
 from leanlm.models.compat import with_cache
@@ -128,7 +130,8 @@ def prefill(model, prompt_ids: torch.Tensor, state: DecodeState, chunk: int = 51
 def stream(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, cache=None,
            sampling: SamplingConfig | Sampler | None = None, attention_mask: torch.Tensor | None = None,
            prefill_chunk: int = 512, compile: bool = False) -> Iterator[torch.Tensor]:
-    """Yield (batch,) next-token ids, one step at a time (a plain DynamicCache when ``cache`` is None).
+    """Yield (batch,) next-token ids, one step at a time. ``cache`` None: a static cache sized to the
+    prompt and new tokens for models the lean step runs, a DynamicCache for the others.
 
     ``compile=True`` runs each decode step through ``torch.compile`` when the cache allows it (a
     static cache); otherwise, or when compilation fails, it logs why and decodes eagerly.
@@ -136,10 +139,11 @@ def stream(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, cach
     if max_new_tokens < 0:
         raise LeanLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampler = sampling if isinstance(sampling, Sampler) else Sampler(sampling)
-    cache = DynamicCache() if cache is None else cache
+    if cache is None:  # a static cache where the lean step runs (it decodes faster), else a DynamicCache
+        cache = static_cache(model, prompt_ids.shape[1] + max_new_tokens) if runs_lean(model) else DynamicCache()
     enable_streaming_linears(model)  # bf16 CPU weights: decode steps stream them through leanlm's kernel
     state = start_state(model, prompt_ids, attention_mask, cache, prompt_ids.shape[1] + max_new_tokens)
-    step = compiled_step(model, cache) if compile else None
+    step = lean_step(model, cache, compile) or (compiled_step(model, cache) if compile else None)
     # inference_mode wraps each computation, never a ``yield``: grad mode is thread-global, and a generator
     # suspended (or closed late) inside the context would leave the caller in inference mode.
     with torch.inference_mode():

@@ -1,8 +1,12 @@
 """leanlm's own CPU kernels, compiled on first use with the machine's C++ compiler.
 
 ``linear_small_m.cpp``: weight-streaming linear layers for decode (1-16 input rows) over bf16
-weights or int8 codes. They are registered as the torch ops ``leanlm::linear_bf16`` and
-``leanlm::linear_int8`` so a ``torch.compile``d decode step calls them as opaque kernels.
+weights or int8 codes. The library registers the torch ops ``leanlm::linear_bf16(x, weight, bias)``
+and ``leanlm::linear_int8(x, codes, row_scale, bias)`` in C++ (cheap dispatch from eager code);
+``decode_attention.cpp``: ``leanlm::decode_attention(q, keys, values, length, keep, scale)``, one
+query per sequence and head against a cache's first ``length`` slots (grouped K/V heads, bf16 or
+float32 cache, float32 softmax). Fake kernels registered here let a ``torch.compile``d decode step
+call them as opaque kernels.
 
 Where they cannot be built (no compiler, no AVX2/FMA, another architecture) ``available()`` is
 False, one warning says why, and callers use ``torch.nn.functional.linear``. ``LEANLM_KERNELS=0``
@@ -20,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("linear_small_m.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("linear_small_m.cpp", "decode_attention.cpp")]
 MAX_ROWS = 16  # above this many input rows (prefill) ATen's GEMM is the better kernel
 _state: dict = {"module": None, "tried": False, "enabled": os.environ.get("LEANLM_KERNELS", "1") != "0"}
 
@@ -36,12 +40,14 @@ def _build():
     from torch.utils.cpp_extension import load  # lazy: imports setuptools and checks the compiler
 
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-    return load("leanlm_linear_small_m", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                verbose=False)
+    load("leanlm_kernels", sources=[str(path) for path in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)  # loading the library registers torch.ops.leanlm.*
+    _register_fakes()
+    return torch.ops.leanlm
 
 
 def kernels():
-    """The compiled extension, or None (built once per process; a failure is logged once)."""
+    """``torch.ops.leanlm`` once the library is loaded, or None (built once per process; a failure is logged once)."""
     if not _state["tried"]:
         _state["tried"] = True
         try:
@@ -67,24 +73,17 @@ def use_kernels(enabled: bool):
         _state["enabled"] = before
 
 
-@torch.library.custom_op("leanlm::linear_bf16", mutates_args=())
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a contiguous bf16 (out, in) weight and at most 16 rows of x."""
-    return kernels().linear_bf16(x, weight, bias)
+def _register_fakes() -> None:
+    """Shapes for ``torch.compile`` (the ops themselves are defined and implemented in C++)."""
 
+    @torch.library.register_fake("leanlm::linear_bf16")
+    def _(x, weight, bias=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
-@linear_bf16.register_fake
-def _(x, weight, bias=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    @torch.library.register_fake("leanlm::linear_int8")
+    def _(x, codes, row_scale, bias=None):
+        return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
-
-@torch.library.custom_op("leanlm::linear_int8", mutates_args=())
-def linear_int8(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x @ codes.T) * row_scale + bias`` for contiguous int8 (out, in) codes and at most 16 rows of x."""
-    return kernels().linear_int8(x, codes, row_scale, bias)
-
-
-@linear_int8.register_fake
-def _(x, codes, row_scale, bias=None):
-    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+    @torch.library.register_fake("leanlm::decode_attention")
+    def _(q, keys, values, length, keep, scale):
+        return q.new_empty(q.shape)

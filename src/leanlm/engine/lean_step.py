@@ -1,0 +1,186 @@
+"""A Llama-family decode step written out: one token per sequence through a static cache.
+
+transformers' layer code spends most of a bf16 decode step on the CPU outside the matmuls (at batch 1
+on SmolLM2-135M, ~20 ms of a ~33 ms step once the matmuls run through leanlm's kernel): masks over
+every slot of the cache, dtype casts, per-call argument handling, and PyTorch's CPU attention, built
+for many queries, over one. ``decode_layers`` runs the same arithmetic with the model's own modules:
+
+    x = x + o_proj(attend(rope(q_proj(norm(x))), cache[: slot + 1]))    per layer, then
+    x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+
+writing the new K/V into the very ``StaticCache`` tensors that prefill (the stock forward) filled, so
+the cache stays transformers' and either path can continue from it. Attention reads only the slots
+written so far (``leanlm::decode_attention``: grouped K/V heads, no repeat), pads of a left-padded
+batch are masked. It is a plain function of tensors, so ``compile=True`` compiles it whole (the
+kernels are opaque ops in the graph).
+
+Only what it reproduces is accepted (``unsupported_reason``): Llama, Mistral and Qwen2 layers of the
+stock classes, SiLU MLPs, full attention, no hooks (projections are called as modules, so int8/int4
+or LoRA-wrapped linears work). Anything else (Gemma 3, swapped or latent attention, a policy cache, a
+DynamicCache) decodes through the model's own forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.engine import kernels
+from leanlm.engine.static_cache import is_static
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("llama", "mistral", "qwen2")
+LAYER_CLASSES = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``LeanStep`` cannot run ``model`` (None: it can)."""
+    config = model.config
+    if config.model_type not in FAMILIES:
+        return f"model type {config.model_type!r} is not one of {FAMILIES}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r}"
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window)
+    if windowed or any(kind != "full_attention" for kind in layer_types):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "no model.model.layers / rotary_emb"
+    for layer in inner.layers:
+        kinds = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__,
+                 type(layer.input_layernorm).__name__, type(layer.post_attention_layernorm).__name__)
+        if (kinds[0] not in LAYER_CLASSES or kinds[1] not in ATTENTION_CLASSES or kinds[2] not in MLP_CLASSES
+                or not set(kinds[3:]) <= NORM_CLASSES):
+            return f"layer classes {kinds}"
+    for module in (inner, *inner.modules()):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"forward hooks on {type(module).__name__}"
+    return None
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' RMSNorm (float32 statistics, weight times the input-dtype result) in fewer ops."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (batch, heads, head_dim) with (batch, 1, head_dim) cos/sin (rotate-half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, keep, scale: float):
+    """(batch, heads, dim) attention of one query per head over the first ``length`` (a 1-element
+    tensor) cache slots; ``keep`` (batch, >= length) marks real tokens. leanlm's kernel where it runs,
+    else PyTorch's SDPA over all slots with the unwritten ones masked."""
+    if (q.device.type == "cpu" and keys.dtype in (torch.bfloat16, torch.float32) and keys.is_contiguous()
+            and values.is_contiguous() and q.shape[-1] % 8 == 0 and kernels.available()):
+        return torch.ops.leanlm.decode_attention(q, keys, values, length, keep, scale)
+    written = torch.arange(keys.shape[2], device=keys.device) < length  # (slots,)
+    mask = written if keep is None else written & keep[:, : keys.shape[2]].bool()
+    mask = mask.expand(q.shape[0], keys.shape[2])[:, None, None]  # (batch, 1, 1, slots)
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != keys.shape[1])
+    return out[:, :, 0]
+
+
+def decode_layers(model: nn.Module, ids, position_ids, slot, keep, keys: list, values: list) -> torch.Tensor:
+    """The step itself: ``ids`` (batch, 1) at ``position_ids`` (batch, 1), K/V written at cache slot
+    ``slot`` (a 1-element tensor) of every layer's ``keys``/``values`` (batch, kv heads, slots, dim)
+    → (batch, vocab) logits. A plain function of tensors, so ``torch.compile`` can take it whole."""
+    inner = model.model
+    x = inner.embed_tokens(ids)  # (batch, 1, hidden)
+    cos, sin = inner.rotary_emb(x, position_ids)  # (batch, 1, head_dim): broadcasts over heads
+    length = slot + 1
+    for index, layer in enumerate(inner.layers):
+        attn, mlp, batch = layer.self_attn, layer.mlp, ids.shape[0]
+        h = rms_norm(layer.input_layernorm, x)
+        q = rope(attn.q_proj(h).view(batch, -1, attn.head_dim), cos, sin)  # (batch, heads, dim)
+        k = rope(attn.k_proj(h).view(batch, -1, attn.head_dim), cos, sin)  # (batch, kv heads, dim)
+        v = attn.v_proj(h).view(batch, -1, attn.head_dim)
+        keys[index].index_copy_(2, slot, k[:, :, None])
+        values[index].index_copy_(2, slot, v[:, :, None])
+        out = attend(q, keys[index], values[index], length, keep, attn.scaling)  # (batch, heads, dim)
+        x = x + attn.o_proj(out.reshape(batch, 1, -1))
+        h = rms_norm(layer.post_attention_layernorm, x)
+        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+    return model.lm_head(rms_norm(inner.norm, x))[:, -1]
+
+
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class LeanStep:
+    """``step(ids, state) -> (batch, vocab) logits`` for one new token per sequence through a
+    ``StaticCache`` (see the module doc); ``compile=True`` runs ``decode_layers`` compiled."""
+
+    def __init__(self, model: nn.Module, compile: bool = False):
+        self.model = model
+        self.run = decode_layers
+        if compile:
+            if model not in _compiled:  # one compiled function per model, reused by every cache and call
+                _compiled[model] = torch.compile(decode_layers)
+            self.run = _compiled[model]
+
+    def __call__(self, ids: torch.Tensor, state) -> torch.Tensor:
+        layers = state.cache.layers
+        slot = torch.tensor([state.seen], device=ids.device)  # the new token's cache slot (pads count)
+        keep = state.mask  # (batch, slots) 1 = real token, or None
+        args = (self.model, ids, state.position_ids(1).clamp(min=0), slot, keep,
+                [layer.keys for layer in layers], [layer.values for layer in layers])
+        try:
+            logits = self.run(*args)
+        except Exception as error:  # noqa: BLE001 - compilation failed (no compiler, unsupported op): go eager
+            if self.run is decode_layers:
+                raise
+            log.warning("torch.compile of the lean decode step failed (%s: %s); decoding eagerly",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            _compiled.pop(self.model, None)
+            self.run = decode_layers
+            logits = self.run(*args)  # nothing ran yet, or it rewrites the same slots
+        for layer in layers:
+            layer.cumulative_length.add_(1)  # transformers' own count stays in step with the slots written
+        state.advance(1)
+        return logits.clone() if self.run is not decode_layers else logits  # compiled outputs may be reused
+
+
+_enabled = {"on": True}
+
+
+@contextlib.contextmanager
+def use_lean_step(enabled: bool):
+    """Turn the lean step on or off inside the block (A/B timing against transformers' layer code)."""
+    before = _enabled["on"]
+    _enabled["on"] = enabled
+    try:
+        yield
+    finally:
+        _enabled["on"] = before
+
+
+def runs_lean(model: nn.Module) -> bool:
+    """Whether a static cache would decode ``model`` through the lean step."""
+    if not _enabled["on"]:
+        return False
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.debug("lean decode step off: %s", reason)
+    return reason is None
+
+
+def lean_step(model: nn.Module, cache, compile: bool = False) -> LeanStep | None:
+    """The lean step for ``model`` decoding through ``cache``, or None (the model's forward decodes)."""
+    return LeanStep(model, compile) if is_static(cache) and runs_lean(model) else None
