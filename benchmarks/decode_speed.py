@@ -3,16 +3,17 @@
     PYTHONPATH=src python benchmarks/decode_speed.py --out out/decode_speed.json \
         [--batches 1,4,16] [--contexts 512,4096,16384] [--new-tokens 128] [--methods ...] [--repeats 3]
 
-For each (batch, context) cell, every method runs once per round, in a rotating order, for
---repeats rounds; the median tokens/s is reported (the machine is shared: read ratios, not absolute
-numbers). Tokens/s counts decode only: from the first new token to the last, after the prompt
-(random token ids, the same for every method) was prefilled. The memory bandwidth is measured in the
-same run (a large tensor copy); each row's effective GB/s = (weight bytes + KV bytes read per step) ×
-steps/s. A method name with the suffix ``:aten`` runs that method with leanlm's CPU kernels off
-(engine/kernels; ATen's matmuls and attention instead), ``:layers`` with transformers' layer code
-instead of the lean decode step (engine/lean_step.py), e.g. ``engine_static:layers:aten`` = both off. llama.cpp runs in its own
-venv (benchmarks/llamacpp_env.sh) through
-benchmarks/llamacpp_driver.py, on a BF16 GGUF written from the same weights and on the bundled Q4_1.
+For each (batch, context) cell, every method runs once untimed (warm-up: a compiled step compiles
+there), then once per round, in a rotating order, for --repeats rounds; the median tokens/s is
+reported (the machine is shared: read ratios, not absolute numbers). Tokens/s counts decode only:
+from the first new token to the last, after the prompt (random token ids, the same for every
+method) was prefilled. The memory bandwidth is measured in the same run (a large tensor copy); each
+row's effective GB/s = (weight bytes + KV bytes read per step) x steps/s. A method name with the
+suffix ``:aten`` runs that method with leanlm's CPU kernels off (engine/kernels; ATen's matmuls and
+attention instead), ``:layers`` with transformers' layer code instead of the lean decode step
+(engine/lean_step.py); ``engine_static:layers:aten`` has both off. llama.cpp runs in its own venv
+(benchmarks/llamacpp_env.sh) through benchmarks/llamacpp_driver.py, on a BF16 GGUF written from the
+same weights and on the bundled Q4_1.
 Writes FILE.json (rows + protocol), FILE.md (table) and FILE.png (tokens/s vs context).
 """
 
@@ -229,6 +230,8 @@ def measure_grid(args, model, runners, quantized_models, llama, bandwidth) -> li
             results: dict[str, list[dict]] = {name: [] for name in runners}
             extra = {"engine_total_b1": []}
             names = list(runners)
+            for name in names:  # untimed warm-up: compilation (per batch shape), kernel build, first-touch
+                _safe(runners[name], ids, min(4, args.new_tokens))
             for round_ in range(args.repeats):
                 order = names[round_ % len(names):] + names[: round_ % len(names)]  # rotate: drift hits all
                 for name in order:
@@ -241,7 +244,8 @@ def measure_grid(args, model, runners, quantized_models, llama, bandwidth) -> li
             for name, runs in (results | extra).items():
                 if not runs:
                     continue
-                row = _summarise(name, runs, batch, context, quantized_models.get(name.split(":")[0], model), wbytes, bandwidth)
+                weights = quantized_models.get(name.split(":")[0].removesuffix("_compiled"), model)
+                row = _summarise(name, runs, batch, context, weights, wbytes, bandwidth)
                 rows.append(row)
                 print(row, flush=True)
     return rows
