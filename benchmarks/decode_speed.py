@@ -230,8 +230,8 @@ def measure_grid(args, model, runners, quantized_models, llama, bandwidth) -> li
             results: dict[str, list[dict]] = {name: [] for name in runners}
             extra = {"engine_total_b1": []}
             names = list(runners)
-            for name in names:  # untimed warm-up: compilation (per batch shape), kernel build, first-touch
-                _safe(runners[name], ids, min(4, args.new_tokens))
+            for name in names:  # untimed warm-up with the timed shapes (a compiled step compiles per cache size)
+                _safe(runners[name], ids, args.new_tokens)
             for round_ in range(args.repeats):
                 order = names[round_ % len(names):] + names[: round_ % len(names)]  # rotate: drift hits all
                 for name in order:
