@@ -8,7 +8,9 @@ DynamicCache gives every layer's K/V (saved under runs/ and reused); each method
 *seeded* from the first C tokens of it (the policy's own ``update`` on those K/V, as a prefill would
 call it; attention-scored policies get the last token's key as a stand-in query for that one step),
 so the cache state has the shape a real prefill leaves, without one long prefill per method. Then
---new-tokens decode steps are timed, one token each, through ``model(..., cache=...)``.
+--new-tokens decode steps are timed, one token each, through ``model(..., cache=...)``; with
+``--engine``, through leanlm's engine instead (``engine/lean_step.py``: the full cache as a static
+cache, ``quantized`` through its C++ kernel; other policies through the model's forward).
 
 Methods alternate A, B, C, D within each round (the machine is shared and noisy); the JSON gives
 per-round tokens/s, medians, each method's ratio to the full cache in the same run, and the cache
@@ -29,6 +31,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from leanlm.engine import static_cache
+from leanlm.engine.decode import DecodeState, forward
+from leanlm.engine.lean_step import lean_step
+from leanlm.engine.streaming_linear import enable_streaming_linears
 from leanlm.errors import LeanLMError
 from leanlm.kvcache import attach, make_policy
 from leanlm.models import load_model
@@ -56,12 +62,14 @@ def prefill_kv(model, context: int, path: Path) -> list[tuple[torch.Tensor, torc
 
 
 @contextmanager
-def seeded_cache(model, method: str, budget: float, kv, context: int):
-    """A cache holding what ``method`` keeps of the first ``context`` tokens of ``kv``."""
+def seeded_cache(model, method: str, budget: float, kv, context: int, room: int | None = None):
+    """A cache holding what ``method`` keeps of the first ``context`` tokens of ``kv``; ``room``: the
+    full cache as a static cache of that many slots (the engine's), else a DynamicCache."""
     if method == "full":
-        cache = DynamicCache()
+        cache = DynamicCache() if room is None else static_cache(model, room)
         for i, (k, v) in enumerate(kv):
-            cache.update(k[:, :, :context].clone(), v[:, :, :context].clone(), i)
+            extra = {} if room is None else {"cache_position": torch.arange(context)}
+            cache.update(k[:, :, :context].clone(), v[:, :, :context].clone(), i, extra)
         with nullcontext(cache):
             yield cache
         return
@@ -93,6 +101,30 @@ def decode_steps(model, cache, context: int, steps: int) -> list[float]:
     return times
 
 
+def engine_steps(model, cache, context: int, steps: int) -> list[float]:
+    """``decode_steps`` through leanlm's engine: the lean step where the cache allows it (a static cache,
+    the quantized policy), else the model's forward; streaming bf16 linears either way."""
+    enable_streaming_linears(model)
+    state = DecodeState(cache, torch.tensor([context]), None, seen=context)
+    step = lean_step(model, cache)
+    token = torch.tensor([[model.config.bos_token_id or 1]])
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits = step(token, state) if step is not None else forward(model, token, state)[:, -1]
+            token = logits.argmax(-1)[:, None]
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def kv_bytes_held(cache, tokens: int) -> int:
+    """A static cache's K/V bytes for the ``tokens`` written (its preallocation is sized to the run)."""
+    layer = cache.layers[0]
+    per_token = layer.keys[0, :, 0].numel() * layer.keys.element_size() * 2
+    return per_token * tokens * len(cache.layers)
+
+
 def cache_bytes(cache) -> int:
     if hasattr(cache, "nbytes"):
         return cache.nbytes()
@@ -106,11 +138,14 @@ def speed(model, kv, args) -> dict:
         held = {}
         for _ in range(args.rounds):
             for method in args.methods:
-                with seeded_cache(model, method, args.budget, kv, context) as cache:
-                    decode_steps(model, cache, context, args.warmup)
-                    times = decode_steps(model, cache, context + args.warmup, args.new_tokens)
+                room = context + args.warmup + args.new_tokens if args.engine else None
+                with seeded_cache(model, method, args.budget, kv, context, room) as cache:
+                    run = engine_steps if args.engine else decode_steps
+                    run(model, cache, context, args.warmup)
+                    times = run(model, cache, context + args.warmup, args.new_tokens)
                     runs[method].append(len(times) / sum(times))
-                    held[method] = cache_bytes(cache)
+                    held[method] = cache_bytes(cache) if room is None or method != "full" else \
+                        kv_bytes_held(cache, context + args.warmup + args.new_tokens)
                 print(context, method, f"{runs[method][-1]:.4g} tok/s", f"{held[method]} bytes", flush=True)
         base = statistics.median(runs["full"]) if "full" in runs else None
         rows[context] = {m: {"tokens_per_s": runs[m], "median_tokens_per_s": statistics.median(runs[m]),
@@ -246,6 +281,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed-file", type=Path, default=Path("runs/kv_prefill_16k.pt"))
     parser.add_argument("--profile", action="store_true", help="break the decode step into parts instead")
+    parser.add_argument("--engine", action="store_true",
+                        help="decode through leanlm's engine (lean step: full = static cache, quantized = its kernel)")
     parser.add_argument("--quality", action="store_true", help="continuation perplexity ratio instead (fused vs not)")
     parser.add_argument("--quality-context", type=int, default=2048)
     parser.add_argument("--quality-windows", type=int, default=2)

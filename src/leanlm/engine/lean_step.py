@@ -16,8 +16,10 @@ kernels are opaque ops in the graph).
 
 Only what it reproduces is accepted (``unsupported_reason``): Llama, Mistral and Qwen2 layers of the
 stock classes, SiLU MLPs, full attention, no hooks (projections are called as modules, so int8/int4
-or LoRA-wrapped linears work). Anything else (Gemma 3, swapped or latent attention, a policy cache, a
-DynamicCache) decodes through the model's own forward.
+or LoRA-wrapped linears work). A policy cache whose layers attend over their own storage
+(``lean_attend``: the ``quantized`` cache reads its codes in ``leanlm::quantized_decode_attention``)
+takes the same step, eagerly. Anything else (Gemma 3, swapped or latent attention, other policy
+caches, a DynamicCache) decodes through the model's own forward.
 """
 
 from __future__ import annotations
@@ -97,23 +99,29 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: to
     return out[:, :, 0]
 
 
-def decode_layers(model: nn.Module, ids, position_ids, slot, keep, keys: list, values: list) -> torch.Tensor:
+def decode_layers(model: nn.Module, ids, position_ids, slot, keep, keys: list, values: list,
+                  policy_layers: list | None = None) -> torch.Tensor:
     """The step itself: ``ids`` (batch, 1) at ``position_ids`` (batch, 1), K/V written at cache slot
     ``slot`` (a 1-element tensor) of every layer's ``keys``/``values`` (batch, kv heads, slots, dim)
-    → (batch, vocab) logits. A plain function of tensors, so ``torch.compile`` can take it whole."""
+    → (batch, vocab) logits. A plain function of tensors, so ``torch.compile`` can take it whole.
+    ``policy_layers``: a policy cache's layers instead, each storing the step's K/V and attending
+    over its own storage (``lean_attend``; eager only)."""
     inner = model.model
     x = inner.embed_tokens(ids)  # (batch, 1, hidden)
     cos, sin = inner.rotary_emb(x, position_ids)  # (batch, 1, head_dim): broadcasts over heads
-    length = slot + 1
+    length = None if slot is None else slot + 1
     for index, layer in enumerate(inner.layers):
         attn, mlp, batch = layer.self_attn, layer.mlp, ids.shape[0]
         h = rms_norm(layer.input_layernorm, x)
         q = rope(attn.q_proj(h).view(batch, -1, attn.head_dim), cos, sin)  # (batch, heads, dim)
         k = rope(attn.k_proj(h).view(batch, -1, attn.head_dim), cos, sin)  # (batch, kv heads, dim)
         v = attn.v_proj(h).view(batch, -1, attn.head_dim)
-        keys[index].index_copy_(2, slot, k[:, :, None])
-        values[index].index_copy_(2, slot, v[:, :, None])
-        out = attend(q, keys[index], values[index], length, keep, attn.scaling)  # (batch, heads, dim)
+        if policy_layers is not None:
+            out = policy_layers[index].lean_attend(q, k, v, attn.scaling)  # (batch, heads, dim)
+        else:
+            keys[index].index_copy_(2, slot, k[:, :, None])
+            values[index].index_copy_(2, slot, v[:, :, None])
+            out = attend(q, keys[index], values[index], length, keep, attn.scaling)
         x = x + attn.o_proj(out.reshape(batch, 1, -1))
         h = rms_norm(layer.post_attention_layernorm, x)
         x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
@@ -127,16 +135,20 @@ class LeanStep:
     """``step(ids, state) -> (batch, vocab) logits`` for one new token per sequence through a
     ``StaticCache`` (see the module doc); ``compile=True`` runs ``decode_layers`` compiled."""
 
-    def __init__(self, model: nn.Module, compile: bool = False):
-        self.model = model
+    def __init__(self, model: nn.Module, compile: bool = False, policy: bool = False):
+        self.model, self.policy = model, policy
         self.run = decode_layers
-        if compile:
+        if compile and not policy:  # a policy layer's storage changes shape as it fills: eager
             if model not in _compiled:  # one compiled function per model, reused by every cache and call
                 _compiled[model] = torch.compile(decode_layers)
             self.run = _compiled[model]
 
     def __call__(self, ids: torch.Tensor, state) -> torch.Tensor:
         layers = state.cache.layers
+        if self.policy:
+            logits = decode_layers(self.model, ids, state.position_ids(1), None, None, [], [], layers)
+            state.advance(1)
+            return logits
         slot = torch.tensor([state.seen], device=ids.device)  # the new token's cache slot (pads count)
         keep = state.mask  # (batch, slots) 1 = real token, or None
         args = (self.model, ids, state.position_ids(1).clamp(min=0), slot, keep,
@@ -181,6 +193,16 @@ def runs_lean(model: nn.Module) -> bool:
     return reason is None
 
 
+def attends_itself(cache) -> bool:
+    """A policy cache whose every layer can take a lean step (``lean_attend``: the quantized cache)."""
+    layers = getattr(cache, "layers", None) or []
+    return hasattr(cache, "next_position_ids") and bool(layers) and all(hasattr(layer, "lean_attend") for layer in layers)
+
+
 def lean_step(model: nn.Module, cache, compile: bool = False) -> LeanStep | None:
     """The lean step for ``model`` decoding through ``cache``, or None (the model's forward decodes)."""
-    return LeanStep(model, compile) if is_static(cache) and runs_lean(model) else None
+    if not runs_lean(model):
+        return None
+    if is_static(cache):
+        return LeanStep(model, compile)
+    return LeanStep(model, policy=True) if attends_itself(cache) else None

@@ -147,7 +147,7 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     if not q.codes.numel():
         return torch.zeros(q.shape, dtype=q.dtype, device=q.codes.device)
     codes = unpack(q.codes, q.bits).float()  # (..., groups, group)
-    x = (codes * q.scale.float() + q.low.float()).view(q.shape)
+    x = (codes * q.scale.float() + q.low.float()).reshape(q.shape)  # codes may be a strided view
     if q.rotated:
         x = x @ hadamard(q.shape[-1], x.device)  # H is its own inverse
     return x.to(q.dtype)

@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from leanlm.engine import kernels
 from leanlm.errors import LeanLMError
 from leanlm.kvcache.base import CachePolicy, FullPrecisionLayer, PolicyLayer, check_budget, tensor_bytes
 from leanlm.kvcache import fused_kernels
@@ -35,6 +36,8 @@ from leanlm.kvcache.fused import FusedLayer, causal_bias, install
 from leanlm.kvcache.quant import (SUPPORTED_BITS, QuantizedTensor, check_bits, check_group, dequantize, hadamard, quantize,
                                   quantized_bytes_per_value)
 from leanlm.models.arch import head_dim_of
+
+KERNEL_BITS = {2, 4, 8}  # code widths leanlm::quantized_decode_attention reads (3-bit words go through torch)
 
 
 def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape_dim: int) -> QuantizedTensor:
@@ -47,12 +50,26 @@ def cat_quantized(a: QuantizedTensor | None, b: QuantizedTensor, dim: int, shape
                                low=torch.cat([a.low, b.low], dim), shape=tuple(shape))
 
 
+def cat_key_groups(a: QuantizedTensor | None, b: QuantizedTensor) -> QuantizedTensor:
+    """Join per-channel key codes (batch, kv_heads, head_dim, groups, bytes) along their token groups,
+    stored group-major: the tensors are views of (batch, kv_heads, groups, head_dim, ...) memory, so
+    one group's codes and scales are one contiguous block (what the decode kernel reads per task)."""
+    def join(x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        parts = [t.transpose(2, 3) for t in (x, y) if t is not None]
+        return torch.cat(parts, 2).contiguous().transpose(2, 3)
+
+    shape = list(b.shape)
+    shape[3] += 0 if a is None else a.shape[3]
+    return dataclasses.replace(b, codes=join(a and a.codes, b.codes), scale=join(a and a.scale, b.scale),
+                               low=join(a and a.low, b.low), shape=tuple(shape))
+
+
 class KiviLayer(FusedLayer, PolicyLayer):
     def __init__(self, bits: int, group: int, residual: int, value_bits: int | None = None, rotate: bool = False):
         super().__init__()
         self.bits, self.group, self.residual, self.rotate = bits, group, residual, rotate
         self.value_bits = value_bits or bits
-        self.qkeys: QuantizedTensor | None = None  # shape (batch, kv_heads, head_dim, tokens): per channel
+        self.qkeys: QuantizedTensor | None = None  # shape (batch, kv_heads, head_dim, tokens): per channel, group-major
         self.qvalues: QuantizedTensor | None = None  # shape (batch, kv_heads, tokens, head_dim): per token
         self.keys = self.values = None  # the full-precision residual (batch, kv_heads, <= residual, head_dim)
         self.fused_queries = 16  # steps of up to this many tokens attend over the codes (when fused)
@@ -103,13 +120,48 @@ class KiviLayer(FusedLayer, PolicyLayer):
         self.store(self.keys, self.values, new=0)
         return out.view(batch, heads, q_len, dim).to(query.dtype)
 
+    def lean_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One decode step for ``engine/lean_step``: query (batch, heads, head_dim) and the step's key/value
+        (batch, kv_heads, head_dim) → attention output (batch, heads, head_dim). The new K/V join the
+        residual, attention reads the codes (``leanlm::quantized_decode_attention``, else ``attend``'s
+        torch path), then whole residual blocks are quantized as on every other path."""
+        if not self.is_initialized:
+            self.lazy_initialization(key[:, :, None], value[:, :, None])
+        held = self.keys is not None and self.keys.shape[2]
+        key, value = key[:, :, None], value[:, :, None]
+        self.keys = torch.cat([self.keys, key], 2) if held else key.contiguous()  # (batch, kv_heads, R + 1, head_dim)
+        self.values = torch.cat([self.values, value], 2) if held else value.contiguous()
+        self.seen += 1
+        self.peak = max(self.peak, self.nbytes())
+        out = self._kernel_attention(query, scaling)
+        if out is None:
+            self.pending = True
+            out = self.attend(None, query[:, :, None], None, scaling)[:, :, 0]  # stores the residual itself
+        else:
+            self.store(self.keys, self.values, new=0)
+        return out
+
+    def _kernel_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+        """leanlm's C++ kernel over the codes and residual, or None where it does not apply."""
+        if not kernels.available() or query.device.type != "cpu" or query.shape[-1] % 8 or query.shape[-1] > 256:
+            return None
+        if self.qkeys is None:  # nothing quantized yet: the residual is a plain cache
+            length = torch.tensor([self.keys.shape[2]])
+            return torch.ops.leanlm.decode_attention(query, self.keys, self.values, length, None, scaling)
+        qk, qv = self.qkeys, self.qvalues
+        if not {qk.bits, qv.bits} <= KERNEL_BITS or qk.codes.shape[-1] % 8 or qv.codes.shape[-1] % 8:
+            return None
+        rot = hadamard(query.shape[-1]) if qv.rotated else None
+        return torch.ops.leanlm.quantized_decode_attention(query, qk.codes, qk.scale, qk.low, qv.codes, qv.scale, qv.low,
+                                                          rot, self.keys, self.values, qk.bits, qv.bits, scaling)
+
     def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
         held_residual = 0 if self.keys is None else self.keys.shape[2]
         tail_k, tail_v = keys[:, :, -(held_residual + new):], values[:, :, -(held_residual + new):]
         full = (tail_k.shape[2] // self.residual) * self.residual  # whole residuals to quantize now
         if full:
             block_k = tail_k[:, :, :full].transpose(2, 3).contiguous()  # (batch, kv_heads, head_dim, full)
-            self.qkeys = cat_quantized(self.qkeys, quantize(block_k, self.bits, self.group), dim=3, shape_dim=3)
+            self.qkeys = cat_key_groups(self.qkeys, quantize(block_k, self.bits, self.group))
             self.qvalues = cat_quantized(self.qvalues, quantize(tail_v[:, :, :full], self.value_bits, self.group, self.rotate),
                                          dim=2, shape_dim=2)
         # clone: a view would keep the whole step's K/V tensor alive

@@ -5,7 +5,9 @@ weights or int8 codes. The library registers the torch ops ``leanlm::linear_bf16
 and ``leanlm::linear_int8(x, codes, row_scale, bias)`` in C++ (cheap dispatch from eager code);
 ``decode_attention.cpp``: ``leanlm::decode_attention(q, keys, values, length, keep, scale)``, one
 query per sequence and head against a cache's first ``length`` slots (grouped K/V heads, bf16 or
-float32 cache, float32 softmax). Fake kernels registered here let a ``torch.compile``d decode step
+float32 cache, float32 softmax); ``quantized_attention.cpp``:
+``leanlm::quantized_decode_attention``, the same over a KIVI cache's packed codes plus its
+full-precision residual (kvcache/quantized.py). Fake kernels registered here let a ``torch.compile``d decode step
 call them as opaque kernels.
 
 Where they cannot be built (no compiler, no AVX2/FMA, another architecture) ``available()`` is
@@ -16,6 +18,7 @@ turns them off (the benchmarks' A/B switch is ``use_kernels(False)``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -24,7 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear_small_m.cpp", "decode_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear_small_m.cpp", "decode_attention.cpp", "quantized_attention.cpp")]
+HEADERS = [Path(__file__).with_name("attention_blocks.h")]
 MAX_ROWS = 16  # above this many input rows (prefill) ATen's GEMM is the better kernel
 _state: dict = {"module": None, "tried": False, "enabled": os.environ.get("LEANLM_KERNELS", "1") != "0"}
 
@@ -39,7 +43,9 @@ def _build():
         raise RuntimeError("this CPU has no AVX2/FMA")
     from torch.utils.cpp_extension import load  # lazy: imports setuptools and checks the compiler
 
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    # torch's JIT build hashes the sources only: the headers' hash goes in as a define so that editing them rebuilds
+    headers = hashlib.sha1(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:12]
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DLEANLM_HEADERS_{headers}"]
     load("leanlm_kernels", sources=[str(path) for path in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
          is_python_module=False, verbose=False)  # loading the library registers torch.ops.leanlm.*
     _register_fakes()
@@ -86,4 +92,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("leanlm::decode_attention")
     def _(q, keys, values, length, keep, scale):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("leanlm::quantized_decode_attention")
+    def _(q, key_codes, key_scale, key_low, value_codes, value_scale, value_low, rotation, res_keys, res_values,
+          key_bits, value_bits, scale):
         return q.new_empty(q.shape)

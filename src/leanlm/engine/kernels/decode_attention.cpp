@@ -8,122 +8,12 @@
 // probability-weighted rows per block; the blocks' partial sums are added at the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+
+#include "attention_blocks.h"
 
 namespace {
 
-constexpr int64_t BLOCK = 64;  // cache slots per task: 8 KB of bf16 keys at head_dim 64
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
-}
-
-// scores[g, l] = scale * q[g] . keys[l] for GROUPS query heads of one KV head and SLOTS slots at a
-// time: each 8-column chunk of a key row is widened once and multiplied into every head's register
-// accumulator (at 16K slots this pass is compute-bound, not memory-bound, without that sharing).
-template <typename KV, int GROUPS, int SLOTS>
-inline void score_slots(const float* q, const KV* keys, int64_t D, int64_t l, float scale, float* scores, int64_t length) {
-  __m256 acc[SLOTS][GROUPS];
-#pragma GCC unroll 4
-  for (int s = 0; s < SLOTS; ++s)
-#pragma GCC unroll 8
-    for (int g = 0; g < GROUPS; ++g) acc[s][g] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) {
-    __m256 k[SLOTS];
-#pragma GCC unroll 4
-    for (int s = 0; s < SLOTS; ++s) k[s] = load8(keys + (l + s) * D + d);
-#pragma GCC unroll 8
-    for (int g = 0; g < GROUPS; ++g) {
-      const __m256 qv = _mm256_loadu_ps(q + g * D + d);
-#pragma GCC unroll 4
-      for (int s = 0; s < SLOTS; ++s) acc[s][g] = _mm256_fmadd_ps(k[s], qv, acc[s][g]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int s = 0; s < SLOTS; ++s)
-#pragma GCC unroll 8
-    for (int g = 0; g < GROUPS; ++g) scores[g * length + l + s] = hsum(acc[s][g]) * scale;
-}
-
-template <typename KV, int GROUPS>
-void score_group(const float* q, const KV* keys, int64_t D, int64_t l0, int64_t l1, float scale, float* scores,
-                 int64_t length) {
-  constexpr int SLOTS = GROUPS <= 3 ? 4 : (GROUPS <= 6 ? 2 : 1);  // SLOTS x GROUPS accumulators in 16 registers
-  int64_t l = l0;
-  for (; l + SLOTS <= l1; l += SLOTS) score_slots<KV, GROUPS, SLOTS>(q, keys, D, l, scale, scores, length);
-  for (; l < l1; ++l) score_slots<KV, GROUPS, 1>(q, keys, D, l, scale, scores, length);
-}
-
-template <typename KV>
-void score_block(const float* q, const KV* keys, int64_t D, int64_t G, int64_t l0, int64_t l1, float scale,
-                 const uint8_t* keep, float* scores, int64_t length) {
-  for (int64_t g0 = 0; g0 < G; g0 += 8) {
-    const float* qg = q + g0 * D;
-    float* sg = scores + g0 * length;
-    switch (std::min<int64_t>(8, G - g0)) {
-      case 1: score_group<KV, 1>(qg, keys, D, l0, l1, scale, sg, length); break;
-      case 2: score_group<KV, 2>(qg, keys, D, l0, l1, scale, sg, length); break;
-      case 3: score_group<KV, 3>(qg, keys, D, l0, l1, scale, sg, length); break;
-      case 4: score_group<KV, 4>(qg, keys, D, l0, l1, scale, sg, length); break;
-      case 5: score_group<KV, 5>(qg, keys, D, l0, l1, scale, sg, length); break;
-      case 6: score_group<KV, 6>(qg, keys, D, l0, l1, scale, sg, length); break;
-      case 7: score_group<KV, 7>(qg, keys, D, l0, l1, scale, sg, length); break;
-      default: score_group<KV, 8>(qg, keys, D, l0, l1, scale, sg, length); break;
-    }
-  }
-  if (keep == nullptr) return;
-  for (int64_t l = l0; l < l1; ++l)  // pads of a left-padded row
-    if (keep[l] == 0)
-      for (int64_t g = 0; g < G; ++g) scores[g * length + l] = -std::numeric_limits<float>::infinity();
-}
-
-// out[g] = sum over slots [l0, l1) of p[g, l] * values[l] (out: G x D float32). Column-major over the
-// head dim: 8 columns at a time, one register accumulator per query head (up to MAX_GROUP of them),
-// so the block's value rows (L1-resident: 8 KB at 64 slots) are read once per 8 columns.
-constexpr int64_t MAX_GROUP = 8;
-
-template <typename KV, int GROUPS>
-void value_columns(const float* p, const KV* values, int64_t D, int64_t l0, int64_t l1, int64_t length, float* out) {
-  for (int64_t d = 0; d < D; d += 8) {
-    __m256 acc[GROUPS];
-#pragma GCC unroll 8
-    for (int g = 0; g < GROUPS; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t l = l0; l < l1; ++l) {
-      const __m256 row = load8(values + l * D + d);
-#pragma GCC unroll 8
-      for (int g = 0; g < GROUPS; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * length + l), row, acc[g]);
-    }
-#pragma GCC unroll 8
-    for (int g = 0; g < GROUPS; ++g) _mm256_storeu_ps(out + g * D + d, acc[g]);
-  }
-}
-
-template <typename KV>
-void value_block(const float* p, const KV* values, int64_t D, int64_t G, int64_t l0, int64_t l1, int64_t length,
-                 float* out) {
-  for (int64_t g0 = 0; g0 < G; g0 += MAX_GROUP) {  // register accumulators for up to 8 query heads at a time
-    const float* pg = p + g0 * length;
-    float* og = out + g0 * D;
-    switch (std::min(MAX_GROUP, G - g0)) {
-      case 1: value_columns<KV, 1>(pg, values, D, l0, l1, length, og); break;
-      case 2: value_columns<KV, 2>(pg, values, D, l0, l1, length, og); break;
-      case 3: value_columns<KV, 3>(pg, values, D, l0, l1, length, og); break;
-      case 4: value_columns<KV, 4>(pg, values, D, l0, l1, length, og); break;
-      case 5: value_columns<KV, 5>(pg, values, D, l0, l1, length, og); break;
-      case 6: value_columns<KV, 6>(pg, values, D, l0, l1, length, og); break;
-      case 7: value_columns<KV, 7>(pg, values, D, l0, l1, length, og); break;
-      default: value_columns<KV, 8>(pg, values, D, l0, l1, length, og); break;
-    }
-  }
-}
+using namespace leanlm_attention;
 
 template <typename KV>
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values, int64_t length,
