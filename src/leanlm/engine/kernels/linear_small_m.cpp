@@ -109,11 +109,31 @@ std::vector<float> float_rows(const torch::Tensor& x, int64_t K) {
   return out;
 }
 
+// A bias or row scale as float32, read in its own dtype: an ATen conversion op per call cost ~10 us,
+// as much as streaming a small decode weight.
 std::vector<float> optional_floats(const c10::optional<torch::Tensor>& t, int64_t N, const char* what) {
   if (!t.has_value()) return {};
   TORCH_CHECK(t->numel() == N, what, " has ", t->numel(), " values for ", N, " outputs");
-  auto f = t->to(torch::kFloat32).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + N);
+  const torch::Tensor values = t->is_contiguous() ? *t : t->contiguous();
+  std::vector<float> out(N);
+  switch (values.scalar_type()) {
+    case torch::kFloat32: std::copy(values.data_ptr<float>(), values.data_ptr<float>() + N, out.begin()); break;
+    case torch::kBFloat16: {
+      const at::BFloat16* p = values.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
+      break;
+    }
+    case torch::kHalf: {
+      const at::Half* p = values.data_ptr<at::Half>();
+      for (int64_t i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
+      break;
+    }
+    default: {
+      const torch::Tensor f = values.to(torch::kFloat32);
+      std::copy(f.data_ptr<float>(), f.data_ptr<float>() + N, out.begin());
+    }
+  }
+  return out;
 }
 
 template <typename W>
