@@ -71,12 +71,13 @@ def test_what_the_lean_step_cannot_reproduce_decodes_through_the_model():
 
 @pytest.mark.skipif(not kernels.available(), reason="leanlm's CPU kernels cannot be built here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_kernel_matches_a_float64_reference(dtype):
+@pytest.mark.parametrize("pads", [9, 70])  # 70: the first 64-slot block of the row is all pads
+def test_decode_attention_kernel_matches_a_float64_reference(dtype, pads):
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(2, 6, 64, generator=gen).to(dtype)  # 6 query heads over 2 kv heads
     keys, values = (torch.randn(2, 2, 150, 64, generator=gen).to(dtype) for _ in range(2))
     keep = torch.ones(2, 150, dtype=torch.long)
-    keep[1, :9] = 0  # a left-padded row
+    keep[1, :pads] = 0  # a left-padded row
     got = torch.ops.leanlm.decode_attention(q, keys, values, torch.tensor([130]), keep, 0.125)
     k, v = keys[:, :, :130].double().repeat_interleave(3, 1), values[:, :, :130].double().repeat_interleave(3, 1)
     scores = torch.einsum("bhd,bhld->bhl", q.double(), k) * 0.125

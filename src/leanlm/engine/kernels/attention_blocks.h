@@ -3,6 +3,7 @@
 // query heads over a range of full-precision cache slots.
 #pragma once
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -170,6 +171,10 @@ inline __m256 exp8(__m256 x) {
 inline std::pair<float, float> exp_against_max(float* x, int64_t n) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) top = std::max(top, x[i]);
+  if (top == -std::numeric_limits<float>::infinity()) {  // every slot masked (pads): weight 0, no NaN
+    std::fill(x, x + n, 0.f);
+    return {top, 0.f};
+  }
   __m256 total = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -180,6 +185,36 @@ inline std::pair<float, float> exp_against_max(float* x, int64_t n) {
   float sum = hsum(total);
   for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - top));
   return {top, sum};
+}
+
+// partial (heads_kv, blocks, G, D + 2): each block's value sums, max and sum of exponentials. Joins
+// them per query head (weights exp(block max - overall max), over the total): blocks before `tail_from`
+// into `main`, the others into `tail` (a quantized cache's residual, in another basis), or all into
+// `main` when tail is null.
+inline void join_blocks(const float* partial, int64_t heads_kv, int64_t blocks, int64_t G, int64_t D, float* main,
+                        float* tail, int64_t tail_from) {
+  at::parallel_for(0, heads_kv * G, 1, [&](int64_t first, int64_t last) {
+    for (int64_t hg = first; hg < last; ++hg) {
+      const int64_t bh = hg / G, g = hg % G;
+      const float* row = partial + (bh * blocks * G + g) * (D + 2);  // block k at row + k * G * (D + 2)
+      float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t k = 0; k < blocks; ++k) top = std::max(top, row[k * G * (D + 2) + D]);
+      float* main_out = main + hg * D;
+      float* tail_out = tail == nullptr ? nullptr : tail + hg * D;
+      std::fill(main_out, main_out + D, 0.f);
+      if (tail_out != nullptr) std::fill(tail_out, tail_out + D, 0.f);
+      for (int64_t k = 0; k < blocks; ++k) {
+        const float* block = row + k * G * (D + 2);
+        const float w = std::exp(block[D] - top);
+        total += w * block[D + 1];
+        float* out = (tail_out != nullptr && k >= tail_from) ? tail_out : main_out;
+        for (int64_t d = 0; d < D; ++d) out[d] += w * block[d];
+      }
+      for (int64_t d = 0; d < D; ++d) main_out[d] /= total;
+      if (tail_out != nullptr)
+        for (int64_t d = 0; d < D; ++d) tail_out[d] /= total;
+    }
+  });
 }
 
 }  // namespace leanlm_attention

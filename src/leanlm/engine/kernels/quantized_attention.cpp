@@ -126,34 +126,6 @@ inline void halves_to_floats(const at::Half* p, int64_t stride, int64_t n, float
   for (; i < n; ++i) out[i] = half_to_float(p[i * stride]);
 }
 
-// partial (heads_kv, blocks, G, D + 2): each block's value sums, max and sum. The last block is the
-// residual: quantized gets the other blocks' joined output, plain the residual's, both over the total.
-inline void join_blocks(const float* partial, int64_t heads_kv, int64_t blocks, int64_t G, int64_t D, float* quantized,
-                        float* plain) {
-  at::parallel_for(0, heads_kv * G, 1, [&](int64_t first, int64_t last) {
-    for (int64_t hg = first; hg < last; ++hg) {
-      const int64_t bh = hg / G, g = hg % G;
-      const float* row = partial + (bh * blocks * G + g) * (D + 2);  // block k at row + k * G * (D + 2)
-      float top = -std::numeric_limits<float>::infinity(), total = 0.f;
-      for (int64_t k = 0; k < blocks; ++k) top = std::max(top, row[k * G * (D + 2) + D]);
-      float* q_out = quantized + hg * D;
-      float* p_out = plain + hg * D;
-      std::fill(q_out, q_out + D, 0.f);
-      for (int64_t k = 0; k < blocks; ++k) {
-        const float* block = row + k * G * (D + 2);
-        const float w = std::exp(block[D] - top);
-        total += w * block[D + 1];
-        float* out = k == blocks - 1 ? p_out : q_out;
-        if (k == blocks - 1)
-          for (int64_t d = 0; d < D; ++d) out[d] = w * block[d];
-        else
-          for (int64_t d = 0; d < D; ++d) out[d] += w * block[d];
-      }
-      for (int64_t d = 0; d < D; ++d) q_out[d] /= total, p_out[d] /= total;
-    }
-  });
-}
-
 constexpr int MAX_GH = 8;  // query heads per pass: GH accumulators + their broadcasts fit 16 registers
 
 #define LEANLM_DISPATCH_HEADS(GH_VALUE, CALL) \
@@ -300,7 +272,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& key_codes, con
   });
   // join the blocks: weights exp(block max - overall max); quantized blocks and the residual apart (bases differ)
   auto quantized = torch::empty({B, H, D}, qf.options()), plain = torch::empty({B, H, D}, qf.options());
-  join_blocks(pp, B * KVH, blocks, G, D, quantized.data_ptr<float>(), plain.data_ptr<float>());
+  join_blocks(pp, B * KVH, blocks, G, D, quantized.data_ptr<float>(), plain.data_ptr<float>(), blocks - 1);
   if (rotation.has_value()) quantized = quantized.matmul(rotation->to(torch::kFloat32));  // H H = I: back
   return (quantized + plain).to(q.scalar_type());
 }
