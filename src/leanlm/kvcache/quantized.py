@@ -91,15 +91,19 @@ class KiviLayer(FusedLayer, PolicyLayer):
         residual and leave attention to ``attend``; else the plain way (dequantize the whole cache)."""
         if not self.fused or key_states.shape[2] > self.fused_queries:
             return super().update(key_states, value_states, *args, **kwargs)
+        self._append_residual(key_states, value_states)
+        self.pending, self.queries = True, None
+        return key_states, value_states
+
+    def _append_residual(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The step's K/V (batch, kv_heads, q, head_dim) join the full-precision residual (contiguous)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         held = self.keys is not None and self.keys.shape[2]
-        self.keys = torch.cat([self.keys, key_states], 2) if held else key_states  # (batch, kv_heads, R + q, head_dim)
-        self.values = torch.cat([self.values, value_states], 2) if held else value_states
+        self.keys = torch.cat([self.keys, key_states], 2) if held else key_states.contiguous()  # (batch, kv_heads, R + q, head_dim)
+        self.values = torch.cat([self.values, value_states], 2) if held else value_states.contiguous()
         self.seen += key_states.shape[2]
-        self.peak = max(self.peak, self.nbytes())  # the step's K/V are now resident; attend adds no (tokens, d) copy
-        self.pending, self.queries = True, None
-        return key_states, value_states
+        self.peak = max(self.peak, self.nbytes())  # the step's K/V are now resident; attention adds no (tokens, d) copy
 
     def attend(self, module: nn.Module, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention over the codes (``fused_kernels.quantized_attention``) and the residual, then the
@@ -125,14 +129,7 @@ class KiviLayer(FusedLayer, PolicyLayer):
         (batch, kv_heads, head_dim) → attention output (batch, heads, head_dim). The new K/V join the
         residual, attention reads the codes (``leanlm::quantized_decode_attention``, else ``attend``'s
         torch path), then whole residual blocks are quantized as on every other path."""
-        if not self.is_initialized:
-            self.lazy_initialization(key[:, :, None], value[:, :, None])
-        held = self.keys is not None and self.keys.shape[2]
-        key, value = key[:, :, None], value[:, :, None]
-        self.keys = torch.cat([self.keys, key], 2) if held else key.contiguous()  # (batch, kv_heads, R + 1, head_dim)
-        self.values = torch.cat([self.values, value], 2) if held else value.contiguous()
-        self.seen += 1
-        self.peak = max(self.peak, self.nbytes())
+        self._append_residual(key[:, :, None], value[:, :, None])
         out = self._kernel_attention(query, scaling)
         if out is None:
             self.pending = True

@@ -92,16 +92,33 @@ void score_block(const float* q, const KV* keys, int64_t D, int64_t G, int64_t l
 // so the block's value rows (L1-resident: 8 KB at 64 slots) are read once per 8 columns.
 constexpr int64_t MAX_GROUP = 8;
 
+// Independent accumulator chains per query head: one FMA chain per register would wait on the FMA
+// latency (4 cycles) every step, so U rows (or slots) go to U separate chains, summed at the end.
+template <int GH>
+constexpr int chains() { return GH <= 3 ? 4 : (GH <= 6 ? 2 : 1); }
+
+template <int U, int GH>
+inline void zero_chains(__m256 (&acc)[U][GH]) {
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int g = 0; g < GH; ++g) acc[u][g] = _mm256_setzero_ps();
+}
+
+// start + the U chains of head g
+template <int U, int GH>
+inline __m256 sum_chains(const __m256 (&acc)[U][GH], int g, __m256 start) {
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) start = _mm256_add_ps(start, acc[u][g]);
+  return start;
+}
+
 template <typename KV, int GROUPS>
 void value_columns(const float* p, const KV* values, int64_t D, int64_t l0, int64_t l1, int64_t length, float* out) {
-  // U slots go to U separate accumulator chains (one chain would wait on the FMA latency every slot)
-  constexpr int U = GROUPS <= 3 ? 4 : (GROUPS <= 6 ? 2 : 1);
+  constexpr int U = chains<GROUPS>();
   for (int64_t d = 0; d < D; d += 8) {
     __m256 acc[U][GROUPS];
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-      for (int g = 0; g < GROUPS; ++g) acc[u][g] = _mm256_setzero_ps();
+    zero_chains(acc);
     int64_t l = l0;
     for (; l + U <= l1; l += U) {
 #pragma GCC unroll 4
@@ -118,12 +135,7 @@ void value_columns(const float* p, const KV* values, int64_t D, int64_t l0, int6
       for (int g = 0; g < GROUPS; ++g) acc[0][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * length + l), row, acc[0][g]);
     }
 #pragma GCC unroll 8
-    for (int g = 0; g < GROUPS; ++g) {
-      __m256 total = acc[0][g];
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][g]);
-      _mm256_storeu_ps(out + g * D + d, total);
-    }
+    for (int g = 0; g < GROUPS; ++g) _mm256_storeu_ps(out + g * D + d, sum_chains(acc, g, _mm256_setzero_ps()));
   }
 }
 

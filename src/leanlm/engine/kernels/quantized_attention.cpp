@@ -38,11 +38,6 @@ inline __m256i load_bytes8(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Independent accumulator sets per query head: one FMA chain per register would wait on the FMA
-// latency (4 cycles) every step, so U rows (or tokens) go to U separate chains, summed at the end.
-template <int GH>
-constexpr int chains() { return GH <= 3 ? 4 : (GH <= 6 ? 2 : 1); }
-
 // Scores of GH query heads against one key group (gk tokens of one KV head): qs (GH x D) holds
 // q_d * s_dg * scale, bias (GH) sum_d q_d z_dg * scale; codes row d at codes + d * row_stride
 // (bytes_per_row = gk * BITS / 8 bytes). scores[g * L + token] for the group's tokens. One plane at a
@@ -54,10 +49,7 @@ void key_group_scores(const float* qs, const float* bias, const uint8_t* codes, 
   for (int64_t c = 0; c < bytes_per_row; c += 8) {
     for (int p = 0; p < PLANES; ++p) {
       __m256 acc[U][GH];
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-        for (int g = 0; g < GH; ++g) acc[u][g] = _mm256_setzero_ps();
+      zero_chains(acc);
       for (int64_t d = 0; d < D; d += U) {  // D is a multiple of 8
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) {
@@ -68,12 +60,8 @@ void key_group_scores(const float* qs, const float* bias, const uint8_t* codes, 
         }
       }
 #pragma GCC unroll 8
-      for (int g = 0; g < GH; ++g) {  // plane p, byte c + lane holds token p * bytes_per_row + c + lane
-        __m256 total = _mm256_set1_ps(bias[g]);
-#pragma GCC unroll 4
-        for (int u = 0; u < U; ++u) total = _mm256_add_ps(total, acc[u][g]);
-        _mm256_storeu_ps(scores + g * L + p * bytes_per_row + c, total);
-      }
+      for (int g = 0; g < GH; ++g)  // plane p, byte c + lane holds token p * bytes_per_row + c + lane
+        _mm256_storeu_ps(scores + g * L + p * bytes_per_row + c, sum_chains(acc, g, _mm256_set1_ps(bias[g])));
     }
   }
 }
@@ -87,10 +75,7 @@ void value_group_sums(const float* ps, int64_t block, const uint8_t* codes, int6
   for (int64_t c = 0; c < bytes_per_group; c += 8) {
     for (int p = 0; p < PLANES; ++p) {
       __m256 acc[U][GH];
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-        for (int g = 0; g < GH; ++g) acc[u][g] = _mm256_setzero_ps();
+      zero_chains(acc);
       int64_t l = l0;
       for (; l + U <= l1; l += U) {
 #pragma GCC unroll 4
@@ -109,10 +94,7 @@ void value_group_sums(const float* ps, int64_t block, const uint8_t* codes, int6
 #pragma GCC unroll 8
       for (int g = 0; g < GH; ++g) {
         float* o = out + g * D + p * bytes_per_group + c;
-        __m256 total = _mm256_loadu_ps(o);
-#pragma GCC unroll 4
-        for (int u = 0; u < U; ++u) total = _mm256_add_ps(total, acc[u][g]);
-        _mm256_storeu_ps(o, total);
+        _mm256_storeu_ps(o, sum_chains(acc, g, _mm256_loadu_ps(o)));
       }
     }
   }
@@ -141,7 +123,7 @@ constexpr int MAX_GH = 8;  // query heads per pass: GH accumulators + their broa
   }
 
 struct Layout {  // per (batch, kv head): sizes of the packed tensors, and the key tensors' strides
-  int64_t D, G, L, T, gk, key_groups, key_row_bytes, gv, value_groups, value_group_bytes;
+  int64_t D, G, T, gk, key_groups, key_row_bytes, gv, value_groups, value_group_bytes;
   int64_t code_channel, code_group, scale_channel, scale_group;  // strides of (channel, group) in codes / scales
 };
 
@@ -215,7 +197,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& key_codes, con
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = key_codes.size(1), R = res_keys.size(2);
   Layout s;
   s.D = D, s.G = H / KVH, s.key_groups = key_codes.size(3), s.key_row_bytes = key_codes.size(4);
-  s.gk = s.key_row_bytes * 8 / KBITS, s.T = s.key_groups * s.gk, s.L = s.T + R;
+  s.gk = s.key_row_bytes * 8 / KBITS, s.T = s.key_groups * s.gk;
   s.value_groups = value_codes.size(3), s.value_group_bytes = value_codes.size(4), s.gv = D / s.value_groups;
   s.code_channel = key_codes.stride(2), s.code_group = key_codes.stride(3);
   s.scale_channel = key_scale.stride(2), s.scale_group = key_scale.stride(3);
