@@ -18,7 +18,9 @@ Only what it reproduces is accepted (``unsupported_reason``): Llama, Mistral and
 stock classes, SiLU MLPs, full attention, no hooks (projections are called as modules, so int8/int4
 or LoRA-wrapped linears work). A policy cache whose layers attend over their own storage
 (``lean_attend``: the ``quantized`` cache reads its codes in ``leanlm::quantized_decode_attention``)
-takes the same step, eagerly. Anything else (Gemma 3, swapped or latent attention, other policy
+takes the same step, eagerly. Sliding-window layers of a swapped model (``transforms/swap_attention``)
+write into and attend over their ring of sink + window slots (``ring_write``), compiled or not, so
+their cost per step stays flat in the context. Anything else (Gemma 3, linear or latent attention, other policy
 caches, a DynamicCache) decodes through the model's own forward.
 """
 
@@ -33,13 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.engine import kernels
-from leanlm.engine.static_cache import is_static
+from leanlm.engine.static_cache import is_static, window_layers
+from leanlm.errors import LeanLMError
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2")
 LAYER_CLASSES = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+WINDOW_CLASSES = {"SlidingWindowAttention"}  # a swapped layer (transforms/swap_attention): a ring of sink + window slots
 MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 
@@ -61,7 +65,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for layer in inner.layers:
         kinds = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__,
                  type(layer.input_layernorm).__name__, type(layer.post_attention_layernorm).__name__)
-        if (kinds[0] not in LAYER_CLASSES or kinds[1] not in ATTENTION_CLASSES or kinds[2] not in MLP_CLASSES
+        if (kinds[0] not in LAYER_CLASSES or kinds[1] not in ATTENTION_CLASSES | WINDOW_CLASSES or kinds[2] not in MLP_CLASSES
                 or not set(kinds[3:]) <= NORM_CLASSES):
             return f"layer classes {kinds}"
     for module in (inner, *inner.modules()):
@@ -99,13 +103,24 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: to
     return out[:, :, 0]
 
 
+def ring_write(keys, values, k, v, slot, sink: int, window: int):
+    """Write the step's K/V into a sliding-window layer's ring (see ``kvcache.swapped.RingWindowLayer``)
+    → the number of written slots, as the 1-element length ``attend`` takes."""
+    ring_slot = torch.where(slot < sink, slot, sink + (slot - sink) % window)
+    keys.index_copy_(2, ring_slot, k[:, :, None])
+    values.index_copy_(2, ring_slot, v[:, :, None])
+    return torch.clamp(slot + 1, max=sink + window)
+
+
 def decode_layers(model: nn.Module, ids, position_ids, slot, keep, keys: list, values: list,
-                  policy_layers: list | None = None) -> torch.Tensor:
+                  policy_layers: list | None = None, rings: dict | None = None) -> torch.Tensor:
     """The step itself: ``ids`` (batch, 1) at ``position_ids`` (batch, 1), K/V written at cache slot
     ``slot`` (a 1-element tensor) of every layer's ``keys``/``values`` (batch, kv heads, slots, dim)
     → (batch, vocab) logits. A plain function of tensors, so ``torch.compile`` can take it whole.
-    ``policy_layers``: a policy cache's layers instead, each storing the step's K/V and attending
-    over its own storage (``lean_attend``; eager only)."""
+    ``rings``: layer index -> (sink, window) of sliding-window layers, whose ``keys``/``values`` are
+    rings (``static_cache.window_layers``; unpadded batches). ``policy_layers``: a policy cache's layers instead,
+    each storing the step's K/V and attending over its own storage (``lean_attend``; eager only)."""
+    rings = rings or {}
     inner = model.model
     x = inner.embed_tokens(ids)  # (batch, 1, hidden)
     cos, sin = inner.rotary_emb(x, position_ids)  # (batch, 1, head_dim): broadcasts over heads
@@ -118,6 +133,9 @@ def decode_layers(model: nn.Module, ids, position_ids, slot, keep, keys: list, v
         v = attn.v_proj(h).view(batch, -1, attn.head_dim)
         if policy_layers is not None:
             out = policy_layers[index].lean_attend(q, k, v, attn.scaling)  # (batch, heads, dim)
+        elif index in rings:
+            written = ring_write(keys[index], values[index], k, v, slot, *rings[index])
+            out = attend(q, keys[index], values[index], written, None, attn.scaling)
         else:
             keys[index].index_copy_(2, slot, k[:, :, None])
             values[index].index_copy_(2, slot, v[:, :, None])
@@ -137,6 +155,7 @@ class LeanStep:
 
     def __init__(self, model: nn.Module, compile: bool = False, policy: bool = False):
         self.model, self.policy = model, policy
+        self.rings = window_layers(model)
         self.run = decode_layers
         if compile and not policy:  # a policy layer's storage changes shape as it fills: eager
             if model not in _compiled:  # one compiled function per model, reused by every cache and call
@@ -151,8 +170,10 @@ class LeanStep:
             return logits
         slot = torch.tensor([state.seen], device=ids.device)  # the new token's cache slot (pads count)
         keep = state.mask  # (batch, slots) 1 = real token, or None
+        if self.rings and keep is not None:
+            raise LeanLMError("a model with sliding-window layers decodes unpadded batches only")
         args = (self.model, ids, state.position_ids(1).clamp(min=0), slot, keep,
-                [layer.keys for layer in layers], [layer.values for layer in layers])
+                [layer.keys for layer in layers], [layer.values for layer in layers], None, self.rings)
         try:
             logits = self.run(*args)
         except Exception as error:  # noqa: BLE001 - compilation failed (no compiler, unsupported op): go eager
@@ -163,8 +184,11 @@ class LeanStep:
             _compiled.pop(self.model, None)
             self.run = decode_layers
             logits = self.run(*args)  # nothing ran yet, or it rewrites the same slots
-        for layer in layers:
-            layer.cumulative_length.add_(1)  # transformers' own count stays in step with the slots written
+        for index, layer in enumerate(layers):
+            if index in self.rings:
+                layer.seen += 1
+            else:
+                layer.cumulative_length.add_(1)  # transformers' own count stays in step with the slots written
         state.advance(1)
         return logits.clone() if self.run is not decode_layers else logits  # compiled outputs may be reused
 
@@ -205,4 +229,6 @@ def lean_step(model: nn.Module, cache, compile: bool = False) -> LeanStep | None
         return None
     if is_static(cache):
         return LeanStep(model, compile)
+    if window_layers(model):  # a swapped model's policy caches are not written for its rings
+        return None
     return LeanStep(model, policy=True) if attends_itself(cache) else None

@@ -3,7 +3,8 @@
 Every layer holds (batch, kv_heads, max_len, head_dim) tensors allocated at the first write; a step
 writes its new K/V in place, so a compiled decode step sees the same shapes and storage every time.
 Attention runs over all ``max_len`` slots with the unwritten ones masked, so size it to the text
-(prompt + new tokens), not to the model's whole context.
+(prompt + new tokens), not to the model's whole context. The sliding-window layers of a swapped
+model (``transforms/swap_attention``) get a ring of sink + window slots instead, whatever ``max_len``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from transformers import StaticCache
 from transformers.cache_utils import Cache
 
 from leanlm.errors import LeanLMError
+from leanlm.models.config_keys import SWAP_KEY
 
 
 def static_cache(model, max_len: int) -> Cache:
@@ -27,7 +29,38 @@ def static_cache(model, max_len: int) -> Cache:
         from leanlm.kvcache.latent import latent_cache  # lazy: kvcache sits above the engine
 
         return latent_cache(model)
-    return StaticCache(config=model.config, max_cache_len=max_len)
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    rings = window_layers(model)
+    if rings:
+        from leanlm.kvcache.swapped import RingWindowLayer  # lazy, as above
+
+        for index, (sink, window) in rings.items():
+            cache.layers[index] = RingWindowLayer(sink, window)  # replaced before any storage was allocated
+    return cache
+
+
+def static_copy(model, cache: Cache, max_len: int) -> Cache:
+    """The engine's static cache (``static_cache``) holding what a filled DynamicCache holds: full layers'
+    K/V copied to their first slots, sliding-window layers as rings (e.g. to time decode after a long
+    prefill that was measured through a growing cache)."""
+    from leanlm.kvcache.swapped import RingWindowLayer, WindowLayer  # lazy, as above
+
+    static = static_cache(model, max_len)
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is WindowLayer:
+            static.layers[index] = RingWindowLayer.from_window(layer)
+        elif isinstance(layer, WindowLayer):
+            raise LeanLMError(f"layer {index} is a {type(layer).__name__}: a linear layer's state has no static form")
+        else:
+            static.update(layer.keys, layer.values, index)
+    return static
+
+
+def window_layers(model) -> dict[int, tuple[int, int]]:
+    """Layer index -> (sink, window) of the sliding-window layers a swapped model's config records."""
+    record = getattr(model.config, SWAP_KEY, None) or {}
+    return {int(index): (int(item["sink"]), int(item["window"])) for index, item in record.items()
+            if item.get("kind") == "sliding_window"}
 
 
 def is_static(cache: Cache | None) -> bool:
@@ -36,7 +69,9 @@ def is_static(cache: Cache | None) -> bool:
 
 def capacity(cache: Cache | None) -> int | None:
     """Tokens a static cache can hold (None: grows as needed)."""
-    return cache.layers[0].max_cache_len if is_static(cache) else None
+    if not is_static(cache):
+        return None
+    return min(layer.max_cache_len for layer in cache.layers if hasattr(layer, "max_cache_len"))
 
 
 def held_bytes(cache: Cache | None) -> int:

@@ -94,6 +94,81 @@ class WindowLayer(DynamicLayer):
         self.seen, self.peak = 0, 0
 
 
+class RingWindowLayer(WindowLayer):
+    """A ``WindowLayer`` in a preallocated ring of ``sink + window`` slots, written in place.
+
+    Token ``p`` lives in slot ``p`` while ``p < sink``, else in slot ``sink + (p - sink) % window``: a new
+    token overwrites the one that just left the window, so the ring holds the sinks and the last
+    ``window`` tokens and nothing is gathered or copied per step. Slots ``[0, min(seen, sink + window))``
+    are written; attention is order-free (keys are stored after RoPE), so the engine's decode step
+    (``engine/lean_step``) writes the step's K/V into ``ring_slot`` and attends over the written slots
+    with ``leanlm::decode_attention``. Made by ``engine.static_cache`` for the sliding-window layers of a
+    swapped model, beside the ``StaticLayer``s of the layers that kept full attention.
+    ``nbytes()`` is the whole preallocated ring (one slot more than a ``WindowLayer`` holds between steps).
+    """
+
+    def __init__(self, sink: int, window: int):
+        super().__init__(sink, window)
+        self.capacity = sink + window
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads = key_states.shape[:2]
+        self.keys = key_states.new_zeros(batch, heads, self.capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+
+    def ring_slot(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slot of each text index (a tensor; the decode step computes it inside a compiled graph too)."""
+        return torch.where(positions < self.sink, positions, self.sink + (positions - self.sink) % self.window)
+
+    def held_positions(self) -> torch.Tensor:
+        """Text index of the token in each written slot, (written,)."""
+        written = torch.arange(min(self.seen, self.capacity))
+        if self.seen <= self.capacity:
+            return written
+        last = self.seen - 1  # the newest token; slot s >= sink holds the latest p <= last in its residue class
+        lag = (self.ring_slot(torch.tensor(last)) - written) % self.window
+        return torch.where(written < self.sink, written, last - lag)
+
+    def attend(self, keys: torch.Tensor, values: torch.Tensor):
+        """As ``WindowLayer.attend`` (held + new K/V and their text indices); the kept new tokens go to their slots."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        new, written = keys.shape[-2], min(self.seen, self.capacity)
+        new_positions = torch.arange(self.seen, self.seen + new)
+        positions = torch.cat([self.held_positions(), new_positions])
+        step_keys = torch.cat([self.keys[:, :, :written], keys], -2)
+        step_values = torch.cat([self.values[:, :, :written], values], -2)
+        self.seen += new
+        kept = ((new_positions < self.sink) | (new_positions >= self.seen - self.window)).nonzero().squeeze(-1)
+        slots = self.ring_slot(new_positions[kept]).to(keys.device)  # distinct: at most ``window`` past the sinks
+        self.keys.index_copy_(2, slots, keys.index_select(2, kept.to(keys.device)))
+        self.values.index_copy_(2, slots, values.index_select(2, kept.to(keys.device)))
+        self.peak = max(self.peak, self.nbytes() + tensor_bytes(step_keys, step_values))
+        return step_keys, step_values, positions, new_positions
+
+    def held_tokens(self) -> int:
+        return min(self.seen, self.capacity)
+
+    @classmethod
+    def from_window(cls, layer: WindowLayer) -> RingWindowLayer:
+        """A ring holding what ``layer`` holds (the token it dropped last would be overwritten next step anyway)."""
+        ring = cls(layer.sink, layer.window)
+        if layer.keys is not None:
+            ring.lazy_initialization(layer.keys, layer.values)
+            slots = ring.ring_slot(layer.held_positions()).to(layer.keys.device)
+            ring.keys.index_copy_(2, slots, layer.keys)
+            ring.values.index_copy_(2, slots, layer.values)
+        ring.seen = layer.seen
+        return ring
+
+    def reset(self) -> None:
+        if self.keys is not None:  # keep the ring's storage (a compiled step holds its address)
+            self.keys.zero_()
+            self.values.zero_()
+        self.seen, self.peak = 0, 0
+
+
 class RecurrentLayer(WindowLayer):
     """A window (the local softmax branch) + the recurrent state of a linear-attention layer."""
 
@@ -136,4 +211,4 @@ def swapped_nbytes(cache) -> dict[int, int]:
     return {i: layer.nbytes() for i, layer in enumerate(getattr(cache, "layers", [])) if isinstance(layer, WindowLayer)}
 
 
-__all__ = ["RecurrentLayer", "WindowLayer", "cache_layer", "swapped_nbytes"]
+__all__ = ["RecurrentLayer", "RingWindowLayer", "WindowLayer", "cache_layer", "swapped_nbytes"]
