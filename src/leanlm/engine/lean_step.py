@@ -218,9 +218,11 @@ def runs_lean(model: nn.Module) -> bool:
 
 
 def attends_itself(cache) -> bool:
-    """A policy cache whose every layer can take a lean step (``lean_attend``: the quantized cache)."""
+    """A policy cache whose every layer can take a lean step (``lean_attend``: the quantized cache, and
+    sink_window in full precision with text positions, whose layers say so with ``lean_ready``)."""
     layers = getattr(cache, "layers", None) or []
-    return hasattr(cache, "next_position_ids") and bool(layers) and all(hasattr(layer, "lean_attend") for layer in layers)
+    return hasattr(cache, "next_position_ids") and bool(layers) and all(
+        hasattr(layer, "lean_attend") and getattr(layer, "lean_ready", True) for layer in layers)
 
 
 def lean_step(model: nn.Module, cache, compile: bool = False) -> LeanStep | None:

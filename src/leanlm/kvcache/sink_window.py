@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.kvcache.base import CachePolicy, PolicyCache, check_budget
+from leanlm.kvcache.base import CachePolicy, PolicyCache, check_budget, tensor_bytes
 from leanlm.kvcache.eviction import EvictionLayer, tokens_for_budget
 from leanlm.models.arch import arch_of
 
@@ -38,11 +38,71 @@ def rerotate(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Te
 
 
 class SinkWindowLayer(EvictionLayer):
+    """Sinks + a rolling window. In full precision with text positions it also takes the engine's lean
+    decode step (``lean_attend``): the held tokens move once into a ring of sink + window + 1 slots,
+    then each step writes its token over the one the stock path would evict after it and attends
+    over the ring with ``leanlm::decode_attention`` — no gather or copy per step. The spare slot is
+    there because the stock path attends over held + new before it evicts; ``nbytes`` counts it."""
+
     def __init__(self, sink: int, window: int, inv_freq: torch.Tensor | None, bits: int | None, group: int,
                  rotate: bool = False):
         super().__init__(sink + window, bits, group, rotate)
         self.sink, self.window = sink, window
         self.inv_freq = inv_freq  # set in "cache" positions mode: keys are re-rotated as they slide
+        self.lean_ready = bits is None and inv_freq is None  # see lean_attend
+        self.ring: tuple[torch.Tensor, torch.Tensor] | None = None  # (batch, kv_heads, sink + window + 1, head_dim) x2
+        self.filled = self.next = 0  # ring slots written; next slot of the window part to overwrite
+
+    def lean_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One decode step (``engine/lean_step``): query (batch, heads, dim), the step's key/value (batch, kv_heads, dim)."""
+        from leanlm.engine.lean_step import attend  # lazy: the engine sits below the cache policies
+
+        if self.ring is None:  # the first lean step: the held tokens (time order) move into the ring once
+            keys, values = self.held.materialize()
+            size = (*key.shape[:2], self.capacity + 1, key.shape[-1])
+            self.ring = (key.new_zeros(size), value.new_zeros(size))
+            self.filled = 0 if keys is None else keys.shape[2]
+            if self.filled:
+                self.ring[0][:, :, : self.filled] = keys
+                self.ring[1][:, :, : self.filled] = values
+            self.held.keys = self.held.values = None
+        if self.filled <= self.capacity:  # still filling, in time order
+            slot, self.filled = self.filled, self.filled + 1
+        else:  # full: overwrite the oldest window token
+            slot, self.next = self.sink + self.next, (self.next + 1) % (self.window + 1)
+        self.ring[0][:, :, slot] = key
+        self.ring[1][:, :, slot] = value
+        self.seen += 1
+        self.peak = max(self.peak, self.nbytes())
+        return attend(query, *self.ring, torch.tensor([self.filled]), None, scaling)
+
+    def unroll(self) -> None:
+        """Back from the ring to the stock store (time order, at most sink + window tokens), for a stock step."""
+        if self.ring is None:
+            return
+        keys, values = (t[:, :, : self.filled] for t in self.ring)
+        if self.filled > self.capacity:  # full: the window part starts at the oldest slot; drop that one
+            order = torch.cat([torch.arange(self.sink), self.sink + (self.next + 1 + torch.arange(self.window)) % (self.window + 1)])
+            keys, values = keys[:, :, order.to(keys.device)], values[:, :, order.to(keys.device)]
+        self.held.keys, self.held.values = keys.contiguous(), values.contiguous()
+        self.ring, self.filled, self.next = None, 0, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.unroll()
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def held_tokens(self) -> int:
+        return self.filled if self.ring is not None else super().held_tokens()
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*self.ring) if self.ring is not None else super().nbytes()
+
+    def full_precision_tensors(self):
+        return list(self.ring) if self.ring is not None else super().full_precision_tensors()
+
+    def reset(self) -> None:
+        super().reset()
+        self.ring, self.filled, self.next = None, 0, 0
 
     def keep(self, keys: torch.Tensor, new: int) -> torch.Tensor:
         tokens = self.held.tokens()
