@@ -13,7 +13,8 @@ suffix ``:aten`` runs that method with leanlm's CPU kernels off (engine/kernels;
 attention instead), ``:layers`` with transformers' layer code instead of the lean decode step
 (engine/lean_step.py); ``engine_static:layers:aten`` has both off. llama.cpp runs in its own venv
 (benchmarks/llamacpp_env.sh) through benchmarks/llamacpp_driver.py, on a BF16 GGUF written from the
-same weights and on the bundled Q4_1.
+same weights and on the bundled Q4_1; vLLM's CPU build in its own venv (benchmarks/vllm_env.sh) through
+one persistent benchmarks/vllm_driver.py (offline ``LLM``, the same bf16 weights, prefix caching off).
 Writes FILE.json (rows + protocol), FILE.md (table) and FILE.png (tokens/s vs context).
 """
 
@@ -40,7 +41,7 @@ from leanlm.report import atomic_write_json, atomic_write_text, git_info, versio
 
 METHODS = ["hf_dynamic", "hf_static", "engine_dynamic", "engine_static:layers:aten", "engine_static", "engine_compiled", "quantized@0.25",
            "heavy_hitter+int4@0.25", "weights_int8", "weights_int8_compiled", "weights_int4", "speculative_k2", "speculative_k4",
-           "speculative_k6", "llamacpp_bf16", "llamacpp_q4_1"]
+           "speculative_k6", "llamacpp_bf16", "llamacpp_q4_1", "vllm_bf16"]
 
 
 def kv_bytes_per_token(model) -> int:
@@ -132,14 +133,14 @@ def _with_kv(result: dict | None, kv_bytes: int) -> dict | None:
     return None if result is None else {"kv_bytes": kv_bytes} | result
 
 
-def build_runners(args, model, draft, quantized_models, llama):
+def build_runners(args, model, draft, quantized_models, llama, vllm=None):
     """name → callable(ids, new) -> row fields; None when the method is not available (reason recorded)."""
     runners, skipped = {}, {}
     for name in args.methods:
         base_name, _, suffix = name.rpartition(":")
         if base_name and suffix in SWITCHES:  # the same method with one part of leanlm off: what that part gains
             base, base_skipped = build_runners(argparse.Namespace(**vars(args) | {"methods": [base_name]}), model, draft,
-                                               quantized_models, llama)
+                                               quantized_models, llama, vllm)
             runners |= {name: lambda ids, new, r=run, s=suffix: _switched_off(r, s, ids, new) for run in base.values()}
             skipped |= {name: why for why in base_skipped.values()}
             continue
@@ -166,6 +167,8 @@ def build_runners(args, model, draft, quantized_models, llama):
                 run_speculative(model, draft, ids, new, k, engine_total(model, ids, new)[1]) if ids.shape[0] == 1 else None)
         elif name.startswith("llamacpp_"):
             runners[name] = lambda ids, new, n=name: _with_kv(llama(n, ids, new), ids.shape[1] * kv_bytes_per_token(model))
+        elif name == "vllm_bf16":
+            runners[name] = lambda ids, new: _with_kv(vllm(ids, new), ids.shape[0] * (ids.shape[1] + new) * kv_bytes_per_token(model))
         else:
             skipped[name] = "unknown method"
     return runners, skipped
@@ -184,6 +187,7 @@ def main() -> None:
     parser.add_argument("--draft-keep", type=int, default=10, help="speculative draft: keep this many first layers")
     parser.add_argument("--weight-group", type=int, default=64)
     parser.add_argument("--llamacpp-venv", type=Path, default=Path(".venv-llamacpp"))
+    parser.add_argument("--vllm-venv", type=Path, default=Path(".venv-vllm"), help="vLLM's CPU build (benchmarks/vllm_env.sh)")
     parser.add_argument("--gguf-dir", type=Path, default=Path("out/gguf"), help="where the BF16 GGUF is written")
     args = parser.parse_args()
     args.methods = args.methods.split(",")
@@ -202,12 +206,18 @@ def main() -> None:
                 quantized_models[f"weights_{scheme}"] = copy.deepcopy(model)
                 quantizer()(quantized_models[f"weights_{scheme}"], scheme, args.weight_group)
     from llamacpp_bridge import LlamaCpp
+    from vllm_bridge import VLLM
 
     llama = LlamaCpp(args.llamacpp_venv, args.gguf_dir, args.model, args.threads)
-    runners, skipped = build_runners(args, model, draft, quantized_models, llama)
+    longest = max(int(c) for c in args.contexts.split(",")) + args.new_tokens + 16
+    vllm = VLLM(args.vllm_venv, args.model, longest, max(int(b) for b in args.batches.split(",")), args.threads)
+    runners, skipped = build_runners(args, model, draft, quantized_models, llama, vllm)
     bandwidth = bandwidth_gbs(args.threads)
-    rows = measure_grid(args, model, runners, quantized_models, llama, bandwidth)
-    report = {"rows": rows, "skipped": skipped | llama.skipped, "bandwidth_gbs": bandwidth,
+    try:
+        rows = measure_grid(args, model, runners, quantized_models, llama, bandwidth)
+    finally:
+        vllm.close()
+    report = {"rows": rows, "skipped": skipped | llama.skipped | vllm.skipped, "bandwidth_gbs": bandwidth,
               "bandwidth_after_gbs": bandwidth_gbs(args.threads),
               "protocol": {"batches": args.batches, "contexts": args.contexts, "new_tokens": args.new_tokens,
                            "repeats": args.repeats, "threads": args.threads, "dtype": "bfloat16",
