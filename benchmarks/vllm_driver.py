@@ -20,7 +20,7 @@ from vllm.inputs import TokensPrompt
 
 
 def timed(llm: LLM, prompts: list, new: int) -> tuple[float, list]:
-    params = SamplingParams(max_tokens=new, min_tokens=new, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)  # ignore_eos: exactly N tokens
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outputs]
