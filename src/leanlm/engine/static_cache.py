@@ -71,7 +71,7 @@ def capacity(cache: Cache | None) -> int | None:
     """Tokens a static cache can hold (None: grows as needed)."""
     if not is_static(cache):
         return None
-    return min(layer.max_cache_len for layer in cache.layers if hasattr(layer, "max_cache_len"))
+    return min((layer.max_cache_len for layer in cache.layers if hasattr(layer, "max_cache_len")), default=None)
 
 
 def held_bytes(cache: Cache | None) -> int:
