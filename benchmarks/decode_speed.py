@@ -11,7 +11,8 @@ method) was prefilled. The memory bandwidth is measured in the same run (a large
 row's effective GB/s = (weight bytes + KV bytes read per step) x steps/s. A method name with the
 suffix ``:aten`` runs that method with leanlm's CPU kernels off (engine/kernels; ATen's matmuls and
 attention instead), ``:layers`` with transformers' layer code instead of the lean decode step
-(engine/lean_step.py); ``engine_static:layers:aten`` has both off. llama.cpp runs in its own venv
+(engine/lean_step.py), ``:pywrapper`` with inductor's Python wrapper instead of its C++ one (compiled
+methods); ``engine_static:layers:aten`` has both off. llama.cpp runs in its own venv
 (benchmarks/llamacpp_env.sh) through benchmarks/llamacpp_driver.py, on a BF16 GGUF written from the
 same weights and on the bundled Q4_1; vLLM's CPU build in its own venv (benchmarks/vllm_env.sh) through
 one persistent benchmarks/vllm_driver.py (offline ``LLM``, the same bf16 weights, prefix caching off).
@@ -31,6 +32,7 @@ from transformers import DynamicCache
 
 from benchmarks_common import bandwidth_gbs, markdown_table, plot_rows, weight_bytes
 from leanlm.engine import Sampler, static_cache, stream
+from leanlm.engine.compile import use_cpp_wrapper
 from leanlm.engine.kernels import use_kernels
 from leanlm.engine.lean_step import use_lean_step
 from leanlm.engine.speculative import SpeculativeStats, speculative_generate
@@ -121,7 +123,8 @@ def engine_total(model, ids, new):
     return new / (time.perf_counter() - start), tokens
 
 
-SWITCHES = {"aten": lambda: use_kernels(False), "layers": lambda: use_lean_step(False)}  # method-name suffixes
+SWITCHES = {"aten": lambda: use_kernels(False), "layers": lambda: use_lean_step(False),  # method-name suffixes
+            "pywrapper": lambda: use_cpp_wrapper(False)}
 
 
 def _switched_off(run, suffix, *args, **kwargs):

@@ -70,6 +70,21 @@ def test_compiled_step_equals_eager_step(ids):
     assert torch.equal(compiled, eager)
 
 
+def test_lean_step_compiles_once_per_model_and_wrapper_choice():
+    """Inductor's C++ wrapper (the default unless LEANLM_CPP_WRAPPER=0) and the Python wrapper (``use_cpp_wrapper(False)``, the
+    benchmarks' A/B) gets its own compiled function instead of reusing the other one."""
+    from leanlm.engine.compile import use_cpp_wrapper
+    from leanlm.engine.lean_step import LeanStep
+
+    model = tiny_kv_model()
+    with use_cpp_wrapper(True):
+        first, again = LeanStep(model, compile=True), LeanStep(model, compile=True)
+    with use_cpp_wrapper(False):
+        python_wrapper = LeanStep(model, compile=True)
+    assert first.run is again.run and first.run is not python_wrapper.run
+    assert first.compiled_key == (("cpp_wrapper", True),) and python_wrapper.compiled_key == ()
+
+
 def test_compile_with_a_dynamic_cache_falls_back_to_eager(model, ids, caplog):
     tokens = generate(model, ids, NEW, cache=DynamicCache(), compile=True)
     assert torch.equal(tokens, hf_greedy(model, ids))

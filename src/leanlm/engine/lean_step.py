@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.engine import kernels
+from leanlm.engine.compile import inductor_options
 from leanlm.engine.static_cache import is_static, window_layers
 from leanlm.errors import LeanLMError
 
@@ -158,9 +159,12 @@ class LeanStep:
         self.rings = window_layers(model)
         self.run = decode_layers
         if compile and not policy:  # a policy layer's storage changes shape as it fills: eager
-            if model not in _compiled:  # one compiled function per model, reused by every cache and call
-                _compiled[model] = torch.compile(decode_layers)
-            self.run = _compiled[model]
+            options = inductor_options()
+            self.compiled_key = tuple(sorted(options.items()))
+            per_model = _compiled.setdefault(model, {})  # one compiled function per model and options,
+            if self.compiled_key not in per_model:  # reused by every cache and call
+                per_model[self.compiled_key] = torch.compile(decode_layers, options=options)
+            self.run = per_model[self.compiled_key]
 
     def __call__(self, ids: torch.Tensor, state) -> torch.Tensor:
         layers = state.cache.layers
@@ -181,7 +185,7 @@ class LeanStep:
                 raise
             log.warning("torch.compile of the lean decode step failed (%s: %s); decoding eagerly",
                         type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            _compiled.pop(self.model, None)
+            _compiled.get(self.model, {}).pop(self.compiled_key, None)
             self.run = decode_layers
             logits = self.run(*args)  # nothing ran yet, or it rewrites the same slots
         for index, layer in enumerate(layers):
