@@ -183,6 +183,46 @@ def run_row(row: dict, args, prompt_list: list[str], out_dir: Path, on_level=Non
     return row
 
 
+def overload(args, prompt_list: list[str], out_dir: Path) -> dict:
+    """A burst of ``args.overload`` simultaneous streaming requests against a leanlm server with a small
+    batch and queue (4 and 8): how many were served, how many got 429 (and their Retry-After), whether any
+    failed otherwise, and whether the server still answers afterwards."""
+    import openai
+
+    row = {"name": "overload", "model": args.model, "max_batch": 4,
+           "args": ["--dtype", "bfloat16", "--max-queue", "8"]}  # a later --max-queue wins over start_leanlm's 64
+    proc, url = start_leanlm(row, args.threads, out_dir / "serve-overload.log")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    outcomes, lock = [], threading.Lock()
+
+    def one(index: int) -> None:
+        try:
+            one_request(client, args.model, prompt_list[index % len(prompt_list)], 32)
+            outcome = ("served", None)
+        except openai.RateLimitError as error:
+            outcome = ("429", error.response.headers.get("retry-after"))
+        except Exception as error:  # noqa: BLE001 - anything but a 429 is a failure to report
+            outcome = ("failed", f"{type(error).__name__}: {str(error)[:200]}")
+        with lock:
+            outcomes.append(outcome)
+
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(args.overload)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = one_request(client, args.model, prompt_list[0], 8)
+        return {"requests": args.overload, "max_batch": 4, "max_queue": 8,
+                "served": sum(o[0] == "served" for o in outcomes), "rejected_429": sum(o[0] == "429" for o in outcomes),
+                "retry_after": sorted({str(o[1]) for o in outcomes if o[0] == "429"}),
+                "failed": [o[1] for o in outcomes if o[0] == "failed"],
+                "health_after": httpx.get(f"{url}/health").status_code, "served_after_burst": after["tokens"] > 0}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def level(row: dict, concurrency: int) -> dict | None:
     return next((lv for lv in row.get("levels", []) if lv["concurrency"] == concurrency and lv["completed"]), None)
 
@@ -245,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-seconds", type=float, default=300, help="no new request after this long, per level")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--overload", type=int, default=0,
+                        help="also fire this many simultaneous requests at a server with batch 4 and queue 8 (429s expected)")
     parser.add_argument("--note", default="", help="a sentence about this run's conditions, kept in the JSON")
     args = parser.parse_args(argv)
 
@@ -281,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         finished = run_row(row, args, prompt_list, args.out.parent, partial)
         report["rows"][index:] = [finished]
         atomic_write_json(args.out, report)  # after every row: a stopped run keeps what it measured
+    if args.overload:
+        report["overload"] = overload(args, prompt_list, args.out.parent)
+        print(f"overload: {report['overload']}", flush=True)
+        atomic_write_json(args.out, report)
     plot(report["rows"], args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
