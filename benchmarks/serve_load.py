@@ -59,7 +59,8 @@ def prompts(tokenizer, count: int, length: int) -> list[str]:
 
 def start_leanlm(row: dict, threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "leanlm.cli", "serve", "--model", row["model"], "--port", "0", "--threads",
-           str(threads), "--max-batch", str(row.get("max_batch", 8)), "--max-queue", "64", *row.get("args", [])]
+           str(threads), "--max-batch", str(row.get("max_batch", 8)), "--max-queue", str(row.get("max_queue", 64)),
+           *row.get("args", [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
@@ -71,6 +72,15 @@ def start_leanlm(row: dict, threads: int, log_path: Path) -> tuple[subprocess.Po
     wait_ready(url)
     row["command"] = " ".join(cmd)
     return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then kill if it has not exited within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def wait_ready(url: str, timeout: float = 600) -> None:
@@ -173,11 +183,7 @@ def run_row(row: dict, args, prompt_list: list[str], out_dir: Path, on_level=Non
         print(f"{row['name']}: {row['error']}", flush=True)
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     row["load_after"] = os.getloadavg()
     row["targets"] = check_targets(row)
     return row
@@ -189,8 +195,7 @@ def overload(args, prompt_list: list[str], out_dir: Path) -> dict:
     failed otherwise, and whether the server still answers afterwards."""
     import openai
 
-    row = {"name": "overload", "model": args.model, "max_batch": 4,
-           "args": ["--dtype", "bfloat16", "--max-queue", "8"]}  # a later --max-queue wins over start_leanlm's 64
+    row = {"name": "overload", "model": args.model, "max_batch": 4, "max_queue": 8, "args": ["--dtype", "bfloat16"]}
     proc, url = start_leanlm(row, args.threads, out_dir / "serve-overload.log")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
     outcomes, lock = [], threading.Lock()
@@ -219,8 +224,7 @@ def overload(args, prompt_list: list[str], out_dir: Path) -> dict:
                 "failed": [o[1] for o in outcomes if o[0] == "failed"],
                 "health_after": httpx.get(f"{url}/health").status_code, "served_after_burst": after["tokens"] > 0}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 def level(row: dict, concurrency: int) -> dict | None:

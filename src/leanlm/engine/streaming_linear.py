@@ -44,22 +44,21 @@ class StreamingLinear(nn.Linear):
     calls run in float32 where the CPU has no bf16 arithmetic."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_kernel(x):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self._use_kernel(x, rows):
             return torch.ops.leanlm.linear_bf16(x, self.weight, self.bias)
-        if self._widen(x):
+        if self._widen(x, rows):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
-    def _widen(self, x: torch.Tensor) -> bool:
-        rows = x.numel() // max(x.shape[-1], 1)
+    def _widen(self, x: torch.Tensor, rows: int) -> bool:
         return (rows > kernels.MAX_ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16
                 and not (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))
                 and not native_bf16_matmul())
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
+    def _use_kernel(self, x: torch.Tensor, rows: int) -> bool:
         weight = self.weight
-        rows = x.numel() // max(x.shape[-1], 1)
         return (rows <= kernels.MAX_ROWS and x.device.type == "cpu" and weight.dtype == torch.bfloat16
                 and weight.is_contiguous() and x.shape[-1] % 8 == 0
                 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
