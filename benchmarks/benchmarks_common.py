@@ -1,12 +1,18 @@
-"""Helpers of benchmarks/decode_speed.py: memory bandwidth, weight bytes, the table and the plot."""
+"""Helpers of the speed benchmarks: memory bandwidth, weight bytes, the table and the plot
+(decode_speed.py); the ATen-bf16-against-widened rows (prefill_speed.py, widen_speed.py).
+Import it after putting ``src`` on ``sys.path``, as those scripts do."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from leanlm.evaluate.side_by_side import median_ratio
+from leanlm.report import atomic_write_json
 
 
 def bandwidth_gbs(threads: int, mib: int = 1024, repeats: int = 5) -> float:
@@ -74,3 +80,23 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def widened_ab_row(runs: dict[str, list[float]], tokens: int) -> dict:
+    """Seconds of alternated ``aten_bf16`` / ``widened`` runs over ``tokens`` tokens -> a report row's
+    timing fields (medians of tokens/s, widened / ATen ratio); ``prefill_speed`` and ``widen_speed``."""
+    speed = median_ratio([tokens / t for t in runs["aten_bf16"]], [tokens / t for t in runs["widened"]])
+    return {"aten_bf16_seconds": runs["aten_bf16"], "widened_seconds": runs["widened"],
+            "aten_bf16_tokens_per_s": speed["base"], "widened_tokens_per_s": speed["candidate"],
+            "speed_ratio": speed["ratio"]}
+
+
+def print_ab(label: str, row: dict, extra: str = "") -> None:
+    print(f"{label}: ATen bf16 {row['aten_bf16_tokens_per_s']:.0f} tok/s, widened {row['widened_tokens_per_s']:.0f} "
+          f"tok/s ({row['speed_ratio']:.2f}x){extra}", flush=True)
+
+
+def write_report(report: dict, out: Path) -> None:
+    report["load_average_at_end"] = os.getloadavg()
+    atomic_write_json(out, report)
+    print(f"wrote {out}")

@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from leanlm.engine.streaming_linear import disable_streaming_linears, enable_streaming_linears, native_bf16_matmul  # noqa: E402
-from leanlm.evaluate.side_by_side import alternate, median_ratio  # noqa: E402
+from leanlm.evaluate.side_by_side import alternate  # noqa: E402
 from leanlm.models import load_model  # noqa: E402
-from leanlm.report import atomic_write_json, git_info, versions  # noqa: E402
+from leanlm.report import git_info, versions  # noqa: E402
+
+from benchmarks_common import print_ab, widened_ab_row, write_report  # noqa: E402
 
 
 def timed_prefill(model, ids: torch.Tensor, widened: bool) -> float:
@@ -64,16 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         timed_prefill(model, ids, False), timed_prefill(model, ids, True)  # warm-up, untimed
         runs = alternate({"aten_bf16": lambda: timed_prefill(model, ids, False),
                           "widened": lambda: timed_prefill(model, ids, True)}, args.rounds)
-        speed = median_ratio([length / t for t in runs["aten_bf16"]], [length / t for t in runs["widened"]])
-        row = {"prompt_tokens": length, "aten_bf16_seconds": runs["aten_bf16"], "widened_seconds": runs["widened"],
-               "aten_bf16_tokens_per_s": speed["base"], "widened_tokens_per_s": speed["candidate"],
-               "speed_ratio": speed["ratio"], **logit_gap(model, ids)}
+        row = {"prompt_tokens": length, **widened_ab_row(runs, length), **logit_gap(model, ids)}
         report["rows"].append(row)
-        print(f"{length} tokens: ATen bf16 {speed['base']:.0f} tok/s, widened {speed['candidate']:.0f} tok/s "
-              f"({speed['ratio']:.2f}x), max logit difference {row['max_abs_logit_difference']:.3g}", flush=True)
-    report["load_average_at_end"] = os.getloadavg()
-    atomic_write_json(args.out, report)
-    print(f"wrote {args.out}")
+        print_ab(f"{length} tokens", row, f", max logit difference {row['max_abs_logit_difference']:.3g}")
+    write_report(report, args.out)
     return 0
 
 

@@ -41,6 +41,7 @@ from leanlm.errors import LeanLMError
 from leanlm.evaluate import PerplexityProtocol, perplexity
 from leanlm.models import ModelSpec, load_model, load_tokenizer
 from leanlm.models.compact import load_compact, save_compact
+from leanlm.models.widen import widened_linears
 from leanlm.recover import DistillConfig, LoraSettings, add_lora, distill, merge_lora, train_only, training_windows
 from leanlm.recover.local_stage import LocalStageConfig, local_stage
 from leanlm.recover.losses import kd_loss
@@ -82,11 +83,14 @@ VARIANTS: dict[str, Variant] = {
     "oproj_teacher": Variant(alpha=1.0, data=TEACHER_DATA, targets="o_proj"),
     "lr1e3_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, lr=1e-3),
     "query_global_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query"),
+    "query_global_lr2e3_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query", lr=2e-3),
+    "query_global_lr4e3_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query", lr=4e-3),
     "kvgroup_uniform_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, layout="uniform"),
     "query_uniform_kl_teacher": Variant(alpha=1.0, data=TEACHER_DATA, granularity="query", layout="uniform"),
     # References: the unpruned model, LoRA + CE only (alpha 0), same data and steps as a named variant. KL
     # against itself is exactly 0 (no gradient), so CE is what measures how far this data pulls a model.
     "reference_teacher": Variant(alpha=0.0, data=TEACHER_DATA, reference=True),
+    "reference_teacher_lr2e3": Variant(alpha=0.0, data=TEACHER_DATA, reference=True, lr=2e-3),
     "reference_mix": Variant(alpha=0.0, data=MIX, reference=True),
     "reference_wikitext": Variant(alpha=0.0, reference=True),
 }
@@ -158,13 +162,14 @@ def step_cpu_seconds(student, teacher, windows: torch.Tensor, v: Variant, batch:
     11.8 s per real step for `recipe` on the loaded machine, which then used 47 of its 120 CPU-seconds.)"""
     params = [p for p in student.parameters() if p.requires_grad]
     spent = float("inf")
-    for trial in range(3):
+    for trial in range(3):  # widened as distill() runs it (models/widen.py)
         began = time.process_time()
         ids = windows[trial * batch : (trial + 1) * batch]
-        with torch.no_grad():
-            target = teacher(input_ids=ids, use_cache=False).logits
-        loss, _ = kd_loss(student(input_ids=ids, use_cache=False).logits, target, ids, v.alpha, v.temperature)
-        loss.backward()
+        with widened_linears(student, teacher):
+            with torch.no_grad():
+                target = teacher(input_ids=ids, use_cache=False).logits
+            loss, _ = kd_loss(student(input_ids=ids, use_cache=False).logits, target, ids, v.alpha, v.temperature)
+            loss.backward()
         spent = min(spent, time.process_time() - began)
     for p in params:
         p.grad = None
@@ -282,11 +287,12 @@ def main() -> int:
     parser.add_argument("--reference-steps-of", help="NAME@BUDGET whose steps a reference variant repeats")
     parser.add_argument("--save-models", action="store_true", help="save each recovered model under --work/models")
     parser.add_argument("--no-metrics", action="store_true", help="with --prepare: build the pruned models only")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the budget is CPU time either way)")
     parser.add_argument("--prepare", action="store_true",
                         help="only build and measure the baseline and the variants' pruned models (run once before "
                              "several sweeps share --work in parallel)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     try:
         names = [n for n in args.variants.split(",") if n]
         unknown = [n for n in names if n not in VARIANTS]

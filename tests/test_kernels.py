@@ -127,12 +127,12 @@ def test_switched_off_kernels_leave_the_model_alone():
 
 
 def test_prefill_sized_bf16_calls_are_widened_where_bf16_is_emulated(monkeypatch):
-    """Without native bf16 GEMM, >16-row calls with no gradient run in float32, rounded once; with it,
-    under autograd, or decode-sized, the GEMM runs in bf16 as before (the dtypes F.linear sees are checked:
-    ATen's bf16 GEMM may round to the very same values)."""
+    """Without native bf16 GEMM, >16-row calls run in float32, rounded once (under autograd too: gradients
+    go through the casts); with it, or decode-sized, the GEMM runs in bf16 as before (the dtypes F.linear
+    sees are checked: ATen's bf16 GEMM may round to the very same values)."""
     from types import SimpleNamespace
 
-    from leanlm.engine import streaming_linear
+    from leanlm.models import widen
 
     seen = []
 
@@ -140,20 +140,22 @@ def test_prefill_sized_bf16_calls_are_widened_where_bf16_is_emulated(monkeypatch
         seen.append((x.dtype, weight.dtype))
         return F.linear(x, weight, bias)
 
-    monkeypatch.setattr(streaming_linear, "F", SimpleNamespace(linear=spy))
+    monkeypatch.setattr(widen, "F", SimpleNamespace(linear=spy))
     layer = nn.Linear(64, 24).bfloat16()
     layer.__class__ = StreamingLinear  # the swap enable_streaming_linears makes
     x = torch.randn(40, 64).bfloat16()
     widened = F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
-    monkeypatch.setitem(streaming_linear._native_bf16, "cpu", False)
+    monkeypatch.setitem(widen._native_bf16, "cpu", False)
     with torch.no_grad():
         assert torch.equal(layer(x), widened) and seen.pop() == (torch.float32, torch.float32)
         with kernels.use_kernels(False):  # decode-sized: never widened
             layer(x[:16])
         assert seen.pop() == (torch.bfloat16, torch.bfloat16)
-    out = layer(x)  # grad enabled, trainable weight: bf16 GEMM, autograd intact
-    assert seen.pop() == (torch.bfloat16, torch.bfloat16) and out.requires_grad
-    monkeypatch.setitem(streaming_linear._native_bf16, "cpu", True)
+    out = layer(x)  # grad enabled, trainable weight: widened, autograd intact
+    assert seen.pop() == (torch.float32, torch.float32) and out.requires_grad
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16 and layer.weight.grad.abs().sum() > 0
+    monkeypatch.setitem(widen._native_bf16, "cpu", True)
     with torch.no_grad():
         layer(x)
     assert seen.pop() == (torch.bfloat16, torch.bfloat16)

@@ -32,6 +32,7 @@ from leanlm.recover import (
     training_windows,
 )
 from leanlm.recover.checkpoint import latest_checkpoint
+from leanlm.recover.chunked_kl import tempered_kl
 
 SCRIPT = Path(__file__).with_name("distill_resume_script.py")
 
@@ -154,6 +155,30 @@ def test_kd_loss_matches_naive_reference(alpha, temperature):
     assert loss.item() == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert parts["kd"].item() == pytest.approx(ref_kd, rel=1e-5, abs=1e-6)
     assert parts["ce"].item() == pytest.approx(ref_ce, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk,temperature", [(3, 2.0), (128, 1.0), (1, 0.5)])
+def test_tempered_kl_gradient_equals_autograd_of_the_plain_formula(chunk, temperature):
+    """The closed-form gradient kept by the chunked KL equals autograd through two log-softmaxes (float64)."""
+    generator = torch.Generator().manual_seed(5)
+    student = (3 * torch.randn(11, 9, generator=generator, dtype=torch.float64)).requires_grad_()
+    teacher = 3 * torch.randn(11, 9, generator=generator, dtype=torch.float64)
+    weights = torch.rand(11, generator=generator, dtype=torch.float64)  # a non-uniform upstream gradient
+    log_q = torch.log_softmax(student / temperature, -1)
+    log_p = torch.log_softmax(teacher / temperature, -1)
+    reference = (log_p.exp() * (log_p - log_q)).sum(-1)
+    (reference * weights).sum().backward()
+    want = student.grad.clone()
+    student.grad = None
+    kl = tempered_kl(student, teacher, temperature, chunk)
+    (kl * weights.float()).sum().backward()
+    assert kl.dtype == torch.float32 and torch.allclose(kl.double(), reference.detach(), rtol=1e-5, atol=1e-6)
+    assert student.grad.dtype == torch.float64 and torch.allclose(student.grad, want, rtol=1e-4, atol=1e-6)
+    bf16 = student.detach().bfloat16().requires_grad_()
+    tempered_kl(bf16, teacher.bfloat16(), temperature, chunk).sum().backward()
+    assert bf16.grad.dtype == torch.bfloat16  # the gradient comes back in the logits' own dtype
+    with torch.no_grad():
+        assert tempered_kl(student, teacher, temperature, chunk).grad_fn is None
 
 
 def test_kd_loss_limits(tiny_gqa, random_ids):

@@ -70,7 +70,8 @@ class RecoverStep:
     lora: LoraSettings = field(default_factory=LoraSettings)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dtype: str = field(default="bfloat16", metadata=choices(TRAIN_DTYPES, "weights of student and teacher while "
-                                                                         "training; bfloat16 is ~3x faster on this CPU"))
+                                                                         "training; bfloat16 is ~3x faster where the CPU has a bf16 GEMM, and "
+                                                                         "close to float32 elsewhere (widened, models/widen.py)"))
     eval_tokens: int = field(default=4096, metadata={"help": "test tokens for the in-training perplexity curve"})
     variants: list[str] = field(
         default_factory=lambda: ["lora_kd"],

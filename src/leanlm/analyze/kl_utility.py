@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from leanlm.analyze.head_gates import head_gates
 from leanlm.analyze.scoring import HeadScorer, HeadScores, calibration_info, to_lists
 from leanlm.models import ModelSpec, arch_of, decoder_layers
+from leanlm.models.widen import widened_linears
 
 LayerInput = tuple[tuple, dict]  # (args, kwargs) a decoder layer was called with
 
@@ -102,7 +103,7 @@ class KLUtilityScorer(HeadScorer):
         group_kl = [torch.zeros(n, dtype=torch.float64) for n in spec.kv_heads_per_layer]
         positions = 0
         bar = tqdm(total=len(batches) * spec.num_layers, desc="kl utility", unit="layer", leave=False)
-        with torch.inference_mode():
+        with torch.inference_mode(), widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
             for batch in batches:
                 inputs = cache_layer_inputs(model, batch.to(device))
                 positions += batch.numel()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from leanlm.analyze.head_gates import head_gates
 from leanlm.analyze.scoring import HeadScorer, HeadScores, calibration_info, to_lists
+from leanlm.models.widen import widened_linears
 
 
 @contextlib.contextmanager
@@ -53,7 +54,7 @@ class TaylorScorer(HeadScorer):
         gates = [torch.ones(n, device=device, requires_grad=True) for n in spec.heads_per_layer]
         head_sum = [torch.zeros(n, dtype=torch.float64) for n in spec.heads_per_layer]
         group_sum = [torch.zeros(n, dtype=torch.float64) for n in spec.kv_heads_per_layer]
-        with frozen_parameters(model), torch.enable_grad(), head_gates(model, gates):
+        with frozen_parameters(model), torch.enable_grad(), head_gates(model, gates), widened_linears(model):
             for batch in tqdm(batches, desc="taylor", unit="batch", leave=False):
                 batch = batch.to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss  # mean next-token CE

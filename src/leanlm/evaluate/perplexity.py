@@ -23,6 +23,7 @@ from leanlm.data.texts import check_text, eval_text
 from leanlm.data.wikitext import check_split
 from leanlm.data.windows import Window
 from leanlm.errors import LeanLMError
+from leanlm.models.widen import widened_linears
 
 METHODS = ("sliding", "nonoverlap")
 OOD_SPLIT = "botchan"  # out-of-domain English text, see leanlm.data.ood
@@ -90,7 +91,7 @@ def token_nll(model, ids: torch.Tensor, windows: list[Window], desc: str = "perp
     """Sum of next-token NLL over the scored positions of each window; returns (sum, count, per-window means)."""
     total, count, per_window = 0.0, 0, []
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    with torch.inference_mode(), widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
         for win in tqdm(windows, desc=desc, unit="win", leave=False):
             chunk = ids[win.start : win.end].unsqueeze(0).to(device)  # (1, L)
             # Only the scored positions need logits: keep scored + 1 and drop the last (it predicts past the window).

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from leanlm.errors import Interrupted, LeanLMError
+from leanlm.models.widen import widened_linears
 from leanlm.recover.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint, stop_requested
 from leanlm.recover.config import TRAJECTORY_FIELDS, DistillConfig, DistillResult
 from leanlm.recover.setup import auto_bf16, bf16_supported, make_accelerator, train_only  # noqa: F401 (re-exported)
@@ -331,9 +332,10 @@ def distill(
     try:
         if found is not None:
             _restore(run, found)
-        if config.top_k_teacher and run.step < config.steps:
-            _prepare_cache(run)
-        _loop(run)
+        with widened_linears(run.student, run.teacher):  # float32 GEMMs where the CPU has no bf16 ones
+            if config.top_k_teacher and run.step < config.steps:
+                _prepare_cache(run)
+            _loop(run)
     finally:
         # Give the caller back a plain model: drop accelerate's autocast wrapper around forward().
         run.accelerator.unwrap_model(run.student, keep_fp32_wrapper=False).train(was_training)

@@ -28,6 +28,7 @@ from torch import nn
 
 from leanlm.errors import LeanLMError
 from leanlm.models import ModelSpec, arch_of
+from leanlm.models.widen import widened_linears
 from leanlm.recover.layer_local import (
     LocalFitConfig,
     ModuleIO,
@@ -124,8 +125,9 @@ def local_stage(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
     if windows.shape[0] < config.windows:
         raise LeanLMError(f"the layer-local stage wants {config.windows} windows, the data has {windows.shape[0]}")
     # One teacher pass for all layers (SmolLM2, 16 x 256 tokens: ~10 MB of bf16 activations per layer).
-    captured = capture_attention_io(teacher, windows[: config.windows], layers, config.batch_size)
-    records = {}
-    for layer in layers:
-        records[layer] = fit_layer(arch_of(student).attention(layer).module, captured.pop(layer), config)
+    with widened_linears(student, teacher):  # float32 GEMMs where the CPU has no bf16 ones
+        captured = capture_attention_io(teacher, windows[: config.windows], layers, config.batch_size)
+        records = {}
+        for layer in layers:
+            records[layer] = fit_layer(arch_of(student).attention(layer).module, captured.pop(layer), config)
     return {"config": asdict(config), "layers": records, "cpu_seconds": time.process_time() - began}

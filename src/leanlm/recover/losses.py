@@ -1,6 +1,7 @@
 """Distillation losses: KD on full teacher logits or on a cached top-k, mixed with cross-entropy.
 
-Loss per next-token position (float32, like torchtune's KD recipe):
+Loss per next-token position (float32, like torchtune's KD recipe; the full-logit KL a few rows at a
+time with its closed-form gradient, ``chunked_kl``):
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, label)
 The T^2 factor keeps the KD gradients on the same scale for any temperature (Hinton et al., 2015).
 """
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.errors import LeanLMError
+from leanlm.recover.chunked_kl import chunked_cross_entropy, tempered_kl
 
 
 IGNORE_INDEX = -100  # label value that is not scored (the Hugging Face convention)
@@ -39,9 +41,10 @@ def _combine(kl: torch.Tensor, student: torch.Tensor, targets: torch.Tensor, alp
     """Mix the per-token KL (tokens,) with CE on the labels; both averaged over scored tokens."""
     count = max(targets.numel(), 1)  # "batchmean" over tokens, not over sequences
     kd = kl.sum() / count
-    # A term whose weight is 0 is still computed for the log, but outside the autograd graph.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
-        ce = F.cross_entropy(student, targets, reduction="sum") / count
+    if torch.is_grad_enabled() and alpha < 1:
+        ce = F.cross_entropy(student.float(), targets, reduction="sum") / count
+    else:  # a term whose weight is 0 is still computed for the log, outside the autograd graph
+        ce = chunked_cross_entropy(student, targets) / count
     loss = alpha * temperature**2 * kd + (1 - alpha) * ce
     return loss, {"kd": kd.detach(), "ce": ce.detach()}
 
@@ -63,13 +66,10 @@ def kd_loss(
     if student_logits.shape != teacher_logits.shape:
         shapes = f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         raise LeanLMError(f"student and teacher logits differ in shape: {shapes}")
-    student, targets, keep = _next_token(student_logits, labels)
-    student = student.float()  # (tokens, vocab)
-    teacher = teacher_logits[:, :-1][keep].float()  # (tokens, vocab)
+    student, targets, keep = _next_token(student_logits, labels)  # (tokens, vocab), model dtype
+    teacher = teacher_logits[:, :-1][keep]  # (tokens, vocab)
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):
-        log_p_student = F.log_softmax(student / temperature, dim=-1)
-        log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (tokens,)
+        kl = tempered_kl(student, teacher, temperature)  # (tokens,) float32, a few rows at a time
     return _combine(kl, student, targets, alpha, temperature)
 
 

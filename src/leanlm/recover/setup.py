@@ -28,12 +28,13 @@ def bf16_supported() -> bool:
 def auto_bf16() -> bool:
     """What ``bf16=None`` means: autocast on a bf16 GPU, not on CPU.
 
-    On the 2-core AVX512-BF16 CPU this project runs on, autocast over float32 weights was measured
+    On a 2-core AVX512-BF16 CPU this project has run on, autocast over float32 weights was measured
     slower than plain float32 (SmolLM2-135M, batch 4 x 256: forward 9.1 s vs 7.3 s, training step
     about 1.4x slower): each forward re-casts every weight and the element-wise ops bounce between
     dtypes. The CPU speed-up comes from loading both models in bfloat16 instead (a LoRA distill step
     took about 5 s instead of about 15 s); peft keeps the LoRA adapters in float32 on a bf16 base and
-    the KD loss is computed in float32 either way.
+    the KD loss is computed in float32 either way. On CPUs without a bf16 GEMM (AVX2) distill() runs the
+    bf16 base's products widened to float32 (models/widen.py): ~10 s per step there against ~214 s.
     """
     return torch.cuda.is_available() and bf16_supported()
 

@@ -15,6 +15,7 @@ from leanlm.generate import next_positions
 from leanlm.kvcache import CachePolicy, attach
 from leanlm.models import arch_of
 from leanlm.models.compat import with_cache
+from leanlm.models.widen import widened_linears
 
 PolicyArg = CachePolicy | Callable[[int], CachePolicy] | None
 JOINS = ("raw", "paper")
@@ -74,14 +75,16 @@ def forward_hidden(model, cache: Cache, ids: torch.Tensor) -> torch.Tensor:
     """Feed ``ids`` (1-D) through the cache; the final post-norm hidden states, (len(ids), hidden)."""
     device = next(model.parameters()).device
     ids = ids.to(device).unsqueeze(0)  # (1, n)
-    out = arch_of(model).body(input_ids=ids, **with_cache(cache), position_ids=next_positions(cache, ids.shape[1], device=device),
-                      use_cache=True)
+    with widened_linears(model):  # a prefill: float32 GEMMs where the CPU has no bf16 ones
+        out = arch_of(model).body(input_ids=ids, **with_cache(cache), use_cache=True,
+                                  position_ids=next_positions(cache, ids.shape[1], device=device))
     return out.last_hidden_state[0]  # (n, hidden)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token logits from final hidden states (the CausalLM head, soft-capped where the family does), (n, vocab)."""
-    return arch_of(model).logits(hidden)
+    with widened_linears(model):
+        return arch_of(model).logits(hidden)
 
 
 def dtype_name(model) -> str:

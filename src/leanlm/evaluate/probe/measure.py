@@ -21,6 +21,7 @@ from torch import nn
 from leanlm.engine.decode import generate, left_pad
 from leanlm.errors import LeanLMError
 from leanlm.evaluate.probe.families import FAMILIES, ProbePrompt, check_answer, read_answer
+from leanlm.models.widen import widened_linears
 
 
 @dataclass
@@ -84,7 +85,8 @@ def forced_log_probs(model: nn.Module, prompts: list[list[int]], continuation: t
     device = next(model.parameters()).device
     ids, mask = left_pad(seqs, device=device)  # (batch, longest)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (batch, longest): pads do not shift real positions
-    logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=steps).logits
+    with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
+        logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=steps).logits
     return torch.log_softmax(logits.float(), dim=-1)  # (batch, steps, vocab)
 
 
