@@ -179,6 +179,9 @@ def test_tempered_kl_gradient_equals_autograd_of_the_plain_formula(chunk, temper
     assert bf16.grad.dtype == torch.bfloat16  # the gradient comes back in the logits' own dtype
     with torch.no_grad():
         assert tempered_kl(student, teacher, temperature, chunk).grad_fn is None
+    kl = tempered_kl(student, teacher, temperature, chunk)
+    with pytest.raises(RuntimeError):  # a second derivative is refused, not silently wrong
+        torch.autograd.grad(torch.autograd.grad(kl.sum(), student, create_graph=True)[0].sum(), student)
 
 
 def test_kd_loss_limits(tiny_gqa, random_ids):

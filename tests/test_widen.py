@@ -99,3 +99,26 @@ def test_perplexity_and_distillation_run_widened(emulated_bf16, tmp_path):
     assert (torch.float32, torch.float32, True) in emulated_bf16 and (torch.float32, torch.float32, False) in emulated_bf16
     assert any(not torch.equal(p, lora_before[n]) for n, p in student.named_parameters() if n in lora_before)
     assert not any(type(m) is WideLinear for m in [*student.modules(), *teacher.modules()])
+
+
+def test_blocks_restore_after_errors_and_nest(emulated_bf16):
+    from leanlm.engine import kernels
+
+    assert widen.MIN_ROWS == kernels.MAX_ROWS  # no band of row counts that neither the kernel nor widening takes
+    model = bf16_llama()
+    with pytest.raises(RuntimeError, match="inside"):
+        with widened_linears(model):
+            raise RuntimeError("inside")
+    assert not any(type(m) is WideLinear for m in model.modules())
+    with widened_linears(model) as outer:
+        with widened_linears(model) as inner:  # already wide: nothing more to swap, nothing undone on exit
+            assert outer > 0 and inner == 0
+        assert all(type(m) is not nn.Linear for m in model.modules())
+    assert not any(type(m) is WideLinear for m in model.modules())
+
+
+def test_autocast_leaves_the_gemm_to_autocast(emulated_bf16):
+    layer = nn.Linear(64, 24).bfloat16()
+    with torch.no_grad(), widened_linears(layer), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(40, 64).bfloat16())
+    assert emulated_bf16.pop()[:2] == (torch.bfloat16, torch.bfloat16)  # not widened: autocast would undo it

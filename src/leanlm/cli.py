@@ -37,9 +37,9 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "bfloat
         parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help=SAVED_DTYPE_HELP)
         return
     parser.add_argument("--dtype", default=dtype_default, choices=["bfloat16", "float32", "float16"],
-                        help="dtype the model runs in; bfloat16 is ~4x faster than float32 on CPUs with AVX-512 BF16, "
-                             "as fast elsewhere (many-row products run widened to float32), and agrees within 1%% on "
-                             "perplexity (default: %(default)s)")
+                        help="dtype the model runs in; bfloat16 is ~4x faster than float32 on CPUs with AVX-512 BF16; "
+                             "elsewhere evaluation and training widen its many-row products to float32 (about "
+                             "float32's speed); it agrees within 1%% on perplexity (default: %(default)s)")
     add_device_arg(parser)
 
 

@@ -10,7 +10,11 @@ accumulates in float32 and rounds once), computed faster. Autograd goes through 
 widens too (the float32 copies then live until the backward pass). Small calls (decode) stay in bf16.
 
 ``widened_linears(*models)`` applies it for the duration of a block and restores the modules after;
-on CPUs with native bf16, on GPUs and for float32 models it changes nothing.
+on CPUs with native bf16, on GPUs and for float32 models it changes nothing. It swaps the modules'
+class, so: a deepcopy or ``torch.save`` of a model inside the block keeps ``WideLinear`` modules (they
+load and behave as ``nn.Linear`` elsewhere), two threads sharing one model share the swap, and a
+module whose forward accelerate has hooked keeps ``nn.Linear``'s forward. Under CPU autocast the GEMM
+is left to autocast (it would cast the widened inputs back to bf16).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_ROWS = 16  # at most this many rows (a decode step) stay in bf16: widening them would only add the copy
+# (equal to engine.kernels.MAX_ROWS, the largest call the decode kernel takes: a test holds them together)
 _native_bf16: dict = {}
 _switch = {"enabled": True}
 
@@ -66,7 +71,7 @@ class WideLinear(nn.Linear):
 
     def _widen(self, x: torch.Tensor, rows: int) -> bool:
         return (rows > MIN_ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16
-                and _switch["enabled"] and not native_bf16_matmul())
+                and _switch["enabled"] and not native_bf16_matmul() and not torch.is_autocast_enabled("cpu"))
 
 
 def widens(module: nn.Module) -> bool:
