@@ -9,7 +9,6 @@ One compiled function per model is kept (weakly) and reused across calls of the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import weakref
@@ -18,11 +17,12 @@ import torch
 
 from leanlm.engine.static_cache import is_static
 from leanlm.models.compat import with_cache
+from leanlm.switch import Switch
 
 log = logging.getLogger(__name__)
 
 COMPILE_MODE = "default"  # "max-autotune-no-cudagraphs" searches kernels longer; measured no gain on CPU here
-_wrapper = {"cpp": os.environ.get("LEANLM_CPP_WRAPPER", "1") != "0"}
+_cpp_wrapper = Switch(os.environ.get("LEANLM_CPP_WRAPPER", "1") != "0")
 
 
 def inductor_options() -> dict:
@@ -31,18 +31,12 @@ def inductor_options() -> dict:
     bf16 SmolLM2 step at batch 1 on this project's 2-core machine (median of 5 alternated rounds), for a
     longer first compilation (~2 min instead of ~40 s; inductor's cache keeps it for later processes).
     ``LEANLM_CPP_WRAPPER=0`` (or ``use_cpp_wrapper(False)``) keeps the Python wrapper."""
-    return {"cpp_wrapper": True} if _wrapper["cpp"] else {}
+    return {"cpp_wrapper": True} if _cpp_wrapper else {}
 
 
-@contextlib.contextmanager
 def use_cpp_wrapper(enabled: bool):
     """Compile decode steps with (True) or without inductor's C++ wrapper inside the block (A/B timing)."""
-    before = _wrapper["cpp"]
-    _wrapper["cpp"] = enabled
-    try:
-        yield
-    finally:
-        _wrapper["cpp"] = before
+    return _cpp_wrapper.set(enabled)
 
 
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

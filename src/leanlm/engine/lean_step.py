@@ -26,7 +26,6 @@ caches, a DynamicCache) decodes through the model's own forward.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 
@@ -38,6 +37,7 @@ from leanlm.engine import kernels
 from leanlm.engine.compile import inductor_options
 from leanlm.engine.static_cache import is_static, window_layers
 from leanlm.errors import LeanLMError
+from leanlm.switch import Switch
 
 log = logging.getLogger(__name__)
 
@@ -197,23 +197,17 @@ class LeanStep:
         return logits.clone() if self.run is not decode_layers else logits  # compiled outputs may be reused
 
 
-_enabled = {"on": True}
+_enabled = Switch(True)
 
 
-@contextlib.contextmanager
 def use_lean_step(enabled: bool):
     """Turn the lean step on or off inside the block (A/B timing against transformers' layer code)."""
-    before = _enabled["on"]
-    _enabled["on"] = enabled
-    try:
-        yield
-    finally:
-        _enabled["on"] = before
+    return _enabled.set(enabled)
 
 
 def runs_lean(model: nn.Module) -> bool:
     """Whether a static cache would decode ``model`` through the lean step."""
-    if not _enabled["on"]:
+    if not _enabled:
         return False
     reason = unsupported_reason(model)
     if reason is not None:

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.switch import Switch
+
 MIN_ROWS = 16  # at most this many rows (a decode step) stay in bf16: widening them would only add the copy
 # (equal to engine.kernels.MAX_ROWS, the largest call the decode kernel takes: a test holds them together)
 _native_bf16: dict = {}
-_switch = {"enabled": True}
+_switch = Switch(True)
 
 
 def native_bf16_matmul() -> bool:
@@ -44,15 +46,9 @@ def native_bf16_matmul() -> bool:
     return _native_bf16["cpu"]
 
 
-@contextmanager
-def use_widening(enabled: bool) -> Iterator[None]:
+def use_widening(enabled: bool):
     """Switch widening off (or on) for a block: the A/B of ``benchmarks/widen_speed.py``."""
-    before = _switch["enabled"]
-    _switch["enabled"] = enabled
-    try:
-        yield
-    finally:
-        _switch["enabled"] = before
+    return _switch.set(enabled)
 
 
 def rows_of(x: torch.Tensor) -> int:
@@ -71,14 +67,14 @@ class WideLinear(nn.Linear):
 
     def _widen(self, x: torch.Tensor, rows: int) -> bool:
         return (rows > MIN_ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16
-                and _switch["enabled"] and not native_bf16_matmul() and not torch.is_autocast_enabled("cpu"))
+                and bool(_switch) and not native_bf16_matmul() and not torch.is_autocast_enabled("cpu"))
 
 
 def widens(module: nn.Module) -> bool:
     """Whether ``widened_linears`` would turn this module into a ``WideLinear``."""
     weight = getattr(module, "weight", None)
     return (type(module) is nn.Linear and weight is not None and weight.dtype == torch.bfloat16
-            and weight.device.type == "cpu" and _switch["enabled"] and not native_bf16_matmul())
+            and weight.device.type == "cpu" and bool(_switch) and not native_bf16_matmul())
 
 
 @contextmanager

@@ -17,7 +17,6 @@ turns them off (the benchmarks' A/B switch is ``use_kernels(False)``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -25,12 +24,15 @@ from pathlib import Path
 
 import torch
 
+from leanlm.switch import Switch
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("linear_small_m.cpp", "decode_attention.cpp", "quantized_attention.cpp")]
 HEADERS = [Path(__file__).with_name("attention_blocks.h")]
 MAX_ROWS = 16  # above this many input rows (prefill) ATen's GEMM is the better kernel
-_state: dict = {"module": None, "tried": False, "enabled": os.environ.get("LEANLM_KERNELS", "1") != "0"}
+_state: dict = {"module": None, "tried": False}
+_enabled = Switch(os.environ.get("LEANLM_KERNELS", "1") != "0")
 
 
 def _cpu_supports_avx2() -> bool:
@@ -65,18 +67,12 @@ def kernels():
 
 
 def available() -> bool:
-    return _state["enabled"] and kernels() is not None
+    return bool(_enabled) and kernels() is not None
 
 
-@contextlib.contextmanager
 def use_kernels(enabled: bool):
     """Turn leanlm's kernels on or off inside the block (A/B timing against ATen)."""
-    before = _state["enabled"]
-    _state["enabled"] = enabled
-    try:
-        yield
-    finally:
-        _state["enabled"] = before
+    return _enabled.set(enabled)
 
 
 def _register_fakes() -> None:
