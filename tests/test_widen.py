@@ -122,3 +122,42 @@ def test_autocast_leaves_the_gemm_to_autocast(emulated_bf16):
     with torch.no_grad(), widened_linears(layer), torch.autocast("cpu", dtype=torch.bfloat16):
         layer(torch.randn(40, 64).bfloat16())
     assert emulated_bf16.pop()[:2] == (torch.bfloat16, torch.bfloat16)  # not widened: autocast would undo it
+
+
+def _score_block_influence(model, batches):
+    from leanlm.transforms.prune_layers import block_influence
+    return block_influence(model, batches)
+
+
+def _score_mlp_channels(model, batches):
+    from leanlm.transforms.prune_mlp import channel_scores
+    return channel_scores(model, batches)
+
+
+def _awq_inputs(model, batches):
+    from leanlm.transforms.quantize.awq import collect_inputs
+    return collect_inputs(model, batches, sample_tokens=16)
+
+
+def _attention_moments(model, batches):
+    from leanlm.transforms.share_kv.calibration import attention_input_moments
+    return attention_input_moments(model, batches, [0, 1])
+
+
+def _kv_plan_probes(model, batches):
+    from leanlm.analyze.kv_plan import layer_probes
+    return layer_probes(model, batches)
+
+
+@pytest.mark.parametrize("score", [_score_block_influence, _score_mlp_channels, _awq_inputs, _attention_moments,
+                                   _kv_plan_probes])
+def test_calibration_passes_run_widened_and_restore(emulated_bf16, score):
+    """Layer / MLP-channel scoring, AWQ's and KV merging's calibration passes and the KV plan's probes take
+    the float32 GEMM for many-row calls, and leave plain nn.Linear modules behind."""
+    model = bf16_llama()
+    batches = [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    score(model, batches)
+    assert (torch.float32, torch.float32, False) in emulated_bf16
+    assert sum(type(m) is nn.Linear for m in model.modules()) == linears
+    assert not any(type(m) is WideLinear for m in model.modules())

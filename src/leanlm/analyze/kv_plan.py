@@ -26,6 +26,7 @@ from torch import nn
 
 from leanlm.errors import LeanLMError
 from leanlm.models import ModelSpec, arch_of
+from leanlm.models.widen import widened_linears
 from leanlm.transforms.share_kv.calibration import attention_input_moments
 from leanlm.transforms.share_kv.merge import calibrated_merge, mean_merge
 
@@ -66,7 +67,8 @@ def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _logits(model: nn.Module, batches: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([model(b, use_cache=False).logits.flatten(0, 1) for b in batches])  # (tokens, vocab)
+    with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
+        return torch.cat([model(b, use_cache=False).logits.flatten(0, 1) for b in batches])  # (tokens, vocab)
 
 
 @torch.no_grad()

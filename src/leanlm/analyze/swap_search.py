@@ -30,6 +30,7 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.kvcache import parse_policy
 from leanlm.models import arch_of
+from leanlm.models.widen import widened_linears
 from leanlm.recover.layer_local import LocalFitConfig, capture_attention_io, capture_io, fit_module
 from leanlm.transforms.swap_attention import REPLACEMENTS, SWAP_KEY, make_settings, swap_layer
 
@@ -169,6 +170,11 @@ def fit_replacement(module, io, config: SearchConfig) -> dict | None:
 
 def layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchConfig, passkey: Passkey | None = None) -> list[dict]:
     """One row per layer: each option's KL, passkey nats lost and fit; the cheapest option and its cost."""
+    with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones (the replacements' own stay bf16)
+        return _layer_sensitivity(model, windows, config, passkey)
+
+
+def _layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchConfig, passkey: Passkey | None) -> list[dict]:
     layers = len(arch_of(model).layers)
     teacher = _scored_logprobs(model, windows, config.score_from)
     keep = windows.shape[1] - config.score_from
@@ -250,12 +256,14 @@ def search(model: nn.Module, windows: torch.Tensor, config: SearchConfig | None 
     else:  # measured before: re-pick each layer's option under this config (options and slack may differ)
         table = [{**row, "option": (option := pick_option(row["options"], config)), "cost": row["options"][option]["cost"]}
                  for row in table]
-    teacher = _scored_logprobs(model, windows, config.score_from) if config.count is None else None
+    with widened_linears(model):
+        teacher = _scored_logprobs(model, windows, config.score_from) if config.count is None else None
 
     def measure(layers: list[int]) -> float:
         trial = copy.deepcopy(model)
         apply_choice(trial, table, layers)
-        return _kl(teacher, _scored_logprobs(trial, windows, config.score_from))
+        with widened_linears(trial):
+            return _kl(teacher, _scored_logprobs(trial, windows, config.score_from))
 
     swapped, measured = greedy_select(table, config, measure)
     ranks = {row["layer"]: r for r, row in enumerate(sorted(table, key=lambda row: (row["cost"], row["layer"])), 1)}

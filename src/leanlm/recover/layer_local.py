@@ -24,6 +24,7 @@ from torch import nn
 
 from leanlm.errors import LeanLMError
 from leanlm.models.arch import arch_of
+from leanlm.models.widen import widened_linears
 
 
 @dataclass
@@ -104,8 +105,9 @@ def capture_io(model: nn.Module, modules: dict[str, nn.Module], windows: torch.T
     model.eval()
     device = next(model.parameters()).device
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
+            for start in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in hooks:
             handle.remove()
@@ -135,8 +137,9 @@ def attention_input_pass(model: nn.Module, batches, callbacks: dict[int, Callabl
         handles.append(arch.attention(index).module.register_forward_pre_hook(hook, with_kwargs=True))
     device = next(model.parameters()).device
     try:
-        for batch in batches:
-            model(batch.to(device), use_cache=False)
+        with widened_linears(model):
+            for batch in batches:
+                model(batch.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
 from leanlm.models import arch_of, decoder_layers
+from leanlm.models.widen import widened_linears
 from leanlm.transforms.base import Transform, check_calibration, register
 from leanlm.models.compact import KEPT_HEADS_KEY, LAYERS_KEPT_KEY, sync_shape_config
 
@@ -54,9 +55,10 @@ def block_influence(model: nn.Module, calibration: Sequence[torch.Tensor]) -> li
             handles.append(layer.register_forward_pre_hook(remember_input(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(add_cosine(i), with_kwargs=True))
         device = next(model.parameters()).device
-        for batch in tqdm(batches, desc="block influence", disable=len(batches) < 4):
-            model(batch.to(device), use_cache=False, logits_to_keep=1)
-            tokens += batch.numel()
+        with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
+            for batch in tqdm(batches, desc="block influence", disable=len(batches) < 4):
+                model(batch.to(device), use_cache=False, logits_to_keep=1)
+                tokens += batch.numel()
     finally:
         for handle in handles:
             handle.remove()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from leanlm.errors import LeanLMError
 from leanlm.models import ModelSpec, arch_of
+from leanlm.models.widen import widened_linears
 from leanlm.transforms.base import (
     Transform,
     check_calibration,
@@ -56,9 +57,10 @@ def channel_scores(model: nn.Module, calibration: Sequence[torch.Tensor]) -> lis
 
     handles = [down.register_forward_pre_hook(accumulate(i)) for i, down in enumerate(downs)]
     try:
-        for batch in tqdm(batches, desc="MLP channel scores", disable=len(batches) < 4):
-            model(batch.to(device), use_cache=False, logits_to_keep=1)
-            tokens += batch.numel()
+        with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
+            for batch in tqdm(batches, desc="MLP channel scores", disable=len(batches) < 4):
+                model(batch.to(device), use_cache=False, logits_to_keep=1)
+                tokens += batch.numel()
     finally:
         for handle in handles:
             handle.remove()

@@ -34,6 +34,7 @@ from leanlm.errors import LeanLMError
 from leanlm.kvcache.sentence.segment import segment
 from leanlm.models.arch import arch_of
 from leanlm.models.spec import ModelSpec
+from leanlm.models.widen import widened_linears
 from leanlm.models.arch import rotate_half
 
 
@@ -143,7 +144,8 @@ def collect(model, windows: list[torch.Tensor], is_boundary, max_sentence: int, 
     try:
         for ids in tqdm(windows, desc="collect K/V", unit="win", leave=False):
             captured.clear()
-            model(ids[None], use_cache=False)
+            with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
+                model(ids[None], use_cache=False)
             T = len(ids)
             positions = torch.randperm(T - T // 2, generator=gen)[:queries].sort().values + T // 2
             sentence = window_sentences(ids, is_boundary, max_sentence, sink)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from leanlm.models.widen import widened_linears
 from leanlm.transforms.quantize.int4 import dequantize_groups, quantize_groups
 
 
@@ -46,8 +47,9 @@ def collect_inputs(model: nn.Module, calibration: list[torch.Tensor], sample_tok
         if isinstance(module, nn.Linear):
             hooks.append(module.register_forward_pre_hook(hook(name)))
     try:
-        for batch in calibration:
-            model(batch.to(next(model.parameters()).device), use_cache=False)
+        with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones (the hooks see bf16 inputs)
+            for batch in calibration:
+                model(batch.to(next(model.parameters()).device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
