@@ -161,3 +161,31 @@ def test_calibration_passes_run_widened_and_restore(emulated_bf16, score):
     assert (torch.float32, torch.float32, False) in emulated_bf16
     assert sum(type(m) is nn.Linear for m in model.modules()) == linears
     assert not any(type(m) is WideLinear for m in model.modules())
+
+
+def test_attention_is_widened_for_many_queries_and_restored(emulated_bf16, monkeypatch):
+    """Within the block a bf16 sdpa model's attention runs in float32 for prefill-sized calls (the output
+    rounded to bf16), stays bf16 for a decode step, and the config names sdpa again afterwards."""
+    seen = []
+    real = widen.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype, query.shape[-2]))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(widen, "sdpa_attention_forward", spy)
+    model = bf16_llama()
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits.float()
+        assert not seen  # outside the block: transformers' own sdpa function, not the widened one
+        with widened_linears(model):
+            assert model.config._attn_implementation == widen.WIDE_ATTENTION
+            wide = model(ids).logits.float()
+            assert seen == [(torch.float32,) * 3 + (20,)] * 2  # both layers, 20 queries: widened
+            seen.clear()
+            out = model(ids[:, :1], use_cache=False).logits
+            assert seen == [(torch.bfloat16,) * 3 + (1,)] * 2 and out.dtype == torch.bfloat16  # one query: bf16
+    assert model.config._attn_implementation == "sdpa"
+    assert (wide - plain).abs().max() <= 0.03 * plain.abs().max()

@@ -277,9 +277,12 @@ def run_recipe(recipe: Recipe, out: Path, resume: bool = False, with_reference: 
     main = "lora_kd" if "lora_kd" in models else next(iter(models), None)
     results["recovered"] = results[main] if main else None
     if with_reference and main:
-        steps_done = training[main]["steps_done"]  # same LoRA budget in steps, CE only, on the unpruned model
+        # Same LoRA budget in steps, CE only, on the unpruned model: no time caps, so a reference slowed by
+        # another job (or with more CPU time per step) still takes every step the recovered model took.
+        steps_done = training[main]["steps_done"]
         _, results["reference"], training["reference_lora_ce"] = recovered_stage(
-            run, "reference_lora_ce", teacher, teacher, tokenizer, recipe, alpha=0.0, steps=steps_done, max_minutes=None)
+            run, "reference_lora_ce", teacher, teacher, tokenizer, recipe, alpha=0.0, steps=steps_done, max_minutes=None,
+            max_cpu_minutes=None)
     results["training"] = {v: _training_summary(t) for v, t in training.items()}
     results["params"] = {k: results[k]["params"] for k in ("baseline", "pruned", "recovered") if results.get(k)}
     final = models.get(main, pruned)
