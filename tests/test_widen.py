@@ -157,8 +157,10 @@ def test_calibration_passes_run_widened_and_restore(emulated_bf16, score):
     model = bf16_llama()
     batches = [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     linears = sum(type(m) is nn.Linear for m in model.modules())
+    model.config._attn_implementation = "sdpa"
     score(model, batches)
     assert (torch.float32, torch.float32, False) in emulated_bf16
+    assert model.config._attn_implementation == "sdpa"  # the widened attention name is undone too
     assert sum(type(m) is nn.Linear for m in model.modules()) == linears
     assert not any(type(m) is WideLinear for m in model.modules())
 
@@ -189,3 +191,13 @@ def test_attention_is_widened_for_many_queries_and_restored(emulated_bf16, monke
             assert seen == [(torch.bfloat16,) * 3 + (1,)] * 2 and out.dtype == torch.bfloat16  # one query: bf16
     assert model.config._attn_implementation == "sdpa"
     assert (wide - plain).abs().max() <= 0.03 * plain.abs().max()
+
+
+def test_attention_name_is_restored_after_an_error(emulated_bf16):
+    model = bf16_llama()
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(RuntimeError, match="inside"):
+        with widened_linears(model):
+            assert model.config._attn_implementation == widen.WIDE_ATTENTION
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"

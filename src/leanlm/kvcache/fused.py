@@ -23,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from leanlm.errors import LeanLMError
 from leanlm.models.arch import decoder_layers
+from leanlm.models.widen import WIDE_ATTENTION
 
 ATTENTION_NAME = "leanlm_kv"
 LAYER_ATTRIBUTE = "leanlm_kv_layer"
@@ -74,7 +75,7 @@ class Installed:
 def install(model: nn.Module, cache) -> Installed:
     """Point each attention module at its layer of ``cache`` and route attention through ``compressed_attention``."""
     previous = model.config._attn_implementation
-    if previous not in ("sdpa", "eager", ATTENTION_NAME, None):
+    if previous not in ("sdpa", "eager", ATTENTION_NAME, WIDE_ATTENTION, None):  # restored to it by remove()
         raise LeanLMError(f"compressed KV attention replaces sdpa/eager attention, not '{previous}'")
     # layers that are not FusedLayer (e.g. a sliding-window layer keeping the model's own window) attend as sdpa
     pairs = [(block.self_attn, layer) for block, layer in zip(decoder_layers(model), cache.layers)

@@ -16,7 +16,7 @@ transformers' ``AttentionInterface`` and selected by the config's ``_attn_implem
 ``kvcache/fused.py`` does): PyTorch's bf16 CPU attention has the same slow inner loops (4 x 256 tokens,
 30 layers, forward + backward: 4.1 s in bf16 against 0.86 s in float32 here). It swaps the modules'
 class, so: a deepcopy or ``torch.save`` of a model inside the block keeps ``WideLinear`` modules (they
-load and behave as ``nn.Linear`` elsewhere), two threads sharing one model share the swap, and a
+load and behave as ``nn.Linear`` elsewhere) and a deepcopy keeps the widened attention name, two threads sharing one model share the swap, and a
 module whose forward accelerate has hooked keeps ``nn.Linear``'s forward. Under CPU autocast the GEMM
 is left to autocast (it would cast the widened inputs back to bf16).
 """
@@ -111,7 +111,7 @@ def _sdpa_configs(models) -> list:
     """The distinct configs of the transformers models inside ``models`` whose attention is ``sdpa``."""
     configs = {id(m.config): m.config for model in models if model is not None for m in model.modules()
                if isinstance(m, PreTrainedModel)}
-    return [c for c in configs.values() if getattr(c, "_attn_implementation", None) == "sdpa"]
+    return [c for c in configs.values() if getattr(c, "_attn_implementation_internal", None) == "sdpa"]
 
 
 def widens(module: nn.Module) -> bool:
@@ -130,8 +130,8 @@ def widened_linears(*models: nn.Module | None) -> Iterator[int]:
     configs = _sdpa_configs(models) if swapped else []  # bf16 models on a CPU without a bf16 GEMM only
     for module in swapped:
         module.__class__ = WideLinear
-    for config in configs:
-        config._attn_implementation = WIDE_ATTENTION
+    for config in configs:  # the attribute itself: the property's setter would also rewrite sub-configs
+        config._attn_implementation_internal = WIDE_ATTENTION
     try:
         yield len(swapped)
     finally:
@@ -139,5 +139,5 @@ def widened_linears(*models: nn.Module | None) -> Iterator[int]:
             if type(module) is WideLinear:
                 module.__class__ = nn.Linear
         for config in configs:
-            if config._attn_implementation == WIDE_ATTENTION:
-                config._attn_implementation = "sdpa"
+            if config._attn_implementation_internal == WIDE_ATTENTION:
+                config._attn_implementation_internal = "sdpa"
