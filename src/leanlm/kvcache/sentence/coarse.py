@@ -142,15 +142,15 @@ def collect(model, windows: list[torch.Tensor], is_boundary, max_sentence: int, 
     handles = [view.module.register_forward_pre_hook(grab, with_kwargs=True) for view in layers]
     samples = []
     try:
-        for ids in tqdm(windows, desc="collect K/V", unit="win", leave=False):
-            captured.clear()
-            with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones
+        with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones (one swap for all windows)
+            for ids in tqdm(windows, desc="collect K/V", unit="win", leave=False):
+                captured.clear()
                 model(ids[None], use_cache=False)
-            T = len(ids)
-            positions = torch.randperm(T - T // 2, generator=gen)[:queries].sort().values + T // 2
-            sentence = window_sentences(ids, is_boundary, max_sentence, sink)
-            samples.append([LayerSample(captured[i][0][:, positions].float(), captured[i][1].float(),
-                                        captured[i][2].float(), sentence, positions) for i in range(len(layers))])
+                T = len(ids)
+                positions = torch.randperm(T - T // 2, generator=gen)[:queries].sort().values + T // 2
+                sentence = window_sentences(ids, is_boundary, max_sentence, sink)
+                samples.append([LayerSample(captured[i][0][:, positions].float(), captured[i][1].float(),
+                                            captured[i][2].float(), sentence, positions) for i in range(len(layers))])
     finally:
         for handle in handles:
             handle.remove()
