@@ -22,6 +22,8 @@ them: dequantize, quantize, attention scoring, gather/eviction, the fused kernel
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from leanlm.engine import static_cache
+from leanlm.engine import kernels, static_cache
 from leanlm.engine.decode import DecodeState, forward
 from leanlm.engine.lean_step import lean_step
 from leanlm.engine.streaming_linear import enable_streaming_linears
@@ -139,12 +141,14 @@ def speed(model, kv, args) -> dict:
         for _ in range(args.rounds):
             for method in args.methods:
                 room = context + args.warmup + args.new_tokens if args.engine else None
-                with seeded_cache(model, method, args.budget, kv, context, room) as cache:
+                name, _, variant = method.partition(":")  # quantized:float32 = the kernel without int8 dot products
+                with seeded_cache(model, name, args.budget, kv, context, room) as cache, \
+                        kernels.use_int8_attention(variant != "float32"):
                     run = engine_steps if args.engine else decode_steps
                     run(model, cache, context, args.warmup)
                     times = run(model, cache, context + args.warmup, args.new_tokens)
                     runs[method].append(len(times) / sum(times))
-                    held[method] = cache_bytes(cache) if room is None or method != "full" else \
+                    held[method] = cache_bytes(cache) if room is None or name != "full" else \
                         kv_bytes_held(cache, context + args.warmup + args.new_tokens)
                 print(context, method, f"{runs[method][-1]:.4g} tok/s", f"{held[method]} bytes", flush=True)
         base = statistics.median(runs["full"]) if "full" in runs else None
@@ -256,7 +260,8 @@ def quality(model, args) -> dict:
     from leanlm.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
-    protocol = ContinuationProtocol(context=args.quality_context, continuation=128, windows=args.quality_windows)
+    protocol = ContinuationProtocol(split=args.quality_split, context=args.quality_context, continuation=128,
+                                    windows=args.quality_windows)
     reference = continuation_reference(model, tokenizer, protocol)
     policy = make_policy("quantized", args.budget, protocol.context)
     out = {"protocol": dataclasses.asdict(protocol), "policy": policy.describe()}
@@ -269,11 +274,59 @@ def quality(model, args) -> dict:
     return out
 
 
+def kernel_quality(model, args) -> dict:
+    """The quantized cache's C++ decode kernel on real text, integer dot products vs float32: each window's
+    context is prefilled into a ``quantized``@budget cache, then the continuation is decoded token by token
+    (teacher-forced) through the lean step (the kernel); each step's distribution is compared with the
+    uncompressed run's (one forward over the whole window): perplexity ratio, KL, top-1 agreement."""
+    from leanlm.evaluate.kv.continuation import ContinuationProtocol, continuation_windows
+    from leanlm.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    protocol = ContinuationProtocol(split=args.quality_split, context=args.quality_context, continuation=128,
+                                    windows=args.quality_windows)
+    policy = make_policy("quantized", args.budget, protocol.context)
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in ("reference", "int8", "float32")}
+    count = 0
+    for window in continuation_windows(tokenizer, protocol):
+        ids = torch.tensor([window])
+        context = protocol.context
+        with torch.inference_mode():
+            reference = model(input_ids=ids).logits[0, context - 1:-1].float().log_softmax(-1)  # predicts the continuation
+        targets = ids[0, context:]
+        sums["reference"]["nll"] -= reference.gather(-1, targets[:, None]).sum().item()
+        for name, integer in (("int8", True), ("float32", False)):
+            with attach(model, policy) as cache, torch.inference_mode(), kernels.use_int8_attention(integer):
+                first = model(input_ids=ids[:, :context], **with_cache(cache), use_cache=True).logits[0, -1]
+                state = DecodeState(cache, torch.tensor([context]), None, seen=context)
+                step = lean_step(model, cache)
+                if step is None:
+                    raise LeanLMError("the quantized cache does not take the lean step here (no kernels?)")
+                rows = [first]
+                for token in targets[:-1]:
+                    rows.append(step(token.view(1, 1), state)[0])
+            logp = torch.stack(rows).float().log_softmax(-1)
+            sums[name]["nll"] -= logp.gather(-1, targets[:, None]).sum().item()
+            sums[name]["kl"] += (reference.exp() * (reference - logp)).sum().item()
+            sums[name]["agree"] += (logp.argmax(-1) == reference.argmax(-1)).sum().item()
+        count += len(targets)
+        print("window done", {k: round(v["nll"] / count, 4) for k, v in sums.items()}, flush=True)
+    ppl = {name: math.exp(v["nll"] / count) for name, v in sums.items()}
+    out = {"protocol": {**dataclasses.asdict(protocol), "decode": "token by token through the lean step"},
+           "policy": policy.describe(), "tokens": count, "reference_perplexity": ppl["reference"]}
+    for name in ("int8", "float32"):
+        out[name] = {"perplexity": ppl[name], "ppl_ratio": ppl[name] / ppl["reference"], "kl": sums[name]["kl"] / count,
+                     "top1_agreement": sums[name]["agree"] / count}
+        print(name, out[name], flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write (never overwritten)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="policies (make_policy names); quantized:float32 = its kernel without int8 dot products")
     parser.add_argument("--budget", type=float, default=0.25, help="KV budget of the policies (fraction of full bytes)")
     parser.add_argument("--new-tokens", type=int, default=32, help="timed decode steps per run")
     parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps before each timed run")
@@ -286,12 +339,17 @@ def main() -> int:
     parser.add_argument("--quality", action="store_true", help="continuation perplexity ratio instead (fused vs not)")
     parser.add_argument("--quality-context", type=int, default=2048)
     parser.add_argument("--quality-windows", type=int, default=2)
+    parser.add_argument("--quality-split", default="test", help="WikiText-2 split of --quality / --kernel-quality")
+    parser.add_argument("--kernel-quality", action="store_true",
+                        help="the quantized cache's decode kernel on real text, int8 dot products vs float32")
     args = parser.parse_args()
     if args.out.exists():
         raise LeanLMError(f"'{args.out}' exists; benchmark results are never overwritten")
     torch.set_num_threads(args.threads)
     model = load_model("smollm2-135m", "bfloat16")
-    if args.quality:
+    if args.kernel_quality:
+        result = kernel_quality(model, args)
+    elif args.quality:
         result = quality(model, args)
     else:
         kv = prefill_kv(model, max(args.contexts), args.seed_file)

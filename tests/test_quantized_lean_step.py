@@ -43,7 +43,7 @@ def test_kernel_equals_attention_over_the_dequantized_cache(key_bits, value_bits
     q = torch.randn(batch, heads, dim, generator=gen)
     got = torch.ops.leanlm.quantized_decode_attention(q, qk.codes, qk.scale, qk.low, qv.codes, qv.scale, qv.low,
                                                       hadamard(dim) if rotate else None, res_k, res_v, key_bits,
-                                                      value_bits, 0.125)
+                                                      value_bits, 0.125, False)  # float32 FMAs (int8: test_int8_attention)
     all_k = torch.cat([dequantize(qk).transpose(2, 3).float(), res_k.float()], 2)
     all_v = torch.cat([dequantize(qv).float(), res_v.float()], 2)
     want = reference(q, all_k, all_v, 0.125)

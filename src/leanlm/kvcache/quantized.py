@@ -150,12 +150,15 @@ class KiviLayer(FusedLayer, PolicyLayer):
             return None
         rot = hadamard(query.shape[-1]) if qv.rotated else None
         return torch.ops.leanlm.quantized_decode_attention(query, qk.codes, qk.scale, qk.low, qv.codes, qv.scale, qv.low,
-                                                          rot, self.keys, self.values, qk.bits, qv.bits, scaling)
+                                                          rot, self.keys, self.values, qk.bits, qv.bits, scaling,
+                                                          bool(kernels.int8_attention))
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
         held_residual = 0 if self.keys is None else self.keys.shape[2]
         tail_k, tail_v = keys[:, :, -(held_residual + new):], values[:, :, -(held_residual + new):]
         full = (tail_k.shape[2] // self.residual) * self.residual  # whole residuals to quantize now
+        if not full and new == 0:  # the residual is already exactly these tensors (a decode step): nothing to do
+            return
         if full:
             block_k = tail_k[:, :, :full].transpose(2, 3).contiguous()  # (batch, kv_heads, head_dim, full)
             self.qkeys = cat_key_groups(self.qkeys, quantize(block_k, self.bits, self.group))

@@ -7,7 +7,8 @@ and ``leanlm::linear_int8(x, codes, row_scale, bias)`` in C++ (cheap dispatch fr
 query per sequence and head against a cache's first ``length`` slots (grouped K/V heads, bf16 or
 float32 cache, float32 softmax); ``quantized_attention.cpp``:
 ``leanlm::quantized_decode_attention``, the same over a KIVI cache's packed codes plus its
-full-precision residual (kvcache/quantized.py). Fake kernels registered here let a ``torch.compile``d decode step
+full-precision residual (kvcache/quantized.py), for 2- and 4-bit codes by integer dot products
+(``int8_dots.h``; ``use_int8_attention(False)`` or ``LEANLM_INT8_ATTENTION=0``: float32 FMAs). Fake kernels registered here let a ``torch.compile``d decode step
 call them as opaque kernels.
 
 Where they cannot be built (no compiler, no AVX2/FMA, another architecture) ``available()`` is
@@ -29,10 +30,12 @@ from leanlm.switch import Switch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("linear_small_m.cpp", "decode_attention.cpp", "quantized_attention.cpp")]
-HEADERS = [Path(__file__).with_name("attention_blocks.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("attention_blocks.h", "int8_dots.h")]
 MAX_ROWS = 16  # above this many input rows (prefill) ATen's GEMM is the better kernel
 _state: dict = {"module": None, "tried": False}
 _enabled = Switch(os.environ.get("LEANLM_KERNELS", "1") != "0")
+# integer dot products in the quantized-cache attention (int8_dots.h); LEANLM_INT8_ATTENTION=0 keeps float32
+int8_attention = Switch(os.environ.get("LEANLM_INT8_ATTENTION", "1") != "0")
 
 
 def _cpu_supports_avx2() -> bool:
@@ -75,6 +78,11 @@ def use_kernels(enabled: bool):
     return _enabled.set(enabled)
 
 
+def use_int8_attention(enabled: bool):
+    """Integer (int8 x code) dot products in ``leanlm::quantized_decode_attention`` on or off inside the block."""
+    return int8_attention.set(enabled)
+
+
 def _register_fakes() -> None:
     """Shapes for ``torch.compile`` (the ops themselves are defined and implemented in C++)."""
 
@@ -92,5 +100,5 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("leanlm::quantized_decode_attention")
     def _(q, key_codes, key_scale, key_low, value_codes, value_scale, value_low, rotation, res_keys, res_values,
-          key_bits, value_bits, scale):
+          key_bits, value_bits, scale, int8=True):
         return q.new_empty(q.shape)

@@ -182,14 +182,21 @@ inline __m256 exp8(__m256 x) {
 // x[0, n) -> exp(x - max x) in place; returns (max, sum of the exponentials).
 inline std::pair<float, float> exp_against_max(float* x, int64_t n) {
   float top = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) top = std::max(top, x[i]);
+  int64_t i = 0;
+  if (n >= 8) {  // vector max: a scalar loop waits on each comparison
+    __m256 top8 = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(x + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, top8);
+    top = *std::max_element(lanes, lanes + 8);
+  }
+  for (; i < n; ++i) top = std::max(top, x[i]);
   if (top == -std::numeric_limits<float>::infinity()) {  // every slot masked (pads): weight 0, no NaN
     std::fill(x, x + n, 0.f);
     return {top, 0.f};
   }
   __m256 total = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  for (i = 0; i + 8 <= n; i += 8) {
     const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(top)));
     _mm256_storeu_ps(x + i, e);
     total = _mm256_add_ps(total, e);

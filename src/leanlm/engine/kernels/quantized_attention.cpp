@@ -9,12 +9,15 @@
 //   sum_t p_t v_t = sum_t (p_t s_t) code_t + sum_t p_t z_t            (values, per token and group)
 // The codes are widened to float32 in registers, 8 at a time, and multiplied into every query head
 // of the KV head's group at once: each code byte is read from memory once per step, and no
-// dequantized (tokens, head_dim) copy exists. Softmax is ATen's over the float32 scores; the value
-// sums of the quantized tokens are rotated back once (out @ H) and the residual's are added.
+// dequantized (tokens, head_dim) copy exists. With int8=True (the default) 2- and 4-bit codes take
+// integer dot products instead (int8_dots.h: the float side rounded to int8 per query head, 32 codes
+// per instruction); 8-bit codes and rows that are not a multiple of 16 bytes stay on the float path.
+// The value sums of the quantized tokens are rotated back once (out @ H) and the residual's are added.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "attention_blocks.h"
+#include "int8_dots.h"
 
 #include <cmath>
 #include <utility>
@@ -109,6 +112,9 @@ inline void halves_to_floats(const at::Half* p, int64_t stride, int64_t n, float
 }
 
 constexpr int MAX_GH = 8;  // query heads per pass: GH accumulators + their broadcasts fit 16 registers
+// Tokens per task: each task pays a fixed cost (scratch, its block's partial sums, one more block to join)
+// that 64-token blocks made a fifth of the kernel's time at 16K; 256 still gives 3 KV heads x 16 tasks at 4K.
+constexpr int64_t QUANTIZED_BLOCK = 256;
 
 #define LEANLM_DISPATCH_HEADS(GH_VALUE, CALL) \
   switch (GH_VALUE) {                         \
@@ -125,6 +131,7 @@ constexpr int MAX_GH = 8;  // query heads per pass: GH accumulators + their broa
 struct Layout {  // per (batch, kv head): sizes of the packed tensors, and the key tensors' strides
   int64_t D, G, T, gk, key_groups, key_row_bytes, gv, value_groups, value_group_bytes;
   int64_t code_channel, code_group, scale_channel, scale_group;  // strides of (channel, group) in codes / scales
+  bool int8_keys, int8_values;  // integer dot products (int8_dots.h) for the key scores / value sums
 };
 
 // Scores of one KV head's G query heads against its key group `kg` (scale, low: one per (channel,
@@ -149,10 +156,39 @@ void key_group(const float* q, const uint8_t* codes, const at::Half* scale, cons
     }
     const uint8_t* first = codes + kg * s.code_group;
     float* o = out + g0 * out_stride;
+    if (s.int8_keys) {
+      int16_t pairs[MAX_GH * 128];
+      float steps[MAX_GH * 256 / INT8_BLOCK], corrected[MAX_GH];
+      for (int g = 0; g < gh; ++g)
+        corrected[g] = bias[g] + code_midpoint<BITS>() * to_int8(qs + g * s.D, s.D, pairs + g * (s.D / 2), steps + g * (s.D / INT8_BLOCK));
+#define LEANLM_KEYS(N) key_group_scores_int8<BITS, N>(pairs, steps, corrected, first, s.code_channel, s.key_row_bytes, s.D, o, out_stride)
+      LEANLM_DISPATCH_HEADS(gh, LEANLM_KEYS)
+#undef LEANLM_KEYS
+      continue;
+    }
 #define LEANLM_KEYS(N) key_group_scores<BITS, N>(qs, bias, first, s.code_channel, s.key_row_bytes, s.D, o, out_stride)
     LEANLM_DISPATCH_HEADS(gh, LEANLM_KEYS)
 #undef LEANLM_KEYS
   }
+}
+
+// ps[l] = p[l] * s[l * stride] for l < n; returns sum_l p[l] * z[l * stride] (vectorised for stride 1:
+// a scalar loop here cost as much as the value sums themselves).
+inline float scale_weights(const float* p, const float* s, const float* z, int64_t stride, int64_t n, float* ps) {
+  int64_t l = 0;
+  __m256 total = _mm256_setzero_ps();
+  if (stride == 1)
+    for (; l + 8 <= n; l += 8) {
+      const __m256 pl = _mm256_loadu_ps(p + l);
+      _mm256_storeu_ps(ps + l, _mm256_mul_ps(pl, _mm256_loadu_ps(s + l)));
+      total = _mm256_fmadd_ps(pl, _mm256_loadu_ps(z + l), total);
+    }
+  float zsum = hsum(total);
+  for (; l < n; ++l) {
+    ps[l] = p[l] * s[l * stride];
+    zsum += p[l] * z[l * stride];
+  }
+  return zsum;
 }
 
 // Value sums of one KV head's G query heads over n quantized tokens starting at codes/scale/low
@@ -161,27 +197,58 @@ template <int BITS>
 void value_codes_block(const float* p, int64_t n, const uint8_t* codes, const at::Half* scale, const at::Half* low,
                        const Layout& s, float* out) {
   const int64_t VG = s.value_groups, token_stride = VG * s.value_group_bytes;
-  std::vector<float>& buffer = scratch(2 * n * VG + MAX_GH * n);
+  std::vector<float>& buffer = scratch(2 * n * VG + MAX_GH * n + MAX_GH * n / 4 + MAX_GH * n / INT8_BLOCK + 1);
   float *sf = buffer.data(), *zf = sf + n * VG, *ps = zf + n * VG;
+  int16_t* pairs = reinterpret_cast<int16_t*>(ps + MAX_GH * n);  // the int8 path's factors: n / 2 int16 per head
+  const bool int8 = s.int8_values && n % INT8_BLOCK == 0;
   halves_to_floats(scale, 1, n * VG, sf);  // the block's scales, token-major
   halves_to_floats(low, 1, n * VG, zf);
   for (int64_t vg = 0; vg < VG; ++vg) {
     for (int64_t g0 = 0; g0 < s.G; g0 += MAX_GH) {
       const int gh = static_cast<int>(std::min<int64_t>(MAX_GH, s.G - g0));
       for (int g = 0; g < gh; ++g) {
-        const float* pg = p + (g0 + g) * n;
-        float zsum = 0.f;
-        for (int64_t l = 0; l < n; ++l) {
-          ps[g * n + l] = pg[l] * sf[l * VG + vg];
-          zsum += pg[l] * zf[l * VG + vg];
-        }
+        const float zsum = scale_weights(p + (g0 + g) * n, sf + vg, zf + vg, VG, n, ps + g * n);
         float* o = out + (g0 + g) * s.D + vg * s.gv;
         for (int64_t j = 0; j < s.gv; ++j) o[j] += zsum;
       }
       float* o = out + g0 * s.D + vg * s.gv;
+      if (int8) {
+        float* steps = reinterpret_cast<float*>(pairs + MAX_GH * n / 2);
+        for (int g = 0; g < gh; ++g) {
+          const float shift = code_midpoint<BITS>() * to_int8(ps + g * n, n, pairs + g * (n / 2), steps + g * (n / INT8_BLOCK));
+          for (int64_t j = 0; j < s.gv; ++j) o[g * s.D + j] += shift;
+        }
+#define LEANLM_VALUES(N) value_group_sums_int8<BITS, N>(pairs, steps, n, codes + vg * s.value_group_bytes, token_stride, s.value_group_bytes, s.D, o)
+        LEANLM_DISPATCH_HEADS(gh, LEANLM_VALUES)
+#undef LEANLM_VALUES
+        continue;
+      }
 #define LEANLM_VALUES(N) value_group_sums<BITS, N>(ps, n, codes + vg * s.value_group_bytes, token_stride, 0, n, s.value_group_bytes, s.D, o)
       LEANLM_DISPATCH_HEADS(gh, LEANLM_VALUES)
 #undef LEANLM_VALUES
+    }
+  }
+}
+
+// out[r] = quantized[r] @ rotation + plain[r] for each of `rows` rows of D (no rotation: the sum), written
+// in out's dtype (float32 or bfloat16): the values' basis turned back (H H = I) without three more ATen ops per layer.
+inline void rotate_and_add(const float* quantized, const float* plain, const float* rotation, int64_t rows, int64_t D,
+                           torch::Tensor& out) {
+  std::vector<float> row(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = quantized + r * D;
+    std::copy(plain + r * D, plain + (r + 1) * D, row.begin());
+    if (rotation == nullptr) {
+      for (int64_t d = 0; d < D; ++d) row[d] += x[d];
+    } else {
+      for (int64_t e = 0; e < D; ++e)
+        for (int64_t d = 0; d < D; ++d) row[d] += x[e] * rotation[e * D + d];
+    }
+    if (out.scalar_type() == torch::kFloat32) {
+      std::copy(row.begin(), row.end(), out.data_ptr<float>() + r * D);
+    } else {
+      auto* o = out.data_ptr<at::BFloat16>() + r * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<at::BFloat16>(row[d]);
     }
   }
 }
@@ -193,7 +260,7 @@ template <typename KV, int KBITS, int VBITS>
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& key_codes, const torch::Tensor& key_scale,
                      const torch::Tensor& key_low, const torch::Tensor& value_codes, const torch::Tensor& value_scale,
                      const torch::Tensor& value_low, const c10::optional<torch::Tensor>& rotation,
-                     const torch::Tensor& res_keys, const torch::Tensor& res_values, double scale) {
+                     const torch::Tensor& res_keys, const torch::Tensor& res_values, double scale, bool int8) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = key_codes.size(1), R = res_keys.size(2);
   Layout s;
   s.D = D, s.G = H / KVH, s.key_groups = key_codes.size(3), s.key_row_bytes = key_codes.size(4);
@@ -201,8 +268,10 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& key_codes, con
   s.value_groups = value_codes.size(3), s.value_group_bytes = value_codes.size(4), s.gv = D / s.value_groups;
   s.code_channel = key_codes.stride(2), s.code_group = key_codes.stride(3);
   s.scale_channel = key_scale.stride(2), s.scale_group = key_scale.stride(3);
+  s.int8_keys = int8 && KBITS != 8 && s.key_row_bytes % INT8_CHUNK == 0 && D % INT8_BLOCK == 0;  // 8-bit codes: int16 sums would saturate
+  s.int8_values = int8 && VBITS != 8 && s.value_group_bytes % INT8_CHUNK == 0;
   const int64_t G = s.G, T = s.T;
-  const int64_t groups_per_block = std::max<int64_t>(1, BLOCK / s.gk);  // whole key groups per task
+  const int64_t groups_per_block = std::max<int64_t>(1, QUANTIZED_BLOCK / s.gk);  // whole key groups per task
   const int64_t blocks = (s.key_groups + groups_per_block - 1) / groups_per_block + 1;  // the last: the residual
   auto qf = q.to(torch::kFloat32).contiguous();
   auto partial = torch::empty({B, KVH, blocks, G, D + 2}, qf.options());  // per block: G x (D sums, max, sum)
@@ -253,30 +322,34 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& key_codes, con
     }
   });
   // join the blocks: weights exp(block max - overall max); quantized blocks and the residual apart (bases differ)
-  auto quantized = torch::empty({B, H, D}, qf.options()), plain = torch::empty({B, H, D}, qf.options());
-  join_blocks(pp, B * KVH, blocks, G, D, quantized.data_ptr<float>(), plain.data_ptr<float>(), blocks - 1);
-  if (rotation.has_value()) quantized = quantized.matmul(rotation->to(torch::kFloat32));  // H H = I: back
-  return (quantized + plain).to(q.scalar_type());
+  std::vector<float> quantized(B * H * D), plain(B * H * D);
+  join_blocks(pp, B * KVH, blocks, G, D, quantized.data(), plain.data(), blocks - 1);
+  torch::Tensor rot;
+  if (rotation.has_value()) rot = rotation->to(torch::kFloat32).contiguous();
+  const bool direct = q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16;
+  auto out = torch::empty({B, H, D}, direct ? q.options() : qf.options());
+  rotate_and_add(quantized.data(), plain.data(), rotation.has_value() ? rot.data_ptr<float>() : nullptr, B * H, D, out);
+  return direct ? out : out.to(q.scalar_type());
 }
 
 template <typename KV, int KBITS>
 torch::Tensor attend_value_bits(int64_t value_bits, const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& ks,
                                 const torch::Tensor& kl, const torch::Tensor& vc, const torch::Tensor& vs, const torch::Tensor& vl,
                                 const c10::optional<torch::Tensor>& rot, const torch::Tensor& rk, const torch::Tensor& rv,
-                                double scale) {
-  if (value_bits == 2) return attend<KV, KBITS, 2>(q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale);
-  if (value_bits == 4) return attend<KV, KBITS, 4>(q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale);
-  return attend<KV, KBITS, 8>(q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale);
+                                double scale, bool int8) {
+  if (value_bits == 2) return attend<KV, KBITS, 2>(q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale, int8);
+  if (value_bits == 4) return attend<KV, KBITS, 4>(q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale, int8);
+  return attend<KV, KBITS, 8>(q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale, int8);
 }
 
 template <typename KV>
 torch::Tensor attend_bits(int64_t key_bits, int64_t value_bits, const torch::Tensor& q, const torch::Tensor& kc,
                           const torch::Tensor& ks, const torch::Tensor& kl, const torch::Tensor& vc, const torch::Tensor& vs,
                           const torch::Tensor& vl, const c10::optional<torch::Tensor>& rot, const torch::Tensor& rk,
-                          const torch::Tensor& rv, double scale) {
-  if (key_bits == 2) return attend_value_bits<KV, 2>(value_bits, q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale);
-  if (key_bits == 4) return attend_value_bits<KV, 4>(value_bits, q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale);
-  return attend_value_bits<KV, 8>(value_bits, q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale);
+                          const torch::Tensor& rv, double scale, bool int8) {
+  if (key_bits == 2) return attend_value_bits<KV, 2>(value_bits, q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale, int8);
+  if (key_bits == 4) return attend_value_bits<KV, 4>(value_bits, q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale, int8);
+  return attend_value_bits<KV, 8>(value_bits, q, kc, ks, kl, vc, vs, vl, rot, rk, rv, scale, int8);
 }
 
 // Value tensors must be contiguous; key tensors may be any (channel, group) arrangement of the first four
@@ -306,7 +379,7 @@ torch::Tensor quantized_decode_attention(torch::Tensor q, torch::Tensor key_code
                                          torch::Tensor key_low, torch::Tensor value_codes, torch::Tensor value_scale,
                                          torch::Tensor value_low, c10::optional<torch::Tensor> rotation,
                                          torch::Tensor res_keys, torch::Tensor res_values, int64_t key_bits,
-                                         int64_t value_bits, double scale) {
+                                         int64_t value_bits, double scale, bool int8) {
   TORCH_CHECK(q.dim() == 3 && res_keys.dim() == 4 && res_values.sizes() == res_keys.sizes(),
               "q must be (B, H, D), residual keys/values (B, KVH, R, D)");
   check_codes(key_codes, key_scale, key_low, key_bits, false, "key");
@@ -325,16 +398,16 @@ torch::Tensor quantized_decode_attention(torch::Tensor q, torch::Tensor key_code
   if (rotation.has_value()) TORCH_CHECK(rotation->dim() == 2 && rotation->size(0) == D && rotation->size(1) == D, "rotation must be (D, D)");
   if (res_keys.scalar_type() == torch::kBFloat16)
     return attend_bits<at::BFloat16>(key_bits, value_bits, q, key_codes, key_scale, key_low, value_codes, value_scale,
-                                     value_low, rotation, res_keys, res_values, scale);
+                                     value_low, rotation, res_keys, res_values, scale, int8);
   TORCH_CHECK(res_keys.scalar_type() == torch::kFloat32, "the residual must be bfloat16 or float32");
   return attend_bits<float>(key_bits, value_bits, q, key_codes, key_scale, key_low, value_codes, value_scale, value_low,
-                            rotation, res_keys, res_values, scale);
+                            rotation, res_keys, res_values, scale, int8);
 }
 
 TORCH_LIBRARY_FRAGMENT(leanlm, m) {
   m.def("quantized_decode_attention(Tensor q, Tensor key_codes, Tensor key_scale, Tensor key_low, Tensor value_codes, "
         "Tensor value_scale, Tensor value_low, Tensor? rotation, Tensor res_keys, Tensor res_values, int key_bits, "
-        "int value_bits, float scale) -> Tensor");
+        "int value_bits, float scale, bool int8=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leanlm, CPU, m) { m.impl("quantized_decode_attention", &quantized_decode_attention); }
