@@ -172,25 +172,6 @@ void key_group(const float* q, const uint8_t* codes, const at::Half* scale, cons
   }
 }
 
-// ps[l] = p[l] * s[l * stride] for l < n; returns sum_l p[l] * z[l * stride] (vectorised for stride 1:
-// a scalar loop here cost as much as the value sums themselves).
-inline float scale_weights(const float* p, const float* s, const float* z, int64_t stride, int64_t n, float* ps) {
-  int64_t l = 0;
-  __m256 total = _mm256_setzero_ps();
-  if (stride == 1)
-    for (; l + 8 <= n; l += 8) {
-      const __m256 pl = _mm256_loadu_ps(p + l);
-      _mm256_storeu_ps(ps + l, _mm256_mul_ps(pl, _mm256_loadu_ps(s + l)));
-      total = _mm256_fmadd_ps(pl, _mm256_loadu_ps(z + l), total);
-    }
-  float zsum = hsum(total);
-  for (; l < n; ++l) {
-    ps[l] = p[l] * s[l * stride];
-    zsum += p[l] * z[l * stride];
-  }
-  return zsum;
-}
-
 // Value sums of one KV head's G query heads over n quantized tokens starting at codes/scale/low
 // (token-major): out (G x D, zeroed) += sum_l p[g * n + l] * v_l, in the values' basis.
 template <int BITS>
@@ -226,29 +207,6 @@ void value_codes_block(const float* p, int64_t n, const uint8_t* codes, const at
 #define LEANLM_VALUES(N) value_group_sums<BITS, N>(ps, n, codes + vg * s.value_group_bytes, token_stride, 0, n, s.value_group_bytes, s.D, o)
       LEANLM_DISPATCH_HEADS(gh, LEANLM_VALUES)
 #undef LEANLM_VALUES
-    }
-  }
-}
-
-// out[r] = quantized[r] @ rotation + plain[r] for each of `rows` rows of D (no rotation: the sum), written
-// in out's dtype (float32 or bfloat16): the values' basis turned back (H H = I) without three more ATen ops per layer.
-inline void rotate_and_add(const float* quantized, const float* plain, const float* rotation, int64_t rows, int64_t D,
-                           torch::Tensor& out) {
-  std::vector<float> row(D);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = quantized + r * D;
-    std::copy(plain + r * D, plain + (r + 1) * D, row.begin());
-    if (rotation == nullptr) {
-      for (int64_t d = 0; d < D; ++d) row[d] += x[d];
-    } else {
-      for (int64_t e = 0; e < D; ++e)
-        for (int64_t d = 0; d < D; ++d) row[d] += x[e] * rotation[e * D + d];
-    }
-    if (out.scalar_type() == torch::kFloat32) {
-      std::copy(row.begin(), row.end(), out.data_ptr<float>() + r * D);
-    } else {
-      auto* o = out.data_ptr<at::BFloat16>() + r * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<at::BFloat16>(row[d]);
     }
   }
 }
