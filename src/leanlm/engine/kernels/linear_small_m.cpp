@@ -13,6 +13,11 @@
 
 namespace {
 
+// Software prefetch this far ahead in the weight stream: the hardware prefetchers alone left a cold decode
+// step's small matrices (k/v projections, 110 KB per thread) at 7-14 GB/s of the ~20 GB/s two cores read;
+// with it, int8 MLP matrices 7.4 -> 13.5 GB/s, bf16 13.8 -> 17.3 GB/s, the output head 16 -> 20 GB/s.
+constexpr int64_t PREFETCH_BYTES = 8192;
+
 inline __m256 widen_bf16(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -45,6 +50,9 @@ inline void block(const float* x, const W* w, int64_t K, int64_t n, float* dots,
 #pragma GCC unroll 4
       for (int s = 0; s < SPLIT; ++s) acc[r][m][s] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8 * SPLIT) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k) + PREFETCH_BYTES, _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int s = 0; s < SPLIT; ++s) {
 #pragma GCC unroll 16
