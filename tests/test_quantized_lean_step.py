@@ -74,7 +74,7 @@ def test_lean_quantized_decode_equals_the_stock_forward(family, bits, value_bits
     model = build(num_layers=2, num_heads=4, num_kv_heads=2).eval()
     ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(3))
     policy = Quantized(bits=bits, value_bits=value_bits, group=8 if bits == 3 else 16, residual=16)
-    with kernels.use_kernels(use_kernel):
+    with kernels.use_kernels(use_kernel), kernels.use_int8_attention(False):  # float32 (int8: test_int8_attention)
         for lean, stock, lean_cache, stock_cache in decode_both(model, ids, policy, steps=20):  # two flushes
             assert torch.allclose(lean, stock, atol=1e-4, rtol=1e-4)
             for mine, theirs in zip(lean_cache.layers, stock_cache.layers):
@@ -88,7 +88,7 @@ def test_generate_takes_the_lean_step_through_a_quantized_cache(monkeypatch):
     model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=1).eval()
     ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(4))
     policy = Quantized(bits=4, value_bits=2, group=16, residual=16)
-    with attach(model, policy) as cache:
+    with attach(model, policy) as cache, kernels.use_int8_attention(False):  # token-exact: the float32 path
         assert lean_step(model, cache) is not None
         lean = generate(model, ids, 12, cache=cache)
         held = cache.nbytes()

@@ -1,6 +1,6 @@
 // Integer dot products over packed 2- and 4-bit KV codes (quantized_attention.cpp), the way llama.cpp
 // multiplies its quantized weights: the float32 side (a query's q * s per key group, or the softmax
-// weights p * s of a block of value tokens) is rounded to int8 with one step per query head, and
+// weights p * s of a block of value tokens) is rounded to int8 with one step per 16 factors, and
 // _mm256_maddubs_epi16 multiplies 32 unsigned codes by 32 int8 factors and adds neighbouring pairs
 // in one instruction; the float FMA path does 8 multiply-adds per instruction and must first widen
 // each code to float32. At 16K tokens the attention over a 4.5x smaller cache is bound by that
@@ -14,8 +14,7 @@
 #pragma once
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cmath>
+#include <cfloat>
 #include <cstdint>
 
 namespace leanlm_attention {
@@ -55,7 +54,7 @@ inline float to_int8(const float* x, int64_t n, int16_t* pairs, float* steps) {
   auto* out = reinterpret_cast<int8_t*>(pairs);
   __m256 residual = _mm256_setzero_ps();
   for (int64_t b = 0; b < n; b += INT8_BLOCK) {
-    const float top = abs_max16(x + b), step = top > 0.f ? top / 127.f : 1.f;
+    const float top = abs_max16(x + b), step = top > 127.f * FLT_MIN ? top / 127.f : 1.f;  // 1/step finite
     steps[b / INT8_BLOCK] = step;
     const __m256 inverse = _mm256_set1_ps(1.f / step), step8 = _mm256_set1_ps(step);
     for (int64_t i = b; i < b + INT8_BLOCK; i += 8) {

@@ -50,9 +50,10 @@ inline void block(const float* x, const W* w, int64_t K, int64_t n, float* dots,
 #pragma GCC unroll 4
       for (int s = 0; s < SPLIT; ++s) acc[r][m][s] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8 * SPLIT) {
+    constexpr int64_t AHEAD = PREFETCH_BYTES / static_cast<int64_t>(sizeof(W));
+    if ((n + ROWS) * K + k + AHEAD <= N * K)  // inside the weight matrix (the stream runs on into the next rows)
 #pragma GCC unroll 16
-    for (int r = 0; r < ROWS; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k) + PREFETCH_BYTES, _MM_HINT_T0);
+      for (int r = 0; r < ROWS; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k + AHEAD), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int s = 0; s < SPLIT; ++s) {
 #pragma GCC unroll 16

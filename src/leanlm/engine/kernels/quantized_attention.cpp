@@ -10,8 +10,9 @@
 // The codes are widened to float32 in registers, 8 at a time, and multiplied into every query head
 // of the KV head's group at once: each code byte is read from memory once per step, and no
 // dequantized (tokens, head_dim) copy exists. With int8=True (the default) 2- and 4-bit codes take
-// integer dot products instead (int8_dots.h: the float side rounded to int8 per query head, 32 codes
-// per instruction); 8-bit codes and rows that are not a multiple of 16 bytes stay on the float path.
+// integer dot products instead (int8_dots.h: the float side rounded to int8 with a step per 16 factors,
+// 32 codes per instruction) where key rows and value groups are a multiple of 16 bytes (keys: head_dim a
+// multiple of 16; values: tasks of a multiple of 16 tokens); 8-bit codes and other layouts stay on floats.
 // The value sums of the quantized tokens are rotated back once (out @ H) and the residual's are added.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -111,7 +112,9 @@ inline void halves_to_floats(const at::Half* p, int64_t stride, int64_t n, float
   for (; i < n; ++i) out[i] = half_to_float(p[i * stride]);
 }
 
-constexpr int MAX_GH = 8;  // query heads per pass: GH accumulators + their broadcasts fit 16 registers
+// Query heads per pass: on the float path GH accumulators + their broadcasts fit 16 registers (the int8
+// path keeps planes x GH int16 sums, which spill to L1 beyond GH = 3 at 2 bits).
+constexpr int MAX_GH = 8;
 // Tokens per task: each task pays a fixed cost (scratch, its block's partial sums, one more block to join)
 // that 64-token blocks made a fifth of the kernel's time at 16K; 256 still gives 3 KV heads x 16 tasks at 4K.
 constexpr int64_t QUANTIZED_BLOCK = 256;
