@@ -8,8 +8,8 @@ query per sequence and head against a cache's first ``length`` slots (grouped K/
 float32 cache, float32 softmax); ``quantized_attention.cpp``:
 ``leanlm::quantized_decode_attention``, the same over a KIVI cache's packed codes plus its
 full-precision residual (kvcache/quantized.py), for 2- and 4-bit codes by integer dot products
-(``int8_dots.h``; ``use_int8_attention(False)`` or ``LEANLM_INT8_ATTENTION=0``: float32 FMAs). Fake kernels registered here let a ``torch.compile``d decode step
-call them as opaque kernels.
+(``int8_dots.h``; ``use_int8_attention(False)`` or ``LEANLM_INT8_ATTENTION=0``: float32 FMAs).
+Fake kernels registered here let a ``torch.compile``d decode step call them as opaque kernels.
 
 Where they cannot be built (no compiler, no AVX2/FMA, another architecture) ``available()`` is
 False, one warning says why, and callers use ``torch.nn.functional.linear``. ``LEANLM_KERNELS=0``
