@@ -14,7 +14,8 @@ attention instead), ``:layers`` with transformers' layer code instead of the lea
 (engine/lean_step.py), ``:pywrapper`` with inductor's Python wrapper instead of its C++ one (compiled
 methods); ``engine_static:layers:aten`` has both off. llama.cpp runs in its own venv
 (benchmarks/llamacpp_env.sh) through benchmarks/llamacpp_driver.py, on a BF16 GGUF written from the
-same weights and on the bundled Q4_1; vLLM's CPU build in its own venv (benchmarks/vllm_env.sh) through
+same weights, on Q8_0 / Q4_0 files llama.cpp's own quantizer makes from it (like for like with the
+int8 / int4 rows), and on the bundled Q4_1; vLLM's CPU build in its own venv (benchmarks/vllm_env.sh) through
 one persistent benchmarks/vllm_driver.py (offline ``LLM``, the same bf16 weights, prefix caching off).
 Writes FILE.json (rows + protocol), FILE.md (table) and FILE.png (tokens/s vs context).
 """
@@ -43,7 +44,7 @@ from leanlm.report import atomic_write_json, atomic_write_text, git_info, versio
 
 METHODS = ["hf_dynamic", "hf_static", "engine_dynamic", "engine_static:layers:aten", "engine_static", "engine_compiled", "quantized@0.25",
            "heavy_hitter+int4@0.25", "weights_int8", "weights_int8_compiled", "weights_int4", "speculative_k2", "speculative_k4",
-           "speculative_k6", "llamacpp_bf16", "llamacpp_q4_1", "vllm_bf16"]
+           "speculative_k6", "llamacpp_bf16", "llamacpp_q8_0", "llamacpp_q4_0", "llamacpp_q4_1", "vllm_bf16"]
 
 
 def kv_bytes_per_token(model) -> int:
