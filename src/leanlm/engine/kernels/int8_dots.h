@@ -114,41 +114,25 @@ inline void chunk_sums(const int16_t* pairs, const float* steps, int64_t pair_co
   }
 }
 
-// Keys quantized per channel, one group of tokens: codes row d (channel d) at codes + d * row_stride,
-// bytes_per_row bytes (plane p, byte c: token p * bytes_per_row + c). qpairs (GH x D/2): q_d s_dg as
-// int8 factors (to_int8), qsteps (GH x D/16). scores[g * L + token] = sum_d q_d s_dg code_dt + bias[g].
+// sum over `rows` packed rows (rows `stride` bytes apart from `codes`, row_bytes bytes each; plane p,
+// byte c: output column p * row_bytes + c) of GH heads' int8 factors (pairs: GH x rows/2, steps: GH x
+// rows/16) times the codes, written to out[g * head_stride + column] + bias[g], or added onto out when
+// bias is null. Keys per channel: the rows are one key group's channels and the columns its tokens
+// (scores); values per token: the rows are tokens and the columns one value group's channels (sums).
 template <int BITS, int GH>
-void key_group_scores_int8(const int16_t* qpairs, const float* qsteps, const float* bias, const uint8_t* codes,
-                           int64_t row_stride, int64_t bytes_per_row, int64_t D, float* scores, int64_t L) {
+void int8_row_dots(const int16_t* pairs, const float* steps, int64_t rows, const uint8_t* codes, int64_t stride,
+                   int64_t row_bytes, float* out, int64_t head_stride, const float* bias) {
   constexpr int PLANES = 8 / BITS;
-  for (int64_t c = 0; c < bytes_per_row; c += INT8_CHUNK) {
+  for (int64_t c = 0; c < row_bytes; c += INT8_CHUNK) {
     __m256 acc[PLANES][GH][2];
-    chunk_sums<BITS, GH>(qpairs, qsteps, D / 2, codes + c, row_stride, acc);
+    chunk_sums<BITS, GH>(pairs, steps, rows / 2, codes + c, stride, acc);
     for (int p = 0; p < PLANES; ++p)
       for (int g = 0; g < GH; ++g) {
-        float* out = scores + g * L + p * bytes_per_row + c;
-        const __m256 b = _mm256_set1_ps(bias[g]);
-        _mm256_storeu_ps(out, _mm256_add_ps(acc[p][g][0], b));
-        _mm256_storeu_ps(out + 8, _mm256_add_ps(acc[p][g][1], b));
-      }
-  }
-}
-
-// Values quantized per token, one group of channels over n tokens (n a multiple of 16): token l's codes
-// at codes + l * token_stride, bytes_per_group bytes (plane p, byte c: channel p * bytes_per_group + c).
-// wpairs (GH x n/2): p_l s_l as int8 factors, wsteps (GH x n/16). out[g * D + channel] += the sums.
-template <int BITS, int GH>
-void value_group_sums_int8(const int16_t* wpairs, const float* wsteps, int64_t n, const uint8_t* codes,
-                           int64_t token_stride, int64_t bytes_per_group, int64_t D, float* out) {
-  constexpr int PLANES = 8 / BITS;
-  for (int64_t c = 0; c < bytes_per_group; c += INT8_CHUNK) {
-    __m256 acc[PLANES][GH][2];
-    chunk_sums<BITS, GH>(wpairs, wsteps, n / 2, codes + c, token_stride, acc);
-    for (int p = 0; p < PLANES; ++p)
-      for (int g = 0; g < GH; ++g) {
-        float* o = out + g * D + p * bytes_per_group + c;
-        _mm256_storeu_ps(o, _mm256_add_ps(acc[p][g][0], _mm256_loadu_ps(o)));
-        _mm256_storeu_ps(o + 8, _mm256_add_ps(acc[p][g][1], _mm256_loadu_ps(o + 8)));
+        float* o = out + g * head_stride + p * row_bytes + c;
+        const __m256 low = bias ? _mm256_set1_ps(bias[g]) : _mm256_loadu_ps(o);
+        const __m256 high = bias ? low : _mm256_loadu_ps(o + 8);
+        _mm256_storeu_ps(o, _mm256_add_ps(acc[p][g][0], low));
+        _mm256_storeu_ps(o + 8, _mm256_add_ps(acc[p][g][1], high));
       }
   }
 }

@@ -164,7 +164,7 @@ void key_group(const float* q, const uint8_t* codes, const at::Half* scale, cons
       float steps[MAX_GH * 256 / INT8_BLOCK], corrected[MAX_GH];
       for (int g = 0; g < gh; ++g)
         corrected[g] = bias[g] + code_midpoint<BITS>() * to_int8(qs + g * s.D, s.D, pairs + g * (s.D / 2), steps + g * (s.D / INT8_BLOCK));
-#define LEANLM_KEYS(N) key_group_scores_int8<BITS, N>(pairs, steps, corrected, first, s.code_channel, s.key_row_bytes, s.D, o, out_stride)
+#define LEANLM_KEYS(N) int8_row_dots<BITS, N>(pairs, steps, s.D, first, s.code_channel, s.key_row_bytes, o, out_stride, corrected)
       LEANLM_DISPATCH_HEADS(gh, LEANLM_KEYS)
 #undef LEANLM_KEYS
       continue;
@@ -202,7 +202,7 @@ void value_codes_block(const float* p, int64_t n, const uint8_t* codes, const at
           const float shift = code_midpoint<BITS>() * to_int8(ps + g * n, n, pairs + g * (n / 2), steps + g * (n / INT8_BLOCK));
           for (int64_t j = 0; j < s.gv; ++j) o[g * s.D + j] += shift;
         }
-#define LEANLM_VALUES(N) value_group_sums_int8<BITS, N>(pairs, steps, n, codes + vg * s.value_group_bytes, token_stride, s.value_group_bytes, s.D, o)
+#define LEANLM_VALUES(N) int8_row_dots<BITS, N>(pairs, steps, n, codes + vg * s.value_group_bytes, token_stride, s.value_group_bytes, o, s.D, nullptr)
         LEANLM_DISPATCH_HEADS(gh, LEANLM_VALUES)
 #undef LEANLM_VALUES
         continue;
