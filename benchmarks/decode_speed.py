@@ -34,10 +34,10 @@ from transformers import DynamicCache
 from benchmarks_common import bandwidth_gbs, markdown_table, plot_rows, weight_bytes
 from leanlm.engine import Sampler, static_cache, stream
 from leanlm.engine.compile import use_cpp_wrapper
-from leanlm.engine.kernels import use_kernels
+from leanlm.engine.kernels import use_avx512, use_kernels
 from leanlm.engine.lean_step import use_lean_step
 from leanlm.engine.speculative import SpeculativeStats, speculative_generate
-from leanlm.engine.weights import quantizer
+from leanlm.engine.weights import apply_weight_format, quantizer
 from leanlm.kvcache import attach, make_policy
 from leanlm.models import load_model
 from leanlm.report import atomic_write_json, atomic_write_text, git_info, versions
@@ -125,7 +125,7 @@ def engine_total(model, ids, new):
 
 
 SWITCHES = {"aten": lambda: use_kernels(False), "layers": lambda: use_lean_step(False),  # method-name suffixes
-            "pywrapper": lambda: use_cpp_wrapper(False)}
+            "pywrapper": lambda: use_cpp_wrapper(False), "avx2": lambda: use_avx512(False)}
 
 
 def _switched_off(run, suffix, *args, **kwargs):
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--draft-keep", type=int, default=10, help="speculative draft: keep this many first layers")
-    parser.add_argument("--weight-group", type=int, default=64)
+    parser.add_argument("--weight-group", type=int, default=32, help="int4: weights per scale (the head stays int8)")
     parser.add_argument("--llamacpp-venv", type=Path, default=Path(".venv-llamacpp"))
     parser.add_argument("--vllm-venv", type=Path, default=Path(".venv-vllm"), help="vLLM's CPU build (benchmarks/vllm_env.sh)")
     parser.add_argument("--gguf-dir", type=Path, default=Path("out/gguf"), help="where the BF16 GGUF is written")
@@ -207,8 +207,8 @@ def main() -> None:
     if quantizer() is not None:
         for scheme in ("int8", "int4"):
             if f"weights_{scheme}" in (m.split(":")[0].removesuffix("_compiled") for m in args.methods):
-                quantized_models[f"weights_{scheme}"] = copy.deepcopy(model)
-                quantizer()(quantized_models[f"weights_{scheme}"], scheme, args.weight_group)
+                quantized_models[f"weights_{scheme}"] = copy.deepcopy(model)  # as `leanlm generate --weights` does
+                apply_weight_format(quantized_models[f"weights_{scheme}"], scheme, args.weight_group)
     from llamacpp_bridge import LlamaCpp
     from vllm_bridge import VLLM
 

@@ -2,10 +2,12 @@
 
     LEANLM_DATA_DIR=../shared/data PYTHONPATH=src .venv/bin/python benchmarks/weight_quant.py --out runs/weight_quant.json
 
-For each variant (bf16, int8, int4 for each of --group-sizes, int4 with the activation-aware
+For each variant (bf16, int8, int4 for each of --group-sizes, int4 with an int8 output head for each of
+--int8-head-groups, int4 with the activation-aware
 scale search on WikiText-2 validation for each of --awq-groups) in one process: WikiText-2 test perplexity
 (sliding windows 1024/512 over the first --max-tokens tokens) and the same on the out-of-domain
-text (Botchan), bytes of every parameter and buffer held, and decode tokens/s of a plain greedy
+text (Botchan) — by default with every matmul on the decode kernels (``--ppl-path decode``: int4's
+rounds its inputs to int8, so that is what the model decodes with), bytes of every parameter and buffer held, and decode tokens/s of a plain greedy
 loop (the first --prompt-tokens tokens of WikiText-2 validation, then --new-tokens steps through a DynamicCache), timed in
 alternating rounds (bf16, int8, int4, bf16, ...) with medians; the machine is shared, so only the
 ratios measured together mean anything. Also a matmul micro-benchmark (one MLP up projection and
@@ -31,6 +33,7 @@ from leanlm.models import load_model, load_tokenizer
 from leanlm.models.compat import with_cache
 from leanlm.report import atomic_write_json, git_info, versions
 from leanlm.transforms.quantize import Int4Linear, Int8Linear, held_bytes, quantize_weights
+from leanlm.transforms.quantize.base import use_kernel_for_every_call
 
 
 @torch.inference_mode()
@@ -106,6 +109,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32],
                         help="int4 group sizes, one variant each (SmolLM2: 32 or 64 divide 576)")
+    parser.add_argument("--int8-head-groups", type=int, nargs="*", default=[32],
+                        help="int4 group sizes to also quantize with the output head (= tied embedding) at int8")
     parser.add_argument("--awq-groups", type=int, nargs="*", default=[64],
                         help="int4 group sizes to also quantize with the activation-aware scale search")
     parser.add_argument("--calibration", type=int, nargs=2, default=[8, 256], metavar=("SAMPLES", "LEN"),
@@ -116,6 +121,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="alternating decode rounds (median)")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (speed and bytes only)")
+    parser.add_argument("--ppl-path", choices=("decode", "prefill"), default="decode",
+                        help="decode: every matmul through the packed decode kernels (int4's rounds its inputs to int8), "
+                             "so the perplexity is what decoding computes; prefill: long inputs dequantize the weight")
     args = parser.parse_args()
     try:
         if args.out.exists():
@@ -126,10 +134,11 @@ def main() -> int:
         tokenizer = load_tokenizer(args.model)
         base = load_model(args.model, "bfloat16")
         models, reports = {"bf16": base}, {}
-        variants = [("int8", "int8", 0)] + [(f"int4-g{g}", "int4", g) for g in args.group_sizes]
-        for name, scheme, group in variants:
+        variants = [("int8", "int8", 0, None)] + [(f"int4-g{g}", "int4", g, None) for g in args.group_sizes]
+        variants += [(f"int4-g{g}-head8", "int4", g, "int8") for g in args.int8_head_groups]
+        for name, scheme, group, head in variants:
             models[name] = copy.deepcopy(base)
-            reports[name] = quantize_weights(models[name], scheme, group)
+            reports[name] = quantize_weights(models[name], scheme, group, head=head)
         if args.awq_groups:
             calibration = calibration_batches(tokenizer, args.calibration[0], args.calibration[1], batch_size=4)
         for group in args.awq_groups:
@@ -137,7 +146,7 @@ def main() -> int:
             models[name] = copy.deepcopy(base)
             reports[name] = quantize_weights(models[name], "int4", group, calibration=calibration)
             reports[name]["seconds"] = time.perf_counter() - start
-        results = {"model": args.model, "threads": torch.get_num_threads(),
+        results = {"model": args.model, "threads": torch.get_num_threads(), "ppl_path": args.ppl_path,
                    "note": "shared 2-core machine: compare ratios within this run only",
                    "quantize_reports": reports, "variants": {}}
         for name, model in models.items():
@@ -145,7 +154,8 @@ def main() -> int:
             if not args.no_ppl:
                 for split in ("test", "botchan"):
                     protocol = PerplexityProtocol(split=split, window=1024, stride=512, max_tokens=args.max_tokens)
-                    res = perplexity(model, tokenizer, protocol)
+                    with use_kernel_for_every_call(args.ppl_path == "decode"):
+                        res = perplexity(model, tokenizer, protocol)
                     row[f"ppl_{split}"], row[f"protocol_{split}"] = res.perplexity, res.protocol
             results["variants"][name] = row
             print(name, {k: v for k, v in row.items() if not k.startswith("protocol")}, flush=True)

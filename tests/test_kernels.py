@@ -23,28 +23,51 @@ def bound(x: torch.Tensor, w: torch.Tensor, reference: torch.Tensor) -> torch.Te
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("in_features", [64, 72])  # 72: not a multiple of the 32-wide split
-def test_bf16_kernel_matches_a_float64_reference(rows, in_features):
+@pytest.mark.parametrize("in_features", [64, 72])  # 72: not a multiple of the 32-wide split (AVX2 path only)
+@pytest.mark.parametrize("avx512", [True, False])  # AVX512-BF16 dot products where the CPU has them, or AVX2 FMAs
+def test_bf16_kernel_matches_a_float64_reference(rows, in_features, avx512):
+    if avx512 and not kernels.has_avx512(bf16=True):
+        pytest.skip("this CPU has no AVX512-BF16")
     gen = torch.Generator().manual_seed(rows * in_features)
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
     w = torch.randn(37, in_features, generator=gen).bfloat16()  # 37 rows: not a multiple of the 32-row block
     b = torch.randn(37, generator=gen).bfloat16()
-    got = torch.ops.leanlm.linear_bf16(x, w, b)
+    with kernels.use_avx512(avx512):
+        got = torch.ops.leanlm.linear_bf16(x, w, b)
     reference = x.double() @ w.double().T + b.double()
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 37)
     assert ((got.double() - reference).abs() <= bound(x, w, reference)).all()
 
 
 @needs_kernels
-def test_int8_kernel_applies_row_scales():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 64, generator=gen).bfloat16()
-    codes = torch.randint(-127, 128, (40, 64), generator=gen, dtype=torch.int8)
+def test_the_avx512_path_is_taken_where_the_cpu_has_it():
+    """vdpbf16ps flushes denormal inputs to zero, the AVX2 FMAs do not: a denormal x tells the paths apart."""
+    if not kernels.has_avx512(bf16=True):
+        pytest.skip("this CPU has no AVX512-BF16")
+    x = torch.full((1, 64), 1e-39).bfloat16()  # below bf16's smallest normal (1.2e-38)
+    w = torch.full((3, 64), 1e30).bfloat16()
+    with kernels.use_avx512(False):
+        widened = torch.ops.leanlm.linear_bf16(x, w, None).float()
+    torch.testing.assert_close(widened, (x.double() @ w.double().T).float(), rtol=2**-7, atol=0)  # ~6.4e-8
+    assert (torch.ops.leanlm.linear_bf16(x, w, None) == 0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("avx512", [True, False])
+@pytest.mark.parametrize("rows, in_features", [(3, 64), (1, 1536), (8, 576), (11, 40)])  # 40: not a multiple of 16
+def test_int8_kernel_applies_row_scales(avx512, rows, in_features):
+    if avx512 and not kernels.has_avx512():
+        pytest.skip("this CPU has no AVX-512")
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=gen)
+    codes = torch.randint(-127, 128, (40, in_features), generator=gen, dtype=torch.int8)
     scale = torch.rand(40, generator=gen) / 100
-    got = torch.ops.leanlm.linear_int8(x, codes, scale, None)
+    with kernels.use_avx512(avx512):
+        got = torch.ops.leanlm.linear_int8(x, codes, scale, None)  # float32 x: float32 out, no bf16 rounding
     w = codes.double() * scale.double()[:, None]
     reference = x.double() @ w.T
-    assert ((got.double() - reference).abs() <= bound(x, w, reference)).all()
+    assert got.dtype == torch.float32
+    assert ((got.double() - reference).abs() <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
 
 
 @needs_kernels

@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="sampling: keep the likeliest with this total probability")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     gen.add_argument("--weights", default="native", metavar="FORMAT",
-                     help="native (the --dtype weights, default), int8 or int4 weight-only quantization")
-    gen.add_argument("--weight-group", type=positive_int, default=64, help="int8/int4: weights per scale (default: 64)")
+                     help="native (the --dtype weights, default), int8 or int4 weight-only quantization "
+                          "(int4: the output head at int8)")
+    gen.add_argument("--weight-group", type=positive_int, default=32, help="int4: weights per scale and zero (default: 32)")
     gen.add_argument("--draft", default=None, metavar="MODEL",
                      help="speculative decoding: a smaller model with the same tokenizer proposes tokens")
     gen.add_argument("--draft-tokens", type=int, default=4, help="speculative: tokens the draft proposes per round")

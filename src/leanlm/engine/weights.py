@@ -27,9 +27,12 @@ def check_weight_format(weights: str) -> None:
                           "which this install does not have")
 
 
-def apply_weight_format(model, weights: str, group_size: int = 64) -> dict:
-    """Quantize ``model``'s linear layers in place to ``weights`` (``native`` leaves them); returns its report."""
+def apply_weight_format(model, weights: str, group_size: int = 32) -> dict:
+    """Quantize ``model``'s linear layers in place to ``weights`` (``native`` leaves them); returns its report.
+
+    int4 keeps the output head (and so a tied input embedding) at int8, as llama.cpp's quantizer keeps that
+    tensor at 6 bits under 4-bit layers: on SmolLM2-135M an int4 head alone cost ~3% of perplexity."""
     check_weight_format(weights)
     if weights == "native":
         return {}
-    return quantizer()(model, weights, group_size) or {}
+    return quantizer()(model, weights, group_size, head="int8" if weights == "int4" else None) or {}

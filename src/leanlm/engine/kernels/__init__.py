@@ -3,6 +3,10 @@
 ``linear_small_m.cpp``: weight-streaming linear layers for decode (1-16 input rows) over bf16
 weights or int8 codes. The library registers the torch ops ``leanlm::linear_bf16(x, weight, bias)``
 and ``leanlm::linear_int8(x, codes, row_scale, bias)`` in C++ (cheap dispatch from eager code);
+``linear_avx512.cpp``: the paths of ``linear_bf16`` (bf16 pair dot products, on CPUs with AVX512-BF16) and
+``linear_int8`` (16-wide widening, AVX-512) chosen at run time where the CPU has them (``use_avx512(False)``:
+the AVX2 paths); ``linear_int4.cpp``: ``leanlm::linear_int4(x, codes, scales, zeros, group_size, bias)`` over group-wise
+4-bit codes, with the input rows rounded to int8 per block of 32 and integer dot products;
 ``decode_attention.cpp``: ``leanlm::decode_attention(q, keys, values, length, keep, scale)``, one
 query per sequence and head against a cache's first ``length`` slots (grouped K/V heads, bf16 or
 float32 cache, float32 softmax); ``quantized_attention.cpp``:
@@ -18,6 +22,7 @@ turns them off (the benchmarks' A/B switch is ``use_kernels(False)``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -29,8 +34,10 @@ from leanlm.switch import Switch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear_small_m.cpp", "decode_attention.cpp", "quantized_attention.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("attention_blocks.h", "int8_dots.h")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("linear_small_m.cpp", "linear_avx512.cpp", "linear_int4.cpp", "decode_attention.cpp",
+                        "quantized_attention.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("attention_blocks.h", "int8_dots.h", "linear_io.h")]
 MAX_ROWS = 16  # above this many input rows (prefill) ATen's GEMM is the better kernel
 _state: dict = {"module": None, "tried": False}
 _enabled = Switch(os.environ.get("LEANLM_KERNELS", "1") != "0")
@@ -78,6 +85,25 @@ def use_kernels(enabled: bool):
     return _enabled.set(enabled)
 
 
+@contextlib.contextmanager
+def use_avx512(enabled: bool):
+    """The AVX-512 paths of ``leanlm::linear_bf16`` / ``linear_int8`` (on CPUs that have them) on or off inside
+    the block; off, weights are widened to float32 and multiplied with AVX2 FMAs."""
+    ops = kernels()
+    before = ops.set_avx512(enabled) if ops is not None else None
+    try:
+        yield
+    finally:
+        if ops is not None:
+            ops.set_avx512(before)
+
+
+def has_avx512(bf16: bool = False) -> bool:
+    """Whether this CPU has the AVX-512 the kernels use (F, BW, VL; with ``bf16``, also AVX512-BF16)."""
+    ops = kernels()
+    return ops is not None and bool(ops.has_avx512_bf16() if bf16 else ops.has_avx512())
+
+
 def use_int8_attention(enabled: bool):
     """Integer (int8 x code) dot products in ``leanlm::quantized_decode_attention`` on or off inside the block."""
     return int8_attention.set(enabled)
@@ -92,6 +118,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("leanlm::linear_int8")
     def _(x, codes, row_scale, bias=None):
+        return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+    @torch.library.register_fake("leanlm::linear_int4")
+    def _(x, codes, scales, zeros, group_size, bias=None):
         return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
     @torch.library.register_fake("leanlm::decode_attention")

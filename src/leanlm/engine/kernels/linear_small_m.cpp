@@ -11,7 +11,13 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <type_traits>
+
+#include "linear_io.h"
+
 namespace {
+
+using namespace leanlm_linear;
 
 // Software prefetch this far ahead in the weight stream: the hardware prefetchers alone left a cold decode
 // step's small matrices (k/v projections, 110 KB per thread) at 7-14 GB/s of the ~20 GB/s two cores read;
@@ -103,57 +109,16 @@ void input_block(const float* x, const W* w, int64_t K, int64_t N, int64_t m, in
   }
 }
 
-// x (any float dtype) as contiguous float32 rows: the few decode rows are widened here, not by ATen ops.
-std::vector<float> float_rows(const torch::Tensor& x, int64_t K) {
-  auto rows = x.reshape({-1, K});
-  if (rows.scalar_type() != torch::kFloat32 && rows.scalar_type() != torch::kBFloat16) rows = rows.to(torch::kFloat32);
-  rows = rows.contiguous();
-  std::vector<float> out(rows.numel());
-  if (rows.scalar_type() == torch::kFloat32) {
-    std::copy(rows.data_ptr<float>(), rows.data_ptr<float>() + out.size(), out.begin());
-  } else {
-    const at::BFloat16* p = rows.data_ptr<at::BFloat16>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]);
-  }
-  return out;
-}
-
-// A bias or row scale as float32, read in its own dtype: an ATen conversion op per call cost ~10 us,
-// as much as streaming a small decode weight.
-std::vector<float> optional_floats(const c10::optional<torch::Tensor>& t, int64_t N, const char* what) {
-  if (!t.has_value()) return {};
-  TORCH_CHECK(t->numel() == N, what, " has ", t->numel(), " values for ", N, " outputs");
-  const torch::Tensor values = t->is_contiguous() ? *t : t->contiguous();
-  std::vector<float> out(N);
-  switch (values.scalar_type()) {
-    case torch::kFloat32: std::copy(values.data_ptr<float>(), values.data_ptr<float>() + N, out.begin()); break;
-    case torch::kBFloat16: {
-      const at::BFloat16* p = values.data_ptr<at::BFloat16>();
-      for (int64_t i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
-      break;
-    }
-    case torch::kHalf: {
-      const at::Half* p = values.data_ptr<at::Half>();
-      for (int64_t i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
-      break;
-    }
-    default: {
-      const torch::Tensor f = values.to(torch::kFloat32);
-      std::copy(f.data_ptr<float>(), f.data_ptr<float>() + N, out.begin());
-    }
-  }
-  return out;
-}
-
 template <typename W>
 torch::Tensor linear(const torch::Tensor& x, const W* w, int64_t N, int64_t K,
                      const c10::optional<torch::Tensor>& row_scale, const c10::optional<torch::Tensor>& bias) {
-  auto shape = x.sizes().vec();
-  TORCH_CHECK(shape.back() == K, "input has ", shape.back(), " features, the weight ", K);
+  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, the weight ", K);
   TORCH_CHECK(K % 8 == 0, "in_features must be a multiple of 8, got ", K);
   const std::vector<float> xf = float_rows(x, K);
   const int64_t M = static_cast<int64_t>(xf.size()) / K;
   const std::vector<float> scale = optional_floats(row_scale, N, "row_scale"), shift = optional_floats(bias, N, "bias");
+  if (std::is_same_v<W, int8_t> && K % 16 == 0 && avx512_enabled && has_avx512())  // 16-wide widening (linear_avx512.cpp)
+    return finish_rows(x, int8_dots(xf, reinterpret_cast<const int8_t*>(w), N, K), M, N, scale, shift);
   std::vector<float> dots(M * N);
   // 32 weight rows per task (~37 KB of bf16 at K=576): the input rows stay in L1, the block in L2.
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t first, int64_t last) {
@@ -163,20 +128,7 @@ torch::Tensor linear(const torch::Tensor& x, const W* w, int64_t N, int64_t K,
         input_block<W>(xf.data() + m0 * K, w, K, N, std::min<int64_t>(8, M - m0), begin, end, dots.data() + m0 * N);
     }
   });
-  // Epilogue in one pass: row scale, bias, one rounding to x's dtype.
-  auto out = torch::empty({M, N}, x.options().dtype(x.scalar_type() == torch::kBFloat16 ? torch::kBFloat16 : torch::kFloat32));
-  at::BFloat16* out_bf16 = out.scalar_type() == torch::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
-  float* out_f32 = out_bf16 == nullptr ? out.data_ptr<float>() : nullptr;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      float v = dots[m * N + n];
-      if (!scale.empty()) v *= scale[n];
-      if (!shift.empty()) v += shift[n];
-      if (out_bf16 != nullptr) out_bf16[m * N + n] = at::BFloat16(v);
-      else out_f32[m * N + n] = v;
-    }
-  shape.back() = N;
-  return out.to(x.scalar_type()).reshape(shape);
+  return finish_rows(x, dots, M, N, scale, shift);
 }
 
 }  // namespace
@@ -185,7 +137,12 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
   TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(),
               "weight must be a contiguous 2-D bfloat16 tensor");
   const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  return linear<uint16_t>(x, w, weight.size(0), weight.size(1), c10::nullopt, bias);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  if (x.scalar_type() == torch::kBFloat16 && x.size(-1) == K && K % 32 == 0 && avx512_enabled && has_avx512_bf16()) {
+    const std::vector<float> dots = bf16_pair_dots(x, w, N, K);  // bf16 pairs multiplied as they are
+    return finish_rows(x, dots, static_cast<int64_t>(dots.size()) / N, N, {}, optional_floats(bias, N, "bias"));
+  }
+  return linear<uint16_t>(x, w, N, K, c10::nullopt, bias);
 }
 
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale, c10::optional<torch::Tensor> bias) {

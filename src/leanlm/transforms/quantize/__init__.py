@@ -1,8 +1,8 @@
 """Weight-only quantization (int8 per channel, int4 group-wise) of every Linear, output head included.
 
 ``quantize_weights(model, "int8" | "int4", group_size)`` replaces the model's ``nn.Linear`` layers
-in place by modules that hold integer codes + scales and multiply with ATen's CPU packed-weight
-kernels, and returns a JSON-able report. A tied input embedding is replaced by one that reads its
+in place by modules that hold integer codes + scales and multiply with packed-weight CPU kernels
+(leanlm's own for decode, ATen's int8 GEMM for longer inputs), and returns a JSON-able report. A tied input embedding is replaced by one that reads its
 rows from the quantized head, so the two stay one tensor (and are counted once).
 """
 
@@ -55,7 +55,7 @@ def check_scheme(model: nn.Module, scheme: str, group_size: int) -> type[Quantiz
 
 
 def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128, calibration: list | None = None,
-                     search: ScaleSearchConfig | None = None) -> dict:
+                     search: ScaleSearchConfig | None = None, head: str | None = None) -> dict:
     """Quantize every nn.Linear of ``model`` in place (attention, MLP, output head); return a report.
 
     int8: symmetric, one scale per output channel (``group_size`` does not apply). int4: asymmetric,
@@ -63,9 +63,16 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128, calib
     in_features: SmolLM2's 576 takes 32 or 64). Scales keep the weights' dtype. The report counts
     the bytes of every parameter and buffer held before and after (each storage once).
     ``calibration`` ((batch, seq) token ids of WikiText-2 validation): int4 only, an activation-aware
-    scale search per layer (awq.py) instead of plain round-to-nearest.
+    scale search per layer (awq.py) instead of plain round-to-nearest. ``head``: another scheme for the
+    output head (and so a tied input embedding), e.g. int8 under int4 layers, as llama.cpp's quantizer keeps
+    the output / tied embedding tensor at 6 bits under 4-bit layers; default: ``scheme``.
     """
     cls = check_scheme(model, scheme, group_size)
+    head_cls = scheme_class(head) if head is not None else cls
+    output = model.get_output_embeddings()
+    why = head_cls.check(output.in_features, output.out_features, group_size) if isinstance(output, nn.Linear) else None
+    if why:
+        raise LeanLMError(f"cannot quantize the output head as {head_cls.scheme}: {why}")
     if calibration is not None and cls.bits != 4:
         raise LeanLMError("the activation-aware scale search (calibration) applies to int4 only")
     scales, alphas = {}, {}
@@ -77,15 +84,18 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128, calib
     tied = _is_tied(model)
     head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None) if tied else None
     layers = linear_layers(model)
+    output_name = next((n for n, m in layers.items() if m is model.get_output_embeddings()), None)
     for name, linear in layers.items():
-        extra = {"input_scale": scales[name]} if scales.get(name) is not None else {}
-        _set_module(model, name, cls.from_float(linear.weight, linear.bias, group_size, **extra))
+        layer_cls = head_cls if name == output_name else cls
+        extra = {"input_scale": scales[name]} if scales.get(name) is not None and layer_cls.bits == 4 else {}
+        _set_module(model, name, layer_cls.from_float(linear.weight, linear.bias, group_size, **extra))
     if tied:  # the embedding reads the quantized head's rows; the float table is dropped
         old = model.get_input_embeddings()
         model.set_input_embeddings(QuantizedEmbedding(model.get_submodule(head_name), old.padding_idx))
     after = held_bytes(model)
     return {
         "scheme": scheme,
+        "head_scheme": head_cls.scheme,
         "group_size": group_size if cls.bits == 4 else None,
         "layers_quantized": len(layers),
         "layer_names": sorted(layers),
@@ -101,10 +111,12 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128, calib
 
 
 def quantization_of(model: nn.Module) -> dict | None:
-    """{scheme, group_size} of a model quantized by quantize_weights, or None for a float model."""
+    """{scheme, group_size, head_scheme} of a model quantized by quantize_weights, or None for a float model."""
+    head = model.get_output_embeddings()
     for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            return {"scheme": m.scheme, "group_size": m.group_size}
+        if isinstance(m, QuantizedLinear) and m is not head:
+            return {"scheme": m.scheme, "group_size": m.group_size,
+                    "head_scheme": head.scheme if isinstance(head, QuantizedLinear) else None}
     return None
 
 

@@ -1,10 +1,11 @@
 """The base of every weight-only quantized Linear, the registry of schemes, and byte counting.
 
 A scheme turns an ``nn.Linear`` into a module that holds integer codes and scales (never the float
-weight) and multiplies with a packed-weight kernel of ATen (``torch.ops.aten``) on CPU; on other
-devices it falls back to dequantize-then-matmul, which is correct but not fast. Every module can
-tell the step of its quantization grid per weight (``step_sizes``), so tests can check the kernel
-against the bound ``|y_q - y| <= sum_k |x_k| * step_nk / 2`` that round-to-nearest guarantees.
+weight) and multiplies with a packed-weight kernel on CPU (leanlm's ``torch.ops.leanlm`` or ATen's);
+on other devices it falls back to dequantize-then-matmul, which is correct but not fast. Every module
+can tell the step of its quantization grid per weight (``step_sizes``), so tests can check the kernel
+against the bound ``|y_q - y| <= sum_k |x_k| * step_nk / 2`` that round-to-nearest guarantees (plus,
+for int4's kernel, which rounds its inputs to int8, ``sum_k |w_hat_nk| * input_step_k / 2``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import LeanLMError
+from leanlm.switch import Switch
 from leanlm.models.weights import held_bytes, tensors_held  # noqa: F401  (re-exported: quantize reports them)
 
 # The packed kernels are matrix-vector kernels: fast at decode (few rows), several times slower than
 # the float GEMM at prefill. Above this many rows, forward dequantizes the weight for that call.
 KERNEL_MAX_ROWS = 128
+# On: every CPU call takes the packed kernel, whatever its row count, so that a perplexity measured by
+# prefill computes what decoding computes (int4's kernel rounds its inputs to int8; the float path does not).
+kernel_for_every_call = Switch(False)
+
+
+def use_kernel_for_every_call(enabled: bool = True):
+    """Within the block, CPU calls with more than KERNEL_MAX_ROWS rows use the packed kernel too (slow, exact to decode)."""
+    return kernel_for_every_call.set(enabled)
 
 
 class QuantizedLinear(nn.Module):
@@ -83,7 +93,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, in_dtype = x.shape, x.dtype
         x2d = x.reshape(-1, self.in_features).to(self.scale_dtype())  # (tokens, in)
-        if x2d.device.type == "cpu" and x2d.shape[0] <= KERNEL_MAX_ROWS:
+        if x2d.device.type == "cpu" and (x2d.shape[0] <= KERNEL_MAX_ROWS or kernel_for_every_call):
             y = self._kernel(x2d.contiguous())  # (tokens, out): reads the packed codes
         else:  # prefill, or no packed kernel on this device: a float copy of this one weight, for this call only
             y = F.linear(x2d, self.dequantize())

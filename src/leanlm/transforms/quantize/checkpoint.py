@@ -2,7 +2,8 @@
 
 Layout of a directory written by ``save_quantized``:
 - ``config.json``: the model's stock transformers config (no quantization entry);
-- ``quantization.json``: ``{"format": "leanlm-weight-quant", "scheme", "group_size", "layers", ...}``;
+- ``quantization.json``: ``{"format": "leanlm-weight-quant", "scheme", "group_size", "layers",
+  "layer_schemes" (each layer's scheme: an int8 head under int4 layers), ...}``;
 - ``model.safetensors``: for each quantized Linear ``NAME``: ``NAME.qweight`` (int8 (out, in), or for
   int4 uint8 (out, in/2) with the even column in the low nibble), ``NAME.scales`` (int8: (out,);
   int4: (out, in/group)), int4 ``NAME.zeros`` (out, in/group), ``NAME.bias`` if any; every other
@@ -53,6 +54,7 @@ def save_quantized(model, out_dir: str | Path, tokenizer=None) -> Path:
         "version": 1,
         **info,
         "layers": sorted(layers),
+        "layer_schemes": {name: layer.scheme for name, layer in sorted(layers.items())},
         "tied_embedding_from": next((n for n, m in layers.items() if m is embedding.head[0]), None)
         if isinstance(embedding, QuantizedEmbedding) else None,
         "dtype": str(next(iter(layers.values())).scale_dtype()).removeprefix("torch."),
@@ -89,14 +91,17 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
         raise LeanLMError(f"could not read the quantized checkpoint in '{path}': {err}") from err
     if meta.get("format") != FORMAT:
         raise LeanLMError(f"'{path / META}' is not a {FORMAT} file")
-    cls = scheme_class(meta["scheme"])
+    schemes = meta.get("layer_schemes", {})  # per layer (e.g. an int8 head under int4 layers)
     dtype = dtype or getattr(torch, meta["dtype"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in meta["layers"]:
         prefix = f"{name}."
-        state = {k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k.startswith(prefix)}
-        _set_module(model, name, cls.from_state(state, meta["group_size"]))
+        # cloned: safetensors' buffers can sit at any byte offset, and ATen's packed int8 kernel segfaulted on
+        # codes 8 bytes off a 64-byte boundary (an int8 head after int4 layers); fresh tensors are aligned
+        state = {k[len(prefix):]: v.to(dtype, copy=True) if v.is_floating_point() else v.clone()
+                 for k, v in tensors.items() if k.startswith(prefix)}
+        _set_module(model, name, scheme_class(schemes.get(name, meta["scheme"])).from_state(state, meta["group_size"]))
     if meta.get("tied_embedding_from"):
         old = model.get_input_embeddings()
         model.set_input_embeddings(QuantizedEmbedding(model.get_submodule(meta["tied_embedding_from"]), old.padding_idx))

@@ -1,39 +1,23 @@
 """int4 weights, asymmetric, one (scale, zero) per group of ``group_size`` inputs of each output row.
 
-``w ~= (q - 8) * scale + zero`` with q in [0, 15], the convention of ATen's CPU kernel
-``_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)``, which reads 4-bit codes
-packed by ``_convert_weight_to_int4pack_for_cpu`` (a quarter of the bytes of bf16 per step).
-
-That packed layout is the kernel's own: rows go in blocks of B (64 in ATen's AVX512 build, 32 in its
-AVX2 build: ``packed_block`` reads it off the kernel); inside a full block, byte (k, j) holds row j
-(low nibble) and row j + B/2 (high nibble) of column k; a last block of fewer rows pairs rows 2j
-and 2j + 1. ``_kernel_rows`` reads rows back from it (the tied embedding and
-``dequantize`` need them); a test checks it against the kernel's own products. Checkpoints hold a
-plain layout instead (``portable_state``), re-packed at load, so they do not depend on it.
+``w ~= (q - 8) * scale + zero`` with q in [0, 15]. The codes are held as (out, in / 2) bytes, the even
+column in the low nibble (the checkpoint layout too), scales and zeros as (out, in / group) in the
+weight's dtype. On CPU, decode-sized calls run leanlm's ``linear_int4`` kernel (engine/kernels): the
+input rows rounded to int8 per block of 32 and integer dot products over the codes, llama.cpp's Q4
+approach, so its result is the dequantized weight times the rounded input (``input_steps`` gives the
+rounding steps); where the kernels are unavailable or in_features is not a multiple of 64, and on other
+devices, the weight is dequantized for the call.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+import torch.nn.functional as F
 
+from leanlm.engine import kernels
 from leanlm.transforms.quantize.base import QuantizedLinear, register, round_up_scale
 
-GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
-
-
-@functools.cache
-def packed_block() -> int:
-    """Rows per block of the kernel's packed layout: ATen's AVX512 build packs 64, its AVX2 build 32.
-
-    Read off the kernel itself: pack rows whose codes are their own index (mod 16, and its 16s) and see
-    which row shares the first byte with row 0 (its high nibble holds row B / 2)."""
-    rows = torch.arange(128, dtype=torch.int32)[:, None].expand(128, 32).contiguous()
-    low = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows % 16, 1).reshape(-1)[0]
-    high = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows // 16, 1).reshape(-1)[0]
-    partner = int(low >> 4) + 16 * int(high >> 4)  # the row in byte 0's high nibble
-    return 2 * partner
+GROUP_SIZES = (32, 64, 128, 256)
 
 
 @register
@@ -41,12 +25,13 @@ class Int4Linear(QuantizedLinear):
     scheme = "int4"
     bits = 4
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None,
-                 input_scale: torch.Tensor | None = None):
-        out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, input_scale: torch.Tensor | None = None):
+        out_features, in_features = qweight.shape[0], qweight.shape[1] * 2
         super().__init__(in_features, out_features, group_size, bias)
-        self.register_buffer("packed", packed)  # (out, in / 2) uint8, the kernel's layout
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / group, out, 2)
+        self.register_buffer("qweight", qweight)  # (out, in / 2) uint8: low nibble = even column
+        self.register_buffer("scales", scales)  # (out, in / group)
+        self.register_buffer("zeros", zeros)  # (out, in / group)
         # AWQ-style (see awq.py): the codes quantize W * diag(1 / input_scale); x is multiplied by it first
         self.register_buffer("input_scale", input_scale)  # (in,) or None
 
@@ -56,8 +41,6 @@ class Int4Linear(QuantizedLinear):
             return f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}"
         if in_features % group_size:
             return f"int4 group size {group_size} does not divide in_features {in_features}"
-        if out_features % 16:
-            return f"int4 needs out_features divisible by 16, got {out_features}"
         return None
 
     @classmethod
@@ -73,84 +56,65 @@ class Int4Linear(QuantizedLinear):
     @classmethod
     def from_codes(cls, codes, scales, zeros, group_size: int, bias, input_scale=None) -> "Int4Linear":
         """codes (out, in) int in [0, 15]; scales, zeros (out, in / group) in the compute dtype."""
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).cpu().contiguous(), 1)
-        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (in / group, out, 2)
-        return cls(packed.to(scales.device), sz, group_size, bias, input_scale)
+        codes = codes.to(torch.uint8)
+        qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()  # (out, in / 2)
+        return cls(qweight, scales.contiguous(), zeros.contiguous(), group_size, bias, input_scale)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], group_size: int) -> "Int4Linear":
-        plain = state["qweight"]  # (out, in / 2) uint8: low nibble = even column, high = odd column
-        codes = torch.stack([plain & 0xF, plain >> 4], dim=-1).reshape(plain.shape[0], -1)  # (out, in)
-        return cls.from_codes(codes, state["scales"], state["zeros"], group_size, state.get("bias"), state.get("input_scale"))
+        return cls(state["qweight"], state["scales"].contiguous(), state["zeros"].contiguous(), group_size,
+                   state.get("bias"), state.get("input_scale"))
 
     def portable_state(self) -> dict[str, torch.Tensor]:
-        codes = self._all_codes()  # (out, in)
-        plain = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # (out, in / 2)
-        scales, zeros = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # (out, in / group) each
-        state = {"qweight": plain, "scales": scales.contiguous(), "zeros": zeros.contiguous()}
+        state = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
         state |= {"input_scale": self.input_scale} if self.input_scale is not None else {}
         return state | ({"bias": self.bias} if self.bias is not None else {})
 
     def scale_dtype(self) -> torch.dtype:
-        return self.scales_and_zeros.dtype
+        return self.scales.dtype
 
-    def _kernel_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The 4-bit codes of rows ``rows`` (T,) read from the kernel's packed layout -> (T, in) int64."""
-        block = packed_block()
-        n_full = self.out_features // block * block
-        rows = rows.long()
-        in_full = rows < n_full
-        tail = self.out_features - n_full  # rows of the last, smaller block (0 when none)
-        block_start = torch.where(in_full, rows // block * block, torch.full_like(rows, n_full))
-        width = torch.where(in_full, torch.full_like(rows, block), torch.full_like(rows, max(tail, 1)))  # rows in block
-        r = rows - block_start
-        col = torch.where(in_full, r % (block // 2), r // 2)  # byte column inside the block
-        high = torch.where(in_full, r >= block // 2, r % 2 == 1)  # high nibble?
-        k = torch.arange(self.in_features, device=rows.device)
-        # byte offset = block_start * in / 2 + k * width / 2 + col
-        offset = (block_start * self.in_features // 2)[:, None] + k[None, :] * (width // 2)[:, None] + col[:, None]  # (T, in)
-        byte = self.packed.reshape(-1)[offset].long()
-        return torch.where(high[:, None], byte >> 4, byte & 0xF)
+    def _codes(self, packed: torch.Tensor) -> torch.Tensor:
+        """(T, in / 2) code bytes -> (T, in) codes in [0, 15] (uint8)."""
+        return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
-    def _all_codes(self) -> torch.Tensor:
-        """Every row's codes (out, in) uint8, unpacked with reshapes (no gather): the fast full path."""
-        block = packed_block()
-        n_full, k = self.out_features // block * block, self.in_features
-        parts = []
-        if n_full:
-            blocks = self.packed.reshape(-1)[: n_full * k // 2].reshape(n_full // block, k, block // 2)  # (nb, in, block / 2)
-            both = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # (nb, in, block): rows j then j + block / 2
-            parts.append(both.permute(0, 2, 1).reshape(n_full, k))
-        if n_full < self.out_features:
-            tail = self.packed.reshape(-1)[n_full * k // 2 :].reshape(k, -1)  # (in, tail / 2)
-            both = torch.stack([tail & 0xF, tail >> 4], dim=-1)  # (in, tail / 2, 2): rows 2j, 2j + 1
-            parts.append(both.reshape(k, -1).T)
-        return torch.cat(parts)
+    def _grid(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """codes (T, in), scales and zeros (T, in / group) -> (T, in) float32 codes-space weights."""
+        q = codes.reshape(codes.shape[0], -1, self.group_size).float() - 8  # (T, groups, g)
+        return (q * scales.float()[..., None] + zeros.float()[..., None]).reshape(codes.shape[0], self.in_features)
+
+    def _weights(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """The layer's (T, in) weights in the scale dtype (times input_scale, if any)."""
+        return self._unscale(self._grid(codes, scales, zeros)).to(self.scale_dtype())
 
     def dequantize(self) -> torch.Tensor:
-        scale, zero = self.scales_and_zeros.float().unbind(-1)  # (in / group, out) each
-        codes = self._all_codes().reshape(self.out_features, -1, self.group_size).float() - 8  # (out, groups, g)
-        w = (codes * scale.T[..., None] + zero.T[..., None]).reshape(self.out_features, self.in_features)
-        return self._unscale(w).to(self.scale_dtype())
+        return self._weights(self._codes(self.qweight), self.scales, self.zeros)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.long()
+        return self._weights(self._codes(self.qweight[rows]), self.scales[rows], self.zeros[rows])
 
     def _unscale(self, w: torch.Tensor) -> torch.Tensor:
         """Codes-space weights (float32, (..., in)) -> the layer's weights (times input_scale, if any)."""
         return w if self.input_scale is None else w * self.input_scale.float()
 
-    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        codes = self._kernel_rows(rows)  # (T, in)
-        sz = self.scales_and_zeros[:, rows.long()]  # (in / group, T, 2)
-        scale = sz[..., 0].float().T.repeat_interleave(self.group_size, dim=1)  # (T, in)
-        zero = sz[..., 1].float().T.repeat_interleave(self.group_size, dim=1)
-        return self._unscale((codes - 8).float() * scale + zero).to(self.scale_dtype())
-
     def step_sizes(self) -> torch.Tensor:
-        return self._unscale(self.scales_and_zeros[..., 0].float().T.repeat_interleave(self.group_size, dim=1))  # (out, in)
+        return self._unscale(self.scales.float().repeat_interleave(self.group_size, dim=1))  # (out, in)
+
+    def input_steps(self, x2d: torch.Tensor) -> torch.Tensor | None:
+        """The step each input of ``x2d`` (tokens, in) is rounded with by the CPU kernel (the rounding error is at
+        most half of it), or None where the call does not round inputs. Blocks of 32: max |x| / 127."""
+        if not (x2d.device.type == "cpu" and self.in_features % 64 == 0 and kernels.available()):
+            return None
+        x2d = x2d.float() * (self.input_scale.float() if self.input_scale is not None else 1)
+        steps = x2d.abs().reshape(x2d.shape[0], -1, 32).amax(-1) / 127  # (tokens, in / 32)
+        return steps.repeat_interleave(32, dim=1)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x2d = x2d * self.input_scale  # (tokens, in)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size, self.scales_and_zeros)
+        if self.in_features % 64 == 0 and kernels.available():  # the kernel takes 64 inputs a step
+            return torch.ops.leanlm.linear_int4(x2d, self.qweight, self.scales, self.zeros, self.group_size, None)
+        return F.linear(x2d, self._grid(self._codes(self.qweight), self.scales, self.zeros).to(x2d.dtype))
 
 
 @torch.no_grad()

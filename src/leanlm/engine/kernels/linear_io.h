@@ -1,0 +1,82 @@
+// Input and output of the decode linear kernels (linear_small_m.cpp, linear_int4.cpp): the few input rows
+// as float32, a bias or row scale read in its own dtype, and one epilogue that rounds once to x's dtype.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace leanlm_linear {
+
+// x (any float dtype) as contiguous float32 rows: the few decode rows are widened here, not by ATen ops.
+inline std::vector<float> float_rows(const torch::Tensor& x, int64_t K) {
+  auto rows = x.reshape({-1, K});
+  if (rows.scalar_type() != torch::kFloat32 && rows.scalar_type() != torch::kBFloat16) rows = rows.to(torch::kFloat32);
+  rows = rows.contiguous();
+  std::vector<float> out(rows.numel());
+  if (rows.scalar_type() == torch::kFloat32) {
+    std::copy(rows.data_ptr<float>(), rows.data_ptr<float>() + out.size(), out.begin());
+  } else {
+    const at::BFloat16* p = rows.data_ptr<at::BFloat16>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]);
+  }
+  return out;
+}
+
+// A bias or row scale as float32, read in its own dtype: an ATen conversion op per call cost ~10 us,
+// as much as streaming a small decode weight.
+inline std::vector<float> optional_floats(const c10::optional<torch::Tensor>& t, int64_t N, const char* what) {
+  if (!t.has_value()) return {};
+  TORCH_CHECK(t->numel() == N, what, " has ", t->numel(), " values for ", N, " outputs");
+  const torch::Tensor values = t->is_contiguous() ? *t : t->contiguous();
+  std::vector<float> out(N);
+  switch (values.scalar_type()) {
+    case torch::kFloat32: std::copy(values.data_ptr<float>(), values.data_ptr<float>() + N, out.begin()); break;
+    case torch::kBFloat16: {
+      const at::BFloat16* p = values.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
+      break;
+    }
+    case torch::kHalf: {
+      const at::Half* p = values.data_ptr<at::Half>();
+      for (int64_t i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
+      break;
+    }
+    default: {
+      const torch::Tensor f = values.to(torch::kFloat32);
+      std::copy(f.data_ptr<float>(), f.data_ptr<float>() + N, out.begin());
+    }
+  }
+  return out;
+}
+
+// dots (M, N) float32 -> x's shape with N features, times the row scale and plus the bias (either may be
+// empty), rounded once to bf16 for a bf16 x and to float32 otherwise, then to x's dtype.
+inline torch::Tensor finish_rows(const torch::Tensor& x, const std::vector<float>& dots, int64_t M, int64_t N,
+                                 const std::vector<float>& scale, const std::vector<float>& shift) {
+  auto shape = x.sizes().vec();
+  auto out = torch::empty({M, N}, x.options().dtype(x.scalar_type() == torch::kBFloat16 ? torch::kBFloat16 : torch::kFloat32));
+  at::BFloat16* out_bf16 = out.scalar_type() == torch::kBFloat16 ? out.data_ptr<at::BFloat16>() : nullptr;
+  float* out_f32 = out_bf16 == nullptr ? out.data_ptr<float>() : nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float v = dots[m * N + n];
+      if (!scale.empty()) v *= scale[n];
+      if (!shift.empty()) v += shift[n];
+      if (out_bf16 != nullptr) out_bf16[m * N + n] = at::BFloat16(v);
+      else out_f32[m * N + n] = v;
+    }
+  shape.back() = N;
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+// linear_avx512.cpp: whether this CPU has AVX-512 (F, BW, VL) and AVX512-BF16; x (..., K) bf16 times a
+// (N, K) bf16 weight (K a multiple of 32) as float32 dots (M, N) by vdpbf16ps; float32 rows times int8 codes
+// (K a multiple of 16). ``avx512_enabled`` is the A/B switch of both.
+bool has_avx512();
+bool has_avx512_bf16();
+extern bool avx512_enabled;
+std::vector<float> bf16_pair_dots(const torch::Tensor& x, const uint16_t* w, int64_t N, int64_t K);
+std::vector<float> int8_dots(const std::vector<float>& x, const int8_t* w, int64_t N, int64_t K);
+
+}  // namespace leanlm_linear
