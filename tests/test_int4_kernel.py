@@ -88,3 +88,8 @@ def test_op_rejects_what_it_cannot_do():
     q = Int4Linear.from_float(torch.randn(16, 64), None, 32)
     with pytest.raises(RuntimeError, match="features"):
         torch.ops.leanlm.linear_int4(torch.randn(1, 32), q.qweight, q.scales, q.zeros, 32, None)
+    q = Int4Linear.from_float(torch.randn(16, 192), None, 64)
+    for group in (96, 0):  # a step spans 64 inputs: groups of 32 or of a multiple of 64 only
+        scales = torch.ones(16, 2) if group == 96 else q.scales
+        with pytest.raises(RuntimeError, match="group size"):
+            torch.ops.leanlm.linear_int4(torch.randn(1, 192), q.qweight, scales, scales, group, None)

@@ -50,7 +50,7 @@ def test_matmul_within_rounding_bound(scheme, dtype, shape):
     exact = x.double() @ lin.weight.double().T + lin.bias.double()  # (5, out)
     got = q(x).double()
     bound = x.double().abs() @ q.step_sizes().double().T / 2  # (5, out): sum_k |x_k| step_nk / 2
-    input_steps = getattr(q, "input_steps", lambda x: None)(x)  # int4's kernel rounds x to int8 per 32 inputs
+    input_steps = q.input_steps(x)  # int4's kernel rounds x to int8 per 32 inputs (int8's: None)
     if input_steps is not None:  # + sum_k |w_hat_k| dx_k / 2
         bound = bound + input_steps.double() @ q.dequantize().double().abs().T / 2
     # slack for the kernel's own arithmetic: float32 accumulation, or bf16 rounding of the output
@@ -92,10 +92,10 @@ def test_quantized_model_logits_close(scheme, tie, random_ids):
     # this random model (init 0.2) amplifies weight error through its layers; int4 has 16 levels a group
     assert 0 < rel < (0.06 if scheme == "int8" else 0.6), rel
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > (0.9 if scheme == "int8" else 0.3)  # chance: 1/256
-    # and without the kernels (int4's rounds its inputs to int8 too) the error is exactly the rounding of the
-    # weights: a float model holding W_hat gives the same logits
+    # and (without int4's kernel, which rounds its inputs to int8 too) the error is exactly the rounding of
+    # the weights: a float model holding W_hat gives the same logits
     dequantized = _float_model(tie=tie)
-    with torch.no_grad(), kernels.use_kernels(False):
+    with torch.no_grad(), kernels.use_kernels(scheme != "int4"):
         for name, module in model.named_modules():
             if isinstance(module, QuantizedLinear):
                 dequantized.get_submodule(name).weight.copy_(module.dequantize())
@@ -177,6 +177,11 @@ def test_int8_head_under_int4_layers_saves_and_reloads(tie, tmp_path, random_ids
     with torch.no_grad():
         assert torch.equal(loaded(random_ids).logits, model(random_ids).logits)
     assert held_bytes(loaded) == held_bytes(model)
+
+
+def test_a_head_with_fewer_bits_than_the_layers_is_refused():
+    with pytest.raises(LeanLMError, match="more bits than the layers"):
+        quantize_weights(_float_model(), "int8", GROUP, head="int4")
 
 
 def test_loading_a_quantized_dir_through_load_model(tmp_path, random_ids):

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
+
 #include "linear_io.h"
 
 #define LEANLM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -131,7 +133,7 @@ LEANLM_AVX512 void int8_input_block(const float* x, const int8_t* w, int64_t K, 
 
 namespace leanlm_linear {
 
-bool avx512_enabled = true;
+std::atomic<bool> avx512_enabled{true};
 
 bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -178,9 +180,7 @@ std::vector<float> int8_dots(const std::vector<float>& x, const int8_t* w, int64
 
 // Turn the AVX-512 paths on or off (benchmarks' A/B); returns the previous setting.
 bool set_avx512(bool enabled) {
-  const bool before = leanlm_linear::avx512_enabled;
-  leanlm_linear::avx512_enabled = enabled;
-  return before;
+  return leanlm_linear::avx512_enabled.exchange(enabled, std::memory_order_relaxed);
 }
 
 bool has_avx512_op() { return leanlm_linear::has_avx512(); }

@@ -32,19 +32,18 @@ constexpr int64_t PREFETCH_BYTES = 4096;  // software prefetch distance in the c
 struct Int8Rows {
   std::vector<int8_t> codes;  // (M, K): per 64 inputs, the even columns of both blocks, then the odd ones
   std::vector<float> steps;   // (M, K / 64, 8): dx of block 2p in lanes 0-3, of block 2p + 1 in lanes 4-7
-  std::vector<float> group_sums;  // (M, K / G), padded to a multiple of 8 groups with zeros
-  int64_t groups_padded;
+  std::vector<float> group_sums;  // (M, K / G)
 };
 
 Int8Rows round_rows(const std::vector<float>& x, int64_t M, int64_t K, int64_t G) {
-  const int64_t padded = (K / G + 7) / 8 * 8;
-  Int8Rows rows{std::vector<int8_t>(M * K), std::vector<float>(M * K / PAIR * 8), std::vector<float>(M * padded, 0.f), padded};
+  Int8Rows rows{std::vector<int8_t>(M * K), std::vector<float>(M * K / PAIR * 8), std::vector<float>(M * (K / G), 0.f)};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K / BLOCK; ++b) {
       const float* v = x.data() + m * K + b * BLOCK;
       float amax = 0.f;
       for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(v[i]));
-      const float step = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+      // (a block of tiny values, |x| < 4e-37, would make 127 / amax infinite: it rounds to zeros)
+      const float step = amax / 127.f, inverse = std::isfinite(127.f / amax) ? 127.f / amax : 0.f;
       // block b's even columns at bytes [h * 16, h * 16 + 16) of its pair, its odd ones 32 bytes later
       int8_t* out = rows.codes.data() + m * K + (b / 2) * PAIR + (b % 2) * 16;
       int sum = 0;
@@ -54,7 +53,7 @@ Int8Rows round_rows(const std::vector<float>& x, int64_t M, int64_t K, int64_t G
         sum += out[i] + out[32 + i];
       }
       std::fill_n(rows.steps.data() + (m * (K / PAIR) + b / 2) * 8 + (b % 2) * 4, 4, step);
-      rows.group_sums[m * padded + b * BLOCK / G] += step * static_cast<float>(sum);
+      rows.group_sums[m * (K / G) + b * BLOCK / G] += step * static_cast<float>(sum);
     }
   return rows;
 }
@@ -64,7 +63,6 @@ struct Int8View {
   const int8_t* codes;
   const float* steps;
   const float* group_sums;
-  int64_t groups_padded;
 };
 
 inline float to_float(float v) { return v; }
@@ -147,7 +145,7 @@ inline void block(const Int8View& x, const Int4Weight& w, const S* scales, const
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const __m256 zero = zero_point_sums(scales + (n + r) * groups, zeros + (n + r) * groups, x.group_sums + m * x.groups_padded, groups);
+      const __m256 zero = zero_point_sums(scales + (n + r) * groups, zeros + (n + r) * groups, x.group_sums + m * groups, groups);
       dots[m * w.N + n + r] = horizontal_sum(_mm256_add_ps(acc[r][m], zero));
     }
 }
@@ -179,17 +177,17 @@ template <typename S>
 std::vector<float> int4_dots(const std::vector<float>& xf, int64_t M, const Int4Weight& w, const S* scales, const S* zeros) {
   const Int8Rows all = round_rows(xf, M, w.K, w.G);
   std::vector<float> dots(M * w.N);
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int64_t count = std::min<int64_t>(8, M - m0);
-    const Int8View x{all.codes.data() + m0 * w.K, all.steps.data() + m0 * (w.K / PAIR) * 8,
-                     all.group_sums.data() + m0 * all.groups_padded, all.groups_padded};
-    float* out = dots.data() + m0 * w.N;
-    // 32 weight rows per task (9 KB of codes at K = 576): the int8 rows stay in L1.
-    at::parallel_for(0, (w.N + 31) / 32, 1, [&](int64_t first, int64_t last) {
-      for (int64_t blk = first; blk < last; ++blk)
-        input_block<S>(x, w, scales, zeros, count, blk * 32, std::min(w.N, blk * 32 + 32), out);
-    });
-  }
+  // 32 weight rows per task (9 KB of codes at K = 576), every input row against them: the codes are read
+  // from memory once, the int8 rows stay in L1.
+  at::parallel_for(0, (w.N + 31) / 32, 1, [&](int64_t first, int64_t last) {
+    for (int64_t blk = first; blk < last; ++blk)
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const Int8View x{all.codes.data() + m0 * w.K, all.steps.data() + m0 * (w.K / PAIR) * 8,
+                         all.group_sums.data() + m0 * (w.K / w.G)};
+        input_block<S>(x, w, scales, zeros, std::min<int64_t>(8, M - m0), blk * 32, std::min(w.N, blk * 32 + 32),
+                       dots.data() + m0 * w.N);
+      }
+  });
   return dots;
 }
 
@@ -201,8 +199,10 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
               "codes must be a contiguous 2-D uint8 tensor");
   const int64_t N = codes.size(0), K = codes.size(1) * 2;
   TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(group_size % BLOCK == 0 && K % group_size == 0 && K % PAIR == 0, "group size ", group_size,
-              " must be a multiple of 32 that divides in_features ", K, ", and in_features a multiple of 64");
+  // a step covers 64 inputs: one group of 32 per half, or one group (of a multiple of 64) for both halves
+  TORCH_CHECK((group_size == BLOCK || (group_size > 0 && group_size % PAIR == 0)) && K % group_size == 0 && K % PAIR == 0,
+              "group size ", group_size, " must be 32 or a multiple of 64 that divides in_features ", K,
+              ", and in_features a multiple of 64");
   TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.numel() == N * (K / group_size) && scales.is_contiguous() &&
               zeros.is_contiguous() && scales.scalar_type() == zeros.scalar_type(),
               "scales and zeros must be contiguous (out, in / group) tensors of one dtype");

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <atomic>
 #include <vector>
 
 namespace leanlm_linear {
@@ -75,7 +76,7 @@ inline torch::Tensor finish_rows(const torch::Tensor& x, const std::vector<float
 // (K a multiple of 16). ``avx512_enabled`` is the A/B switch of both.
 bool has_avx512();
 bool has_avx512_bf16();
-extern bool avx512_enabled;
+extern std::atomic<bool> avx512_enabled;
 std::vector<float> bf16_pair_dots(const torch::Tensor& x, const uint16_t* w, int64_t N, int64_t K);
 std::vector<float> int8_dots(const std::vector<float>& x, const int8_t* w, int64_t N, int64_t K);
 

@@ -117,8 +117,9 @@ torch::Tensor linear(const torch::Tensor& x, const W* w, int64_t N, int64_t K,
   const std::vector<float> xf = float_rows(x, K);
   const int64_t M = static_cast<int64_t>(xf.size()) / K;
   const std::vector<float> scale = optional_floats(row_scale, N, "row_scale"), shift = optional_floats(bias, N, "bias");
-  if (std::is_same_v<W, int8_t> && K % 16 == 0 && avx512_enabled && has_avx512())  // 16-wide widening (linear_avx512.cpp)
-    return finish_rows(x, int8_dots(xf, reinterpret_cast<const int8_t*>(w), N, K), M, N, scale, shift);
+  if constexpr (std::is_same_v<W, int8_t>)
+    if (K % 16 == 0 && avx512_enabled.load(std::memory_order_relaxed) && has_avx512())  // 16-wide widening (linear_avx512.cpp)
+      return finish_rows(x, int8_dots(xf, w, N, K), M, N, scale, shift);
   std::vector<float> dots(M * N);
   // 32 weight rows per task (~37 KB of bf16 at K=576): the input rows stay in L1, the block in L2.
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t first, int64_t last) {
@@ -138,9 +139,9 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
               "weight must be a contiguous 2-D bfloat16 tensor");
   const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   const int64_t N = weight.size(0), K = weight.size(1);
-  if (x.scalar_type() == torch::kBFloat16 && x.size(-1) == K && K % 32 == 0 && avx512_enabled && has_avx512_bf16()) {
-    const std::vector<float> dots = bf16_pair_dots(x, w, N, K);  // bf16 pairs multiplied as they are
-    return finish_rows(x, dots, static_cast<int64_t>(dots.size()) / N, N, {}, optional_floats(bias, N, "bias"));
+  if (x.scalar_type() == torch::kBFloat16 && x.size(-1) == K && K % 32 == 0 && avx512_enabled.load(std::memory_order_relaxed) &&
+      has_avx512_bf16()) {  // bf16 pairs multiplied as they are (linear_avx512.cpp)
+    return finish_rows(x, bf16_pair_dots(x, w, N, K), x.numel() / K, N, {}, optional_floats(bias, N, "bias"));
   }
   return linear<uint16_t>(x, w, N, K, c10::nullopt, bias);
 }

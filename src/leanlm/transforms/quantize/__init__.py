@@ -41,14 +41,16 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def check_scheme(model: nn.Module, scheme: str, group_size: int) -> type[QuantizedLinear]:
-    """The scheme's class, after checking every Linear can take it (one LeanLMError otherwise)."""
+def check_scheme(model: nn.Module, scheme: str, group_size: int, head: str | None = None) -> type[QuantizedLinear]:
+    """The scheme's class, after checking every Linear can take it, the output head ``head`` if given (one
+    LeanLMError otherwise)."""
     cls = scheme_class(scheme)
     layers = linear_layers(model)
     if not layers:
         raise LeanLMError("the model has no nn.Linear layers to quantize (already quantized?)")
     for name, linear in layers.items():
-        why = cls.check(linear.in_features, linear.out_features, group_size)
+        layer_cls = scheme_class(head) if head is not None and linear is model.get_output_embeddings() else cls
+        why = layer_cls.check(linear.in_features, linear.out_features, group_size)
         if why:
             raise LeanLMError(f"cannot quantize {name}: {why}")
     return cls
@@ -67,31 +69,29 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 128, calib
     output head (and so a tied input embedding), e.g. int8 under int4 layers, as llama.cpp's quantizer keeps
     the output / tied embedding tensor at 6 bits under 4-bit layers; default: ``scheme``.
     """
-    cls = check_scheme(model, scheme, group_size)
+    cls = check_scheme(model, scheme, group_size, head)
     head_cls = scheme_class(head) if head is not None else cls
-    output = model.get_output_embeddings()
-    why = head_cls.check(output.in_features, output.out_features, group_size) if isinstance(output, nn.Linear) else None
-    if why:
-        raise LeanLMError(f"cannot quantize the output head as {head_cls.scheme}: {why}")
+    if head_cls.bits < cls.bits:  # (one group size is recorded per checkpoint, and int8 layers record none)
+        raise LeanLMError(f"the output head can be kept at more bits than the layers, not fewer ({head} under {scheme})")
     if calibration is not None and cls.bits != 4:
         raise LeanLMError("the activation-aware scale search (calibration) applies to int4 only")
     scales, alphas = {}, {}
     if calibration is not None:
         search = search or ScaleSearchConfig()
         calibration = check_calibration(calibration, "the int4 scale search")
-        scales, alphas = search_scales(model, linear_layers(model), calibration, group_size, search)
+        searched = {n: m for n, m in linear_layers(model).items() if m is not model.get_output_embeddings() or head_cls.bits == 4}
+        scales, alphas = search_scales(model, searched, calibration, group_size, search)
     before = held_bytes(model)
     tied = _is_tied(model)
-    head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None) if tied else None
     layers = linear_layers(model)
     output_name = next((n for n, m in layers.items() if m is model.get_output_embeddings()), None)
     for name, linear in layers.items():
         layer_cls = head_cls if name == output_name else cls
-        extra = {"input_scale": scales[name]} if scales.get(name) is not None and layer_cls.bits == 4 else {}
+        extra = {"input_scale": scales[name]} if scales.get(name) is not None else {}
         _set_module(model, name, layer_cls.from_float(linear.weight, linear.bias, group_size, **extra))
     if tied:  # the embedding reads the quantized head's rows; the float table is dropped
         old = model.get_input_embeddings()
-        model.set_input_embeddings(QuantizedEmbedding(model.get_submodule(head_name), old.padding_idx))
+        model.set_input_embeddings(QuantizedEmbedding(model.get_submodule(output_name), old.padding_idx))
     after = held_bytes(model)
     return {
         "scheme": scheme,

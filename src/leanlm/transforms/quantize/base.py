@@ -90,10 +90,18 @@ class QuantizedLinear(nn.Module):
     def _device(self) -> torch.device:
         return next(iter(self.buffers())).device
 
+    def takes_kernel(self, x2d: torch.Tensor) -> bool:
+        """Whether ``forward`` multiplies these (tokens, in) inputs with the packed kernel (else: dequantizes)."""
+        return x2d.device.type == "cpu" and (x2d.shape[0] <= KERNEL_MAX_ROWS or bool(kernel_for_every_call))
+
+    def input_steps(self, x2d: torch.Tensor) -> torch.Tensor | None:
+        """The step each input is rounded with by ``forward`` ((tokens, in) float32), or None: inputs exact."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, in_dtype = x.shape, x.dtype
         x2d = x.reshape(-1, self.in_features).to(self.scale_dtype())  # (tokens, in)
-        if x2d.device.type == "cpu" and (x2d.shape[0] <= KERNEL_MAX_ROWS or kernel_for_every_call):
+        if self.takes_kernel(x2d):
             y = self._kernel(x2d.contiguous())  # (tokens, out): reads the packed codes
         else:  # prefill, or no packed kernel on this device: a float copy of this one weight, for this call only
             y = F.linear(x2d, self.dequantize())

@@ -75,11 +75,11 @@ class Int4Linear(QuantizedLinear):
 
     def _codes(self, packed: torch.Tensor) -> torch.Tensor:
         """(T, in / 2) code bytes -> (T, in) codes in [0, 15] (uint8)."""
-        return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], self.in_features)
 
     def _grid(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """codes (T, in), scales and zeros (T, in / group) -> (T, in) float32 codes-space weights."""
-        q = codes.reshape(codes.shape[0], -1, self.group_size).float() - 8  # (T, groups, g)
+        q = codes.reshape(codes.shape[0], self.in_features // self.group_size, self.group_size).float() - 8  # (T, groups, g)
         return (q * scales.float()[..., None] + zeros.float()[..., None]).reshape(codes.shape[0], self.in_features)
 
     def _weights(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -100,19 +100,25 @@ class Int4Linear(QuantizedLinear):
     def step_sizes(self) -> torch.Tensor:
         return self._unscale(self.scales.float().repeat_interleave(self.group_size, dim=1))  # (out, in)
 
+    def _rounds_inputs(self, x2d: torch.Tensor) -> bool:
+        """Whether this call runs leanlm's kernel (which takes 64 inputs a step and rounds them to int8)."""
+        return x2d.device.type == "cpu" and self.in_features % 64 == 0 and kernels.available()
+
     def input_steps(self, x2d: torch.Tensor) -> torch.Tensor | None:
-        """The step each input of ``x2d`` (tokens, in) is rounded with by the CPU kernel (the rounding error is at
-        most half of it), or None where the call does not round inputs. Blocks of 32: max |x| / 127."""
-        if not (x2d.device.type == "cpu" and self.in_features % 64 == 0 and kernels.available()):
+        """The step each input of ``x2d`` (tokens, in) is rounded with by ``forward`` (at most half of it is
+        lost), or None where the call does not round inputs. The kernel rounds ``x * input_scale`` (in x's
+        dtype) per block of 32 with step max |x| / 127."""
+        if not (self.takes_kernel(x2d) and self._rounds_inputs(x2d)):
             return None
-        x2d = x2d.float() * (self.input_scale.float() if self.input_scale is not None else 1)
-        steps = x2d.abs().reshape(x2d.shape[0], -1, 32).amax(-1) / 127  # (tokens, in / 32)
+        if self.input_scale is not None:
+            x2d = x2d.to(self.scale_dtype()) * self.input_scale
+        steps = x2d.float().abs().reshape(x2d.shape[0], -1, 32).amax(-1) / 127  # (tokens, in / 32)
         return steps.repeat_interleave(32, dim=1)
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x2d = x2d * self.input_scale  # (tokens, in)
-        if self.in_features % 64 == 0 and kernels.available():  # the kernel takes 64 inputs a step
+        if self._rounds_inputs(x2d):
             return torch.ops.leanlm.linear_int4(x2d, self.qweight, self.scales, self.zeros, self.group_size, None)
         return F.linear(x2d, self._grid(self._codes(self.qweight), self.scales, self.zeros).to(x2d.dtype))
 
