@@ -25,28 +25,58 @@ namespace {
 
 constexpr int64_t PREFETCH_BYTES = 8192;  // as in linear_small_m.cpp
 
-// ROWS weight rows from n against M bf16 input rows: ROWS * M float32 accumulators of 16 lanes.
-template <int M, int ROWS>
-LEANLM_AVX512BF16 inline void block(const uint16_t* x, const uint16_t* w, int64_t K, int64_t n, float* dots, int64_t N) {
+// One multiply-add step of each weight format, STEP inputs wide, behind the same row-blocked loop below.
+struct Bf16Pairs {  // bf16 weights and bf16 inputs, multiplied as pairs
+  using W = uint16_t;
+  using X = uint16_t;
+  using WV = __m512bh;
+  using XV = __m512bh;
+  static constexpr int64_t STEP = 32;
+  LEANLM_AVX512BF16 static WV load_w(const W* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  LEANLM_AVX512BF16 static XV load_x(const X* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  LEANLM_AVX512BF16 static __m512 multiply_add(__m512 acc, WV w, XV x) { return _mm512_dpbf16_ps(acc, w, x); }
+};
+
+struct Int8Widened {  // int8 codes widened to float32, float32 inputs
+  using W = int8_t;
+  using X = float;
+  using WV = __m512;
+  using XV = __m512;
+  static constexpr int64_t STEP = 16;
+  LEANLM_AVX512 static WV load_w(const W* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  LEANLM_AVX512 static XV load_x(const X* p) { return _mm512_loadu_ps(p); }
+  LEANLM_AVX512 static __m512 multiply_add(__m512 acc, WV w, XV x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+// ROWS weight rows from n against M input rows: ROWS * M float32 accumulators of 16 lanes. (The loop carries
+// the union of both formats' targets; the int8 instantiation issues no BF16 instruction, so it runs on any
+// AVX-512 CPU.)
+template <typename F, int M, int ROWS>
+LEANLM_AVX512BF16 inline void block(const typename F::X* x, const typename F::W* w, int64_t K, int64_t n, float* dots,
+                                    int64_t N) {
+  constexpr int64_t AHEAD = PREFETCH_BYTES / static_cast<int64_t>(sizeof(typename F::W));
   __m512 acc[ROWS][M];
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  const bool prefetch = (n + ROWS + 1) * K + PREFETCH_BYTES / 2 <= N * K;  // stays inside the weight matrix
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512bh wv[ROWS];
+  const bool prefetch = (n + ROWS + 1) * K + AHEAD <= N * K;  // stays inside the weight matrix
+  for (int64_t k = 0; k < K; k += F::STEP) {
+    typename F::WV wv[ROWS];
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      const uint16_t* row = w + (n + r) * K + k;
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_BYTES / 2), _MM_HINT_T0);
-      wv[r] = (__m512bh)_mm512_loadu_si512(row);
+      const typename F::W* row = w + (n + r) * K + k;
+      if (prefetch && (k * static_cast<int64_t>(sizeof(typename F::W))) % 64 == 0)  // once per cache line
+        _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD), _MM_HINT_T0);
+      wv[r] = F::load_w(row);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      const typename F::XV xv = F::load_x(x + m * K + k);
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+      for (int r = 0; r < ROWS; ++r) acc[r][m] = F::multiply_add(acc[r][m], wv[r], xv);
     }
   }
 #pragma GCC unroll 8
@@ -55,78 +85,43 @@ LEANLM_AVX512BF16 inline void block(const uint16_t* x, const uint16_t* w, int64_
     for (int m = 0; m < M; ++m) dots[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int M, int ROWS>
-LEANLM_AVX512BF16 void rows(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, int64_t begin, int64_t end, float* dots) {
+template <typename F, int M, int ROWS>
+LEANLM_AVX512BF16 void rows(const typename F::X* x, const typename F::W* w, int64_t K, int64_t N, int64_t begin,
+                            int64_t end, float* dots) {
   int64_t n = begin;
-  for (; n + ROWS <= end; n += ROWS) block<M, ROWS>(x, w, K, n, dots, N);
-  for (; n < end; ++n) block<M, 1>(x, w, K, n, dots, N);
+  for (; n + ROWS <= end; n += ROWS) block<F, M, ROWS>(x, w, K, n, dots, N);
+  for (; n < end; ++n) block<F, M, 1>(x, w, K, n, dots, N);
 }
 
 // m input rows (1..8): at most 16 accumulators + the weight vectors, within the 32 zmm registers.
-LEANLM_AVX512BF16 void input_block(const uint16_t* x, const uint16_t* w, int64_t K, int64_t N, int64_t m, int64_t begin,
-                                   int64_t end, float* dots) {
+template <typename F>
+LEANLM_AVX512BF16 void input_block(const typename F::X* x, const typename F::W* w, int64_t K, int64_t N, int64_t m,
+                                   int64_t begin, int64_t end, float* dots) {
   switch (m) {
-    case 1: rows<1, 4>(x, w, K, N, begin, end, dots); break;
-    case 2: rows<2, 4>(x, w, K, N, begin, end, dots); break;
-    case 3: rows<3, 4>(x, w, K, N, begin, end, dots); break;
-    case 4: rows<4, 2>(x, w, K, N, begin, end, dots); break;
-    case 5: rows<5, 2>(x, w, K, N, begin, end, dots); break;
-    case 6: rows<6, 2>(x, w, K, N, begin, end, dots); break;
-    case 7: rows<7, 2>(x, w, K, N, begin, end, dots); break;
-    default: rows<8, 2>(x, w, K, N, begin, end, dots); break;
+    case 1: rows<F, 1, 4>(x, w, K, N, begin, end, dots); break;
+    case 2: rows<F, 2, 4>(x, w, K, N, begin, end, dots); break;
+    case 3: rows<F, 3, 4>(x, w, K, N, begin, end, dots); break;
+    case 4: rows<F, 4, 2>(x, w, K, N, begin, end, dots); break;
+    case 5: rows<F, 5, 2>(x, w, K, N, begin, end, dots); break;
+    case 6: rows<F, 6, 2>(x, w, K, N, begin, end, dots); break;
+    case 7: rows<F, 7, 2>(x, w, K, N, begin, end, dots); break;
+    default: rows<F, 8, 2>(x, w, K, N, begin, end, dots); break;
   }
 }
 
-
-// int8: ROWS code rows from n against M float32 input rows, 16 inputs per step.
-template <int M, int ROWS>
-LEANLM_AVX512 inline void int8_block(const float* x, const int8_t* w, int64_t K, int64_t n, float* dots, int64_t N) {
-  __m512 acc[ROWS][M];
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  const bool prefetch = (n + ROWS + 1) * K + PREFETCH_BYTES <= N * K;
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 wv[ROWS];
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      const int8_t* row = w + (n + r) * K + k;
-      if (prefetch && k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_BYTES), _MM_HINT_T0);
-      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
+// x rows (M, K) times weight rows (N, K) -> float32 dots (M, N): 32 weight rows per task, every input row
+// against them (the weights are read from memory once).
+template <typename F>
+std::vector<float> dots_of(const typename F::X* x, int64_t M, const typename F::W* w, int64_t N, int64_t K) {
+  std::vector<float> dots(M * N);
+  at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t first, int64_t last) {
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t begin = blk * 32, end = std::min(N, begin + 32);
+      for (int64_t m0 = 0; m0 < M; m0 += 8)
+        input_block<F>(x + m0 * K, w, K, N, std::min<int64_t>(8, M - m0), begin, end, dots.data() + m0 * N);
     }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) dots[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-template <int M, int ROWS>
-LEANLM_AVX512 void int8_rows(const float* x, const int8_t* w, int64_t K, int64_t N, int64_t begin, int64_t end, float* dots) {
-  int64_t n = begin;
-  for (; n + ROWS <= end; n += ROWS) int8_block<M, ROWS>(x, w, K, n, dots, N);
-  for (; n < end; ++n) int8_block<M, 1>(x, w, K, n, dots, N);
-}
-
-LEANLM_AVX512 void int8_input_block(const float* x, const int8_t* w, int64_t K, int64_t N, int64_t m, int64_t begin,
-                                    int64_t end, float* dots) {
-  switch (m) {
-    case 1: int8_rows<1, 4>(x, w, K, N, begin, end, dots); break;
-    case 2: int8_rows<2, 4>(x, w, K, N, begin, end, dots); break;
-    case 3: int8_rows<3, 4>(x, w, K, N, begin, end, dots); break;
-    case 4: int8_rows<4, 2>(x, w, K, N, begin, end, dots); break;
-    case 5: int8_rows<5, 2>(x, w, K, N, begin, end, dots); break;
-    case 6: int8_rows<6, 2>(x, w, K, N, begin, end, dots); break;
-    case 7: int8_rows<7, 2>(x, w, K, N, begin, end, dots); break;
-    default: int8_rows<8, 2>(x, w, K, N, begin, end, dots); break;
-  }
+  });
+  return dots;
 }
 
 }  // namespace
@@ -149,31 +144,13 @@ bool has_avx512_bf16() {
 // x (..., K) bf16, weight (N, K) bf16 contiguous, K a multiple of 32 -> float32 dots (M, N).
 std::vector<float> bf16_pair_dots(const torch::Tensor& x, const uint16_t* w, int64_t N, int64_t K) {
   const torch::Tensor rows = x.reshape({-1, K}).contiguous();
-  const int64_t M = rows.size(0);
   const auto* xb = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
-  std::vector<float> dots(M * N);
-  at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t first, int64_t last) {
-    for (int64_t blk = first; blk < last; ++blk) {
-      const int64_t begin = blk * 32, end = std::min(N, begin + 32);
-      for (int64_t m0 = 0; m0 < M; m0 += 8)
-        input_block(xb + m0 * K, w, K, N, std::min<int64_t>(8, M - m0), begin, end, dots.data() + m0 * N);
-    }
-  });
-  return dots;
+  return dots_of<Bf16Pairs>(xb, rows.size(0), w, N, K);
 }
 
 // x rows (M, K) float32 times int8 codes (N, K), K a multiple of 16 -> float32 dots (M, N), unscaled.
 std::vector<float> int8_dots(const std::vector<float>& x, const int8_t* w, int64_t N, int64_t K) {
-  const int64_t M = static_cast<int64_t>(x.size()) / K;
-  std::vector<float> dots(M * N);
-  at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t first, int64_t last) {
-    for (int64_t blk = first; blk < last; ++blk) {
-      const int64_t begin = blk * 32, end = std::min(N, begin + 32);
-      for (int64_t m0 = 0; m0 < M; m0 += 8)
-        int8_input_block(x.data() + m0 * K, w, K, N, std::min<int64_t>(8, M - m0), begin, end, dots.data() + m0 * N);
-    }
-  });
-  return dots;
+  return dots_of<Int8Widened>(x.data(), static_cast<int64_t>(x.size()) / K, w, N, K);
 }
 
 }  // namespace leanlm_linear
