@@ -77,12 +77,6 @@ inline __m256 load8(const at::BFloat16* p) {
 }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-inline float horizontal_sum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
-}
-
 struct Int4Weight {
   const uint8_t* codes;  // (N, K / 2)
   int64_t N, K, G;

@@ -3,11 +3,19 @@
 #pragma once
 
 #include <torch/extension.h>
+#include <immintrin.h>
 
 #include <atomic>
 #include <vector>
 
 namespace leanlm_linear {
+
+// The sum of a vector's 8 float32 lanes.
+inline float horizontal_sum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
+}
 
 // x (any float dtype) as contiguous float32 rows: the few decode rows are widened here, not by ATen ops.
 inline std::vector<float> float_rows(const torch::Tensor& x, int64_t K) {

@@ -34,12 +34,6 @@ inline __m256 widen_int8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
-inline float horizontal_sum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
-}
-
 template <typename W> inline __m256 widen(const W* p);
 template <> inline __m256 widen<uint16_t>(const uint16_t* p) { return widen_bf16(p); }
 template <> inline __m256 widen<int8_t>(const int8_t* p) { return widen_int8(p); }

@@ -79,8 +79,7 @@ class Int4Linear(QuantizedLinear):
 
     def _grid(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """codes (T, in), scales and zeros (T, in / group) -> (T, in) float32 codes-space weights."""
-        q = codes.reshape(codes.shape[0], self.in_features // self.group_size, self.group_size).float() - 8  # (T, groups, g)
-        return (q * scales.float()[..., None] + zeros.float()[..., None]).reshape(codes.shape[0], self.in_features)
+        return dequantize_groups(codes, scales, zeros, self.group_size)
 
     def _weights(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """The layer's (T, in) weights in the scale dtype (times input_scale, if any)."""
@@ -148,5 +147,5 @@ def quantize_groups(weight: torch.Tensor, group_size: int, clip: torch.Tensor | 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """The float32 (out, in) weight of ``quantize_groups``' output: (q - 8) * scale + zero."""
     out_f, in_f = codes.shape
-    q = codes.reshape(out_f, -1, group_size).float() - 8  # (out, groups, g)
+    q = codes.reshape(out_f, in_f // group_size, group_size).float() - 8  # (out, groups, g); 0 rows too
     return (q * scale.float()[..., None] + zero.float()[..., None]).reshape(out_f, in_f)
