@@ -136,11 +136,15 @@ def text_windows(ids: torch.Tensor, size: int, count: int) -> list[torch.Tensor]
 
 @torch.no_grad()
 def bytes_and_speed(models: dict, ids: torch.Tensor, contexts: list[int], args) -> dict:
-    """Cache bytes at each context (one chunked prefill per model, engine functions), then alternated decode."""
+    """Cache bytes at each context (one chunked prefill per model, engine functions), then alternated decode:
+    ``args.speed_rounds`` rounds of ``args.decode_tokens`` greedy tokens per model, after ``args.warmup`` (default 0)
+    untimed ones; ``args.compile``: the compiled lean step. Each run continues from where the last one stopped."""
     out, states = {}, {}
+    warmup, compile = getattr(args, "warmup", 0), getattr(args, "compile", False)
+    slots = contexts[-1] + max(64, warmup + args.speed_rounds * args.decode_tokens + 8)  # prompt + every decoded token
     for name, model in models.items():
-        model.config.max_position_embeddings = max(model.config.max_position_embeddings, contexts[-1] + 64)
-        state = start_state(model, ids[None, :1], None, DynamicCache(), contexts[-1] + 64)
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, slots)
+        state = start_state(model, ids[None, :1], None, DynamicCache(), slots)
         done, curve = 0, []
         for target in contexts:
             logits = prefill(model, ids[None, done:target], state, chunk=args.chunk)
@@ -153,29 +157,32 @@ def bytes_and_speed(models: dict, ids: torch.Tensor, contexts: list[int], args) 
 
     for name, model in models.items():  # decode as the engine does by default: a static cache + the lean step
         grown, logits = states[name]
-        state = start_state(model, ids[None, :1], None, static_copy(model, grown.cache, contexts[-1] + 64), contexts[-1] + 64)
+        state = start_state(model, ids[None, :1], None, static_copy(model, grown.cache, slots), slots)
         state.advance(contexts[-1])
-        states[name] = (state, logits, lean_step(model, state.cache))
+        states[name] = (state, logits, lean_step(model, state.cache, compile=compile))
         out[name]["decode_path"] = "lean step" if states[name][2] is not None else "model forward"
         del grown
     for model in models.values():
         enable_streaming_linears(model)  # what ``engine.decode.stream`` does for bf16 CPU weights
 
-    def decode(name):
+    def decode(name, tokens=args.decode_tokens):
         model, (state, logits, step) = models[name], states[name]
         token = logits.argmax(-1)
         began = time.perf_counter()
-        for _ in range(args.decode_tokens):
+        for _ in range(tokens):
             logits = step(token[:, None], state) if step is not None else forward(model, token[:, None], state)[:, -1]
             token = logits.argmax(-1)
         states[name] = (state, logits, step)
-        return args.decode_tokens / (time.perf_counter() - began)
+        return tokens / (time.perf_counter() - began)
 
     names = list(models)
+    for name in names if warmup else ():  # compiles the step (compile=True) and warms caches
+        decode(name, warmup)
     runs = alternate({n: (lambda n=n: decode(n)) for n in names}, args.speed_rounds)
     for n in names[1:]:
         out[n]["decode"] = {**median_ratio(runs[names[0]], runs[n]), "runs": runs[n], "base_runs": runs[names[0]],
-                            "context": contexts[-1], "tokens_per_run": args.decode_tokens}
+                            "context": contexts[-1], "tokens_per_run": args.decode_tokens, "warmup_tokens": warmup,
+                            "compiled": compile}
     return out
 
 

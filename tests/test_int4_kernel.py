@@ -10,19 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_helpers import rounded_inputs
 from leanlm.engine import kernels
 from leanlm.transforms.quantize.int4 import Int4Linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="leanlm's CPU kernels are not built here")
-
-
-def rounded_inputs(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 rounded as the kernel does, in float64: per block of 32, step max|x| / 127."""
-    blocks = x.float().reshape(x.shape[0], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    # 127 / amax as one division (Python's 127 / tensor is reciprocal(tensor) * 127: two roundings)
-    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    return (torch.round(blocks * inverse).double() * (amax / 127).double()).reshape(x.shape)
 
 
 def weight_of(q: Int4Linear, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

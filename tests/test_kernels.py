@@ -53,28 +53,6 @@ def test_the_avx512_path_is_taken_where_the_cpu_has_it():
 
 
 @needs_kernels
-@pytest.mark.parametrize("avx512", [True, False])
-@pytest.mark.parametrize("rows, in_features", [(3, 64), (1, 1536), (8, 576), (11, 64), (11, 40)])  # 40: not % 16
-def test_int8_kernel_applies_row_scales(avx512, rows, in_features):
-    if avx512 and not kernels.has_avx512():
-        pytest.skip("this CPU has no AVX-512")
-    gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, in_features, generator=gen)
-    codes = torch.randint(-127, 128, (37, in_features), generator=gen, dtype=torch.int8)  # 37: tail rows
-    scale = torch.rand(37, generator=gen) / 100
-    with kernels.use_avx512(avx512):
-        got = torch.ops.leanlm.linear_int8(x, codes, scale, None)  # float32 x: float32 out, no bf16 rounding
-        got_bf16 = torch.ops.leanlm.linear_int8(x.bfloat16(), codes, scale, None)
-    w = codes.double() * scale.double()[:, None]
-    reference = x.double() @ w.T
-    assert got.dtype == torch.float32
-    assert ((got.double() - reference).abs() <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
-    reference = x.bfloat16().double() @ w.T
-    assert got_bf16.dtype == torch.bfloat16
-    assert ((got_bf16.double() - reference).abs() <= bound(x.bfloat16(), w, reference)).all()
-
-
-@needs_kernels
 def test_kernel_keeps_leading_dimensions_and_rejects_a_bad_weight():
     x = torch.randn(2, 1, 64).bfloat16()
     w = torch.randn(16, 64).bfloat16()

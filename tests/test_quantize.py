@@ -50,7 +50,7 @@ def test_matmul_within_rounding_bound(scheme, dtype, shape):
     exact = x.double() @ lin.weight.double().T + lin.bias.double()  # (5, out)
     got = q(x).double()
     bound = x.double().abs() @ q.step_sizes().double().T / 2  # (5, out): sum_k |x_k| step_nk / 2
-    input_steps = q.input_steps(x)  # int4's kernel rounds x to int8 per 32 inputs (int8's: None)
+    input_steps = q.input_steps(x)  # leanlm's int8 and int4 kernels round x to int8 per 32 inputs
     if input_steps is not None:  # + sum_k |w_hat_k| dx_k / 2
         bound = bound + input_steps.double() @ q.dequantize().double().abs().T / 2
     # slack for the kernel's own arithmetic: float32 accumulation, or bf16 rounding of the output

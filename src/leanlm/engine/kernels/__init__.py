@@ -1,12 +1,13 @@
 """leanlm's own CPU kernels, compiled on first use with the machine's C++ compiler.
 
 ``linear_small_m.cpp``: weight-streaming linear layers for decode (1-16 input rows) over bf16
-weights or int8 codes. The library registers the torch ops ``leanlm::linear_bf16(x, weight, bias)``
-and ``leanlm::linear_int8(x, codes, row_scale, bias)`` in C++ (cheap dispatch from eager code);
-``linear_avx512.cpp``: the paths of ``linear_bf16`` (bf16 pair dot products, on CPUs with AVX512-BF16) and
-``linear_int8`` (16-wide widening, AVX-512) chosen at run time where the CPU has them (``use_avx512(False)``:
-the AVX2 paths); ``linear_int4.cpp``: ``leanlm::linear_int4(x, codes, scales, zeros, group_size, bias)`` over group-wise
-4-bit codes, with the input rows rounded to int8 per block of 32 and integer dot products;
+weights. The library registers the torch ops ``leanlm::linear_bf16(x, weight, bias)`` (and the others below)
+in C++ (cheap dispatch from eager code); ``linear_avx512.cpp``: its path with bf16 pair dot products on CPUs
+with AVX512-BF16, chosen at run time; ``linear_int8.cpp``: ``leanlm::linear_int8(x, codes, row_scale, bias)``
+over int8 codes, with the input rows rounded to int8 per block of 32 and integer dot products (AVX512-VNNI
+where the CPU has it, else AVX2); ``use_avx512(False)`` takes the AVX2 paths of both; ``linear_int4.cpp``:
+``leanlm::linear_int4(x, codes, scales, zeros, group_size, bias)`` over group-wise 4-bit codes, the same way
+(AVX2 ``maddubs``; an AVX512-VNNI variant measured no faster);
 ``decode_attention.cpp``: ``leanlm::decode_attention(q, keys, values, length, keep, scale)``, one
 query per sequence and head against a cache's first ``length`` slots (grouped K/V heads, bf16 or
 float32 cache, float32 softmax); ``quantized_attention.cpp``:
@@ -35,8 +36,8 @@ from leanlm.switch import Switch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("linear_small_m.cpp", "linear_avx512.cpp", "linear_int4.cpp", "decode_attention.cpp",
-                        "quantized_attention.cpp")]
+           for name in ("linear_small_m.cpp", "linear_avx512.cpp", "linear_int8.cpp", "linear_int4.cpp",
+                        "decode_attention.cpp", "quantized_attention.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("attention_blocks.h", "int8_dots.h", "linear_io.h")]
 MAX_ROWS = 16  # above this many input rows (prefill) ATen's GEMM is the better kernel
 _state: dict = {"module": None, "tried": False}
@@ -88,7 +89,8 @@ def use_kernels(enabled: bool):
 @contextlib.contextmanager
 def use_avx512(enabled: bool):
     """The AVX-512 paths of ``leanlm::linear_bf16`` / ``linear_int8`` (on CPUs that have them) on or off inside
-    the block; off, weights are widened to float32 and multiplied with AVX2 FMAs."""
+    the block; off, bf16 weights are widened to float32 and multiplied with AVX2 FMAs, int8 codes with AVX2's
+    integer multiply-adds (the same sums, in another order)."""
     ops = kernels()
     before = ops.set_avx512(enabled) if ops is not None else None
     try:
@@ -98,10 +100,13 @@ def use_avx512(enabled: bool):
             ops.set_avx512(before)
 
 
-def has_avx512(bf16: bool = False) -> bool:
-    """Whether this CPU has the AVX-512 the kernels use (F, BW, VL; with ``bf16``, also AVX512-BF16)."""
+def has_avx512(bf16: bool = False, vnni: bool = False) -> bool:
+    """Whether this CPU has the AVX-512 the kernels use (F, BW, VL; with ``bf16``, also AVX512-BF16; with
+    ``vnni``, also AVX512-VNNI)."""
     ops = kernels()
-    return ops is not None and bool(ops.has_avx512_bf16() if bf16 else ops.has_avx512())
+    if ops is None:
+        return False
+    return bool(ops.has_avx512()) and (not bf16 or bool(ops.has_avx512_bf16())) and (not vnni or bool(ops.has_avx512_vnni()))
 
 
 def use_int8_attention(enabled: bool):

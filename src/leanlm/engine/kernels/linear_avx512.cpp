@@ -1,9 +1,7 @@
-// Decode linear layers on CPUs with AVX-512 (chosen at run time; linear_small_m.cpp is the AVX2 kernel):
-// - bf16 x and W on CPUs with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4+): both
-//   read as bf16 pairs by vdpbf16ps (32 multiply-adds per instruction, float32 accumulation), instead of
-//   widening each weight to float32 and multiplying it into every input row with FMAs;
-// - int8 codes (AVX512F/BW): widened to float32 16 at a time and multiplied into the float32 rows, twice the
-//   width of the AVX2 kernel, which was compute-bound on the widening at batch 1 (8.5 GB/s of ~20).
+// Decode bf16 linear layers on CPUs with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4+;
+// chosen at run time, linear_small_m.cpp is the AVX2 kernel): bf16 x and W both read as bf16 pairs by vdpbf16ps
+// (32 multiply-adds per instruction, float32 accumulation), instead of widening each weight to float32 and
+// multiplying it into every input row with FMAs.
 // At 8 input rows the AVX2 kernel (linear_small_m.cpp) is compute-bound (a batch-8 decode step of SmolLM2-135M
 // spent 23.7 ms in its linears, against ~14 ms to stream the weights); this one multiplies 4x more per instruction.
 // The functions carry their own target attribute and run only where the CPU reports avx512_bf16, so the
@@ -19,13 +17,12 @@
 #include "linear_io.h"
 
 #define LEANLM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#define LEANLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 namespace {
 
 constexpr int64_t PREFETCH_BYTES = 8192;  // as in linear_small_m.cpp
 
-// One multiply-add step of each weight format, STEP inputs wide, behind the same row-blocked loop below.
+// One multiply-add step, STEP inputs wide, behind the row-blocked loop below (int8 codes: linear_int8.cpp).
 struct Bf16Pairs {  // bf16 weights and bf16 inputs, multiplied as pairs
   using W = uint16_t;
   using X = uint16_t;
@@ -37,22 +34,7 @@ struct Bf16Pairs {  // bf16 weights and bf16 inputs, multiplied as pairs
   LEANLM_AVX512BF16 static __m512 multiply_add(__m512 acc, WV w, XV x) { return _mm512_dpbf16_ps(acc, w, x); }
 };
 
-struct Int8Widened {  // int8 codes widened to float32, float32 inputs
-  using W = int8_t;
-  using X = float;
-  using WV = __m512;
-  using XV = __m512;
-  static constexpr int64_t STEP = 16;
-  LEANLM_AVX512 static WV load_w(const W* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  LEANLM_AVX512 static XV load_x(const X* p) { return _mm512_loadu_ps(p); }
-  LEANLM_AVX512 static __m512 multiply_add(__m512 acc, WV w, XV x) { return _mm512_fmadd_ps(w, x, acc); }
-};
-
-// ROWS weight rows from n against M input rows: ROWS * M float32 accumulators of 16 lanes. (The loop carries
-// the union of both formats' targets; the int8 instantiation issues no BF16 instruction, so it runs on any
-// AVX-512 CPU.)
+// ROWS weight rows from n against M input rows: ROWS * M float32 accumulators of 16 lanes.
 template <typename F, int M, int ROWS>
 LEANLM_AVX512BF16 inline void block(const typename F::X* x, const typename F::W* w, int64_t K, int64_t n, float* dots,
                                     int64_t N) {
@@ -141,16 +123,16 @@ bool has_avx512_bf16() {
   return yes;
 }
 
+bool has_avx512_vnni() {
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
 // x (..., K) bf16, weight (N, K) bf16 contiguous, K a multiple of 32 -> float32 dots (M, N).
 std::vector<float> bf16_pair_dots(const torch::Tensor& x, const uint16_t* w, int64_t N, int64_t K) {
   const torch::Tensor rows = x.reshape({-1, K}).contiguous();
   const auto* xb = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
   return dots_of<Bf16Pairs>(xb, rows.size(0), w, N, K);
-}
-
-// x rows (M, K) float32 times int8 codes (N, K), K a multiple of 16 -> float32 dots (M, N), unscaled.
-std::vector<float> int8_dots(const std::vector<float>& x, const int8_t* w, int64_t N, int64_t K) {
-  return dots_of<Int8Widened>(x.data(), static_cast<int64_t>(x.size()) / K, w, N, K);
 }
 
 }  // namespace leanlm_linear
@@ -162,9 +144,11 @@ bool set_avx512(bool enabled) {
 
 bool has_avx512_op() { return leanlm_linear::has_avx512(); }
 bool has_avx512_bf16_op() { return leanlm_linear::has_avx512_bf16(); }
+bool has_avx512_vnni_op() { return leanlm_linear::has_avx512_vnni(); }
 
 TORCH_LIBRARY_FRAGMENT(leanlm, m) {
   m.def("set_avx512(bool enabled) -> bool", &set_avx512);
   m.def("has_avx512() -> bool", &has_avx512_op);
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16_op);
+  m.def("has_avx512_vnni() -> bool", &has_avx512_vnni_op);
 }

@@ -40,14 +40,11 @@ Int8Rows round_rows(const std::vector<float>& x, int64_t M, int64_t K, int64_t G
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K / BLOCK; ++b) {
       const float* v = x.data() + m * K + b * BLOCK;
-      float amax = 0.f;
-      for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(v[i]));
-      // (a block of tiny values, |x| < 4e-37, would make 127 / amax infinite: it rounds to zeros)
-      const float step = amax / 127.f, inverse = std::isfinite(127.f / amax) ? 127.f / amax : 0.f;
+      const auto [step, inverse] = block_step(v, BLOCK);
       // block b's even columns at bytes [h * 16, h * 16 + 16) of its pair, its odd ones 32 bytes later
       int8_t* out = rows.codes.data() + m * K + (b / 2) * PAIR + (b % 2) * 16;
       int sum = 0;
-      for (int64_t i = 0; i < BLOCK / 2; ++i) {
+      for (int64_t i = 0; i < BLOCK / 2 && inverse != 0.f; ++i) {  // (inverse 0: zeros or a NaN, codes stay 0)
         out[i] = static_cast<int8_t>(std::nearbyint(v[2 * i] * inverse));
         out[32 + i] = static_cast<int8_t>(std::nearbyint(v[2 * i + 1] * inverse));
         sum += out[i] + out[32 + i];

@@ -6,6 +6,8 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace leanlm_linear {
@@ -15,6 +17,28 @@ inline float horizontal_sum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   lo = _mm_hadd_ps(lo, lo);
   return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
+}
+
+// The int8 rounding of a block of n inputs (linear_int8.cpp, linear_int4.cpp): x ~= nearbyint(x * inverse) * step,
+// step = max |x| / 127. A block of zeros, or of values so tiny (|x| < 4e-37) that 127 / max is infinite, rounds to
+// zeros. A NaN input makes the step NaN, so that the outputs it reaches are NaN, as with float inputs.
+struct BlockStep {
+  float step, inverse;
+};
+
+inline BlockStep block_step(const float* x, int64_t n) {  // n a multiple of 8
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 top = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));  // (max_ps drops a NaN in its first operand: tracked apart)
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan) != 0) return {std::numeric_limits<float>::quiet_NaN(), 0.f};
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  return {amax / 127.f, std::isfinite(127.f / amax) ? 127.f / amax : 0.f};
 }
 
 // x (any float dtype) as contiguous float32 rows: the few decode rows are widened here, not by ATen ops.
@@ -80,12 +104,12 @@ inline torch::Tensor finish_rows(const torch::Tensor& x, const std::vector<float
 }
 
 // linear_avx512.cpp: whether this CPU has AVX-512 (F, BW, VL) and AVX512-BF16; x (..., K) bf16 times a
-// (N, K) bf16 weight (K a multiple of 32) as float32 dots (M, N) by vdpbf16ps; float32 rows times int8 codes
-// (K a multiple of 16). ``avx512_enabled`` is the A/B switch of both.
+// (N, K) bf16 weight (K a multiple of 32) as float32 dots (M, N) by vdpbf16ps. ``avx512_enabled`` is the A/B
+// switch of the AVX-512 paths (this one and linear_int8.cpp's VNNI path).
 bool has_avx512();
 bool has_avx512_bf16();
+bool has_avx512_vnni();  // linear_int8.cpp's integer dot products (vpdpbusd)
 extern std::atomic<bool> avx512_enabled;
 std::vector<float> bf16_pair_dots(const torch::Tensor& x, const uint16_t* w, int64_t N, int64_t K);
-std::vector<float> int8_dots(const std::vector<float>& x, const int8_t* w, int64_t N, int64_t K);
 
 }  // namespace leanlm_linear

@@ -1,17 +1,15 @@
-// Weight-streaming linear layers for decode: y = x @ W^T (+ bias) with few input rows (1-16 tokens).
+// Weight-streaming bf16 linear layers for decode: y = x @ W^T (+ bias) with few input rows (1-16 tokens).
 //
 // PyTorch's CPU bf16 matmul on machines without AVX512-BF16 converts through a slow path: a batch-1
 // step of SmolLM2-135M read its weights at ~4.7 GB/s on one core (the core reads ~12 GB/s), and at 4
 // rows it took 4x longer than at 1. Decoding is a stream over the weights, so this kernel reads each
-// weight row once, widens it to float32 in registers (bf16 = the top 16 bits of a float32; int8 =
-// codes times a per-row scale) and multiplies it into every input row held in L1: the time is the
-// weight bytes over the memory bandwidth until the rows make it compute-bound.
+// weight row once, widens it to float32 in registers (bf16 = the top 16 bits of a float32) and
+// multiplies it into every input row held in L1: the time is the weight bytes over the memory
+// bandwidth until the rows make it compute-bound. (int8 codes: linear_int8.cpp.)
 // Accumulation is float32; the result is rounded to the input's dtype once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-
-#include <type_traits>
 
 #include "linear_io.h"
 
@@ -29,19 +27,10 @@ inline __m256 widen_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-inline __m256 widen_int8(const int8_t* p) {
-  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-}
-
-template <typename W> inline __m256 widen(const W* p);
-template <> inline __m256 widen<uint16_t>(const uint16_t* p) { return widen_bf16(p); }
-template <> inline __m256 widen<int8_t>(const int8_t* p) { return widen_int8(p); }
-
 // ROWS weight rows against M input rows, each dot product split over SPLIT accumulators along K:
 // ROWS*M*SPLIT independent float32 accumulators stay in registers and hide the FMA latency.
-template <typename W, int M, int ROWS, int SPLIT>
-inline void block(const float* x, const W* w, int64_t K, int64_t n, float* dots, int64_t N) {
+template <int M, int ROWS, int SPLIT>
+inline void block(const float* x, const uint16_t* w, int64_t K, int64_t n, float* dots, int64_t N) {
   __m256 acc[ROWS][M][SPLIT];
 #pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r)
@@ -50,7 +39,7 @@ inline void block(const float* x, const W* w, int64_t K, int64_t n, float* dots,
 #pragma GCC unroll 4
       for (int s = 0; s < SPLIT; ++s) acc[r][m][s] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8 * SPLIT) {
-    constexpr int64_t AHEAD = PREFETCH_BYTES / static_cast<int64_t>(sizeof(W));
+    constexpr int64_t AHEAD = PREFETCH_BYTES / 2;
     if ((n + ROWS) * K + k + AHEAD <= N * K)  // inside the weight matrix (the stream runs on into the next rows)
 #pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k + AHEAD), _MM_HINT_T0);
@@ -58,7 +47,7 @@ inline void block(const float* x, const W* w, int64_t K, int64_t n, float* dots,
     for (int s = 0; s < SPLIT; ++s) {
 #pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) {
-        const __m256 wv = widen<W>(w + (n + r) * K + k + 8 * s);
+        const __m256 wv = widen_bf16(w + (n + r) * K + k + 8 * s);
 #pragma GCC unroll 16
         for (int m = 0; m < M; ++m)
           acc[r][m][s] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * s), acc[r][m][s]);
@@ -77,53 +66,46 @@ inline void block(const float* x, const W* w, int64_t K, int64_t n, float* dots,
 }
 
 // Weight rows [begin, end) against M input rows (ROWS at a time, then one at a time).
-template <typename W, int M, int ROWS, int SPLIT>
-void rows(const float* x, const W* w, int64_t K, int64_t N, int64_t begin, int64_t end, float* dots) {
+template <int M, int ROWS, int SPLIT>
+void rows(const float* x, const uint16_t* w, int64_t K, int64_t N, int64_t begin, int64_t end, float* dots) {
   int64_t n = begin;
   if (K % (8 * SPLIT) != 0) {  // K is a multiple of 8 but not of the split: one accumulator per dot
-    for (; n + ROWS <= end; n += ROWS) block<W, M, ROWS, 1>(x, w, K, n, dots, N);
+    for (; n + ROWS <= end; n += ROWS) block<M, ROWS, 1>(x, w, K, n, dots, N);
   } else {
-    for (; n + ROWS <= end; n += ROWS) block<W, M, ROWS, SPLIT>(x, w, K, n, dots, N);
+    for (; n + ROWS <= end; n += ROWS) block<M, ROWS, SPLIT>(x, w, K, n, dots, N);
   }
-  for (; n < end; ++n) block<W, M, 1, 1>(x, w, K, n, dots, N);
+  for (; n < end; ++n) block<M, 1, 1>(x, w, K, n, dots, N);
 }
 
-template <typename W>
-void input_block(const float* x, const W* w, int64_t K, int64_t N, int64_t m, int64_t begin, int64_t end, float* dots) {
+void input_block(const float* x, const uint16_t* w, int64_t K, int64_t N, int64_t m, int64_t begin, int64_t end, float* dots) {
   // m input rows (1..8): the row blocking keeps at most 8 accumulators + the widened weights in 16 registers
   switch (m) {
-    case 1: rows<W, 1, 1, 4>(x, w, K, N, begin, end, dots); break;
-    case 2: rows<W, 2, 1, 4>(x, w, K, N, begin, end, dots); break;
-    case 3: rows<W, 3, 1, 2>(x, w, K, N, begin, end, dots); break;
-    case 4: rows<W, 4, 1, 2>(x, w, K, N, begin, end, dots); break;
-    case 5: rows<W, 5, 1, 1>(x, w, K, N, begin, end, dots); break;
-    case 6: rows<W, 6, 1, 1>(x, w, K, N, begin, end, dots); break;
-    case 7: rows<W, 7, 1, 1>(x, w, K, N, begin, end, dots); break;
-    default: rows<W, 8, 1, 1>(x, w, K, N, begin, end, dots); break;
+    case 1: rows<1, 1, 4>(x, w, K, N, begin, end, dots); break;
+    case 2: rows<2, 1, 4>(x, w, K, N, begin, end, dots); break;
+    case 3: rows<3, 1, 2>(x, w, K, N, begin, end, dots); break;
+    case 4: rows<4, 1, 2>(x, w, K, N, begin, end, dots); break;
+    case 5: rows<5, 1, 1>(x, w, K, N, begin, end, dots); break;
+    case 6: rows<6, 1, 1>(x, w, K, N, begin, end, dots); break;
+    case 7: rows<7, 1, 1>(x, w, K, N, begin, end, dots); break;
+    default: rows<8, 1, 1>(x, w, K, N, begin, end, dots); break;
   }
 }
 
-template <typename W>
-torch::Tensor linear(const torch::Tensor& x, const W* w, int64_t N, int64_t K,
-                     const c10::optional<torch::Tensor>& row_scale, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor linear(const torch::Tensor& x, const uint16_t* w, int64_t N, int64_t K, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, the weight ", K);
   TORCH_CHECK(K % 8 == 0, "in_features must be a multiple of 8, got ", K);
   const std::vector<float> xf = float_rows(x, K);
   const int64_t M = static_cast<int64_t>(xf.size()) / K;
-  const std::vector<float> scale = optional_floats(row_scale, N, "row_scale"), shift = optional_floats(bias, N, "bias");
-  if constexpr (std::is_same_v<W, int8_t>)
-    if (K % 16 == 0 && avx512_enabled.load(std::memory_order_relaxed) && has_avx512())  // 16-wide widening (linear_avx512.cpp)
-      return finish_rows(x, int8_dots(xf, w, N, K), M, N, scale, shift);
   std::vector<float> dots(M * N);
   // 32 weight rows per task (~37 KB of bf16 at K=576): the input rows stay in L1, the block in L2.
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t first, int64_t last) {
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t begin = blk * 32, end = std::min(N, begin + 32);
       for (int64_t m0 = 0; m0 < M; m0 += 8)
-        input_block<W>(xf.data() + m0 * K, w, K, N, std::min<int64_t>(8, M - m0), begin, end, dots.data() + m0 * N);
+        input_block(xf.data() + m0 * K, w, K, N, std::min<int64_t>(8, M - m0), begin, end, dots.data() + m0 * N);
     }
   });
-  return finish_rows(x, dots, M, N, scale, shift);
+  return finish_rows(x, dots, M, N, {}, optional_floats(bias, N, "bias"));
 }
 
 }  // namespace
@@ -137,23 +119,13 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
       has_avx512_bf16()) {  // bf16 pairs multiplied as they are (linear_avx512.cpp)
     return finish_rows(x, bf16_pair_dots(x, w, N, K), x.numel() / K, N, {}, optional_floats(bias, N, "bias"));
   }
-  return linear<uint16_t>(x, w, N, K, c10::nullopt, bias);
-}
-
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.dim() == 2 && codes.is_contiguous(),
-              "codes must be a contiguous 2-D int8 tensor");
-  return linear<int8_t>(x, codes.data_ptr<int8_t>(), codes.size(0), codes.size(1), row_scale, bias);
+  return linear(x, w, N, K, bias);
 }
 
 // Registered in C++ (not through a Python custom op): a decode step makes ~200 of these calls, and
 // the Python dispatch layer cost ~15 us each. The fake (meta) kernels for torch.compile are in Python.
 TORCH_LIBRARY(leanlm, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor codes, Tensor row_scale, Tensor? bias=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
-  m.impl("linear_bf16", &linear_bf16);
-  m.impl("linear_int8", &linear_int8);
-}
+TORCH_LIBRARY_IMPL(leanlm, CPU, m) { m.impl("linear_bf16", &linear_bf16); }

@@ -5,7 +5,8 @@ weight) and multiplies with a packed-weight kernel on CPU (leanlm's ``torch.ops.
 on other devices it falls back to dequantize-then-matmul, which is correct but not fast. Every module
 can tell the step of its quantization grid per weight (``step_sizes``), so tests can check the kernel
 against the bound ``|y_q - y| <= sum_k |x_k| * step_nk / 2`` that round-to-nearest guarantees (plus,
-for int4's kernel, which rounds its inputs to int8, ``sum_k |w_hat_nk| * input_step_k / 2``).
+for leanlm's int8 and int4 kernels, which round their inputs to int8 per block of 32 (``input_steps``),
+``sum_k |w_hat_nk| * input_step_k / 2``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from leanlm.models.weights import held_bytes, tensors_held  # noqa: F401  (re-ex
 # The packed kernels are matrix-vector kernels: fast at decode (few rows), several times slower than
 # the float GEMM at prefill. Above this many rows, forward dequantizes the weight for that call.
 KERNEL_MAX_ROWS = 128
+# leanlm's int8 and int4 kernels round their input rows to int8 with one step per this many inputs.
+INPUT_BLOCK = 32
 # On: every CPU call takes the packed kernel, whatever its row count, so that a perplexity measured by
 # prefill computes what decoding computes (int4's kernel rounds its inputs to int8; the float path does not).
 kernel_for_every_call = Switch(False)
@@ -94,9 +97,23 @@ class QuantizedLinear(nn.Module):
         """Whether ``forward`` multiplies these (tokens, in) inputs with the packed kernel (else: dequantizes)."""
         return x2d.device.type == "cpu" and (x2d.shape[0] <= KERNEL_MAX_ROWS or bool(kernel_for_every_call))
 
+    def _rounds_inputs(self, x2d: torch.Tensor) -> bool:
+        """Whether ``_kernel`` rounds these (tokens, in) inputs to int8 (leanlm's int8 and int4 kernels do)."""
+        return False
+
+    def _kernel_inputs(self, x2d: torch.Tensor) -> torch.Tensor:
+        """What ``_kernel`` multiplies (and rounds): the inputs, or a scheme's transform of them."""
+        return x2d
+
     def input_steps(self, x2d: torch.Tensor) -> torch.Tensor | None:
-        """The step each input is rounded with by ``forward`` ((tokens, in) float32), or None: inputs exact."""
-        return None
+        """The step each input of ``x2d`` (tokens, in) is rounded with by ``forward`` ((tokens, in) float32; at
+        most half of it is lost), or None where the call does not round its inputs. The kernels round per
+        block of 32 inputs with step max |x| / 127."""
+        if not (self.takes_kernel(x2d) and self._rounds_inputs(x2d)):
+            return None
+        x2d = self._kernel_inputs(x2d.to(self.scale_dtype()))
+        steps = x2d.float().abs().reshape(x2d.shape[0], -1, INPUT_BLOCK).amax(-1) / 127  # (tokens, in / 32)
+        return steps.repeat_interleave(INPUT_BLOCK, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, in_dtype = x.shape, x.dtype

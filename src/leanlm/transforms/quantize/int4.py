@@ -103,20 +103,11 @@ class Int4Linear(QuantizedLinear):
         """Whether this call runs leanlm's kernel (which takes 64 inputs a step and rounds them to int8)."""
         return x2d.device.type == "cpu" and self.in_features % 64 == 0 and kernels.available()
 
-    def input_steps(self, x2d: torch.Tensor) -> torch.Tensor | None:
-        """The step each input of ``x2d`` (tokens, in) is rounded with by ``forward`` (at most half of it is
-        lost), or None where the call does not round inputs. The kernel rounds ``x * input_scale`` (in x's
-        dtype) per block of 32 with step max |x| / 127."""
-        if not (self.takes_kernel(x2d) and self._rounds_inputs(x2d)):
-            return None
-        if self.input_scale is not None:
-            x2d = x2d.to(self.scale_dtype()) * self.input_scale
-        steps = x2d.float().abs().reshape(x2d.shape[0], -1, 32).amax(-1) / 127  # (tokens, in / 32)
-        return steps.repeat_interleave(32, dim=1)
+    def _kernel_inputs(self, x2d: torch.Tensor) -> torch.Tensor:
+        return x2d if self.input_scale is None else x2d * self.input_scale  # (tokens, in), in x's dtype
 
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x2d = x2d * self.input_scale  # (tokens, in)
+        x2d = self._kernel_inputs(x2d)
         if self._rounds_inputs(x2d):
             return torch.ops.leanlm.linear_int4(x2d, self.qweight, self.scales, self.zeros, self.group_size, None)
         return F.linear(x2d, self._grid(self._codes(self.qweight), self.scales, self.zeros).to(x2d.dtype))

@@ -1,9 +1,10 @@
 """int8 weights, symmetric, one scale per output channel: ``w ~= q * scale`` with q in [-127, 127].
 
-The matmul reads the int8 codes and converts them inside the kernel: half the bytes of bf16 read per
-step. Decode-sized calls (<= 16 rows) use leanlm's ``linear_int8`` (engine/kernels), others ATen's
-``_weight_int8pack_mm(x, q, scale)``. The group size does not
-apply (one scale per row), so any ``group_size`` is accepted and recorded as 0.
+The matmul reads the int8 codes: half the bytes of bf16 read per step. Decode-sized calls (<= 16 rows)
+use leanlm's ``linear_int8`` (engine/kernels/linear_int8.cpp: the input rows rounded to int8 per block of
+32, integer dot products, as llama.cpp's Q8_0), others ATen's ``_weight_int8pack_mm(x, q, scale)`` (float
+inputs). The group size does not apply (one scale per row), so any ``group_size`` is accepted and
+recorded as 0.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from leanlm.engine import kernels
-from leanlm.transforms.quantize.base import QuantizedLinear, register, round_up_scale
+from leanlm.transforms.quantize.base import INPUT_BLOCK, QuantizedLinear, kernel_for_every_call, register, round_up_scale
 
 
 @register
@@ -59,7 +60,12 @@ class Int8Linear(QuantizedLinear):
         # codes <= 127 are exact in any float dtype, so one rounding of the product, as in dequantize_rows
         return self.qweight.to(self.scales.dtype).mul_(self.scales[:, None])  # (out, in)
 
+    def _rounds_inputs(self, x2d: torch.Tensor) -> bool:
+        """Whether this call runs leanlm's kernel: decode-sized (or every call, ``use_kernel_for_every_call``)."""
+        decode_sized = x2d.shape[0] <= kernels.MAX_ROWS or bool(kernel_for_every_call)
+        return x2d.device.type == "cpu" and decode_sized and self.in_features % INPUT_BLOCK == 0 and kernels.available()
+
     def _kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if x2d.shape[0] <= kernels.MAX_ROWS and self.in_features % 8 == 0 and kernels.available():
+        if self._rounds_inputs(x2d):
             return torch.ops.leanlm.linear_int8(x2d, self.qweight, self.scales, None)  # decode: stream the codes
         return torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)  # (tokens, out)
