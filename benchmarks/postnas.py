@@ -41,7 +41,7 @@ from leanlm.data.ood import ood_text  # noqa: E402
 from leanlm.data.wikitext import wikitext_text  # noqa: E402
 from leanlm.data.windows import tokenize_split  # noqa: E402
 from leanlm.engine.decode import forward, prefill, start_state  # noqa: E402
-from leanlm.engine.lean_step import lean_step  # noqa: E402
+from leanlm.engine.lean_step import decode_layers, lean_step  # noqa: E402
 from leanlm.engine.static_cache import static_copy  # noqa: E402
 from leanlm.engine.streaming_linear import enable_streaming_linears  # noqa: E402
 from leanlm.errors import LeanLMError  # noqa: E402
@@ -66,6 +66,18 @@ def validation_passkey(tok, length: int, depth: float, seed: int) -> Passkey:
     filler = enc(wikitext_text("validation", "raw")[:length * 8])[: length - len(intro) - len(sentence) - len(question)]
     at = int(depth * len(filler))
     return Passkey(intro + filler[:at] + sentence + filler[at:] + question, _answer_ids(tok, key))
+
+
+def search_passkeys(tok, args) -> list[Passkey]:
+    """The search's passkey prompts: WikiText-2 *validation* filler, one per --search-passkey length and
+    --search-passkey-depths depth; with --search-passkey-protocol, built exactly as the evaluation's prompts
+    (sentence boundaries, keys of seed 1)."""
+    if not args.search_passkey_protocol:
+        pairs = [(length, depth) for length in args.search_passkey for depth in args.search_passkey_depths]
+        return [validation_passkey(tok, length, depth, i) for i, (length, depth) in enumerate(pairs)]
+    protocol = PasskeyProtocol(lengths=tuple(args.search_passkey), depths=args.search_passkey_depths, seed=1,
+                               filler_split="validation")
+    return [Passkey(item.ids, item.answer_ids) for item in passkey_prompts(tok, protocol)]
 
 
 def write_recipe(found, args, path: Path) -> None:
@@ -175,6 +187,10 @@ def bytes_and_speed(models: dict, ids: torch.Tensor, contexts: list[int], args) 
         states[name] = (state, logits, step)
         return tokens / (time.perf_counter() - began)
 
+    def compiled(name):  # what ran, not what was asked: the lean step falls back to eager if compilation fails
+        step = states[name][2]
+        return step is not None and step.run is not decode_layers
+
     names = list(models)
     for name in names if warmup else ():  # compiles the step (compile=True) and warms caches
         decode(name, warmup)
@@ -182,7 +198,7 @@ def bytes_and_speed(models: dict, ids: torch.Tensor, contexts: list[int], args) 
     for n in names[1:]:
         out[n]["decode"] = {**median_ratio(runs[names[0]], runs[n]), "runs": runs[n], "base_runs": runs[names[0]],
                             "context": contexts[-1], "tokens_per_run": args.decode_tokens, "warmup_tokens": warmup,
-                            "compiled": compile}
+                            "compile_asked": compile, "compiled": {m: compiled(m) for m in (names[0], n)}}
     return out
 
 
@@ -199,7 +215,15 @@ def parse_args():
     p.add_argument("--search-len", type=int, default=1024)
     p.add_argument("--search-windows", type=int, default=1)
     p.add_argument("--score-from", type=int, default=512)
-    p.add_argument("--search-passkey", type=int, default=1024, help="validation passkey prompt tokens (0 = none)")
+    p.add_argument("--search-passkey", type=ints, default=[1024],
+                   help="validation passkey prompt lengths in tokens, comma-separated (0 = none)")
+    p.add_argument("--search-passkey-depths", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.1,),
+                   help="needle depths of the search's validation passkey prompts (their mean drop is scored)")
+    p.add_argument("--search-passkey-protocol", action="store_true",
+                   help="search passkey prompts built as the evaluation's (validation filler, sentence boundaries)")
+    p.add_argument("--passkey-weight", type=float, default=0.02, help="search cost: KL nats per nat of passkey lost")
+    p.add_argument("--passkey-budget", type=float, default=None,
+                   help="search: add a layer only while the swapped set together loses <= this many passkey nats")
     p.add_argument("--fit-steps", type=int, default=5, help="layer-local steps inside the search")
     p.add_argument("--table", type=Path, default=None, help="reuse the sensitivity table of an earlier run's JSON")
     p.add_argument("--only-option", default=None, help="give every layer this option (e.g. linear; with --table no re-measurement)")
@@ -237,9 +261,10 @@ def main() -> int:
     teacher, tok = load_model(args.model, "bfloat16"), load_tokenizer(args.model)
     options = (args.only_option,) if args.only_option else tuple(args.options.split(";"))  # --table: re-picked
     config = SearchConfig(options=options, score_from=args.score_from, count=args.count, keep=args.keep,
-                          fit_steps=args.fit_steps, slack=args.slack)
+                          fit_steps=args.fit_steps, slack=args.slack, passkey_weight=args.passkey_weight,
+                          passkey_budget=args.passkey_budget)
     windows = torch.cat(calibration_batches(tok, args.search_windows, args.search_len, args.search_windows, seed=0))
-    passkey = validation_passkey(tok, args.search_passkey, 0.1, 0) if args.search_passkey else None
+    passkey = search_passkeys(tok, args) if min(args.search_passkey) > 0 else None
     table = json.loads(args.table.read_text())["search"]["table"] if args.table else None
     found = search(teacher, windows, config, passkey, table=table)
     result["search"] = found.to_dict()

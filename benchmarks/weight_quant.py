@@ -6,8 +6,8 @@ For each variant (bf16, int8, int4 for each of --group-sizes, int4 with an int8 
 --int8-head-groups, int4 with the activation-aware
 scale search on WikiText-2 validation for each of --awq-groups) in one process: WikiText-2 test perplexity
 (sliding windows 1024/512 over the first --max-tokens tokens) and the same on the out-of-domain
-text (Botchan) — by default with every matmul on the decode kernels (``--ppl-path decode``: int4's
-rounds its inputs to int8, so that is what the model decodes with), bytes of every parameter and buffer held, and decode tokens/s of a plain greedy
+text (Botchan) — by default with every matmul on the decode kernels (``--ppl-path decode``: the int8 and
+int4 kernels round their inputs to int8, so that is what the model decodes with), bytes of every parameter and buffer held, and decode tokens/s of a plain greedy
 loop (the first --prompt-tokens tokens of WikiText-2 validation, then --new-tokens steps through a DynamicCache), timed in
 alternating rounds (bf16, int8, int4, bf16, ...) with medians; the machine is shared, so only the
 ratios measured together mean anything. Also a matmul micro-benchmark (one MLP up projection and
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating decode rounds (median)")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity (speed and bytes only)")
     parser.add_argument("--ppl-path", choices=("decode", "prefill"), default="decode",
-                        help="decode: every matmul through the packed decode kernels (int4's rounds its inputs to int8), "
+                        help="decode: every matmul through the packed decode kernels (they round their inputs to int8), "
                              "so the perplexity is what decoding computes; prefill: long inputs dequantize the weight")
     args = parser.parse_args()
     try:

@@ -90,6 +90,21 @@ def test_a_nan_input_reaches_the_outputs(avx512):
     assert got4[1].isnan().all() and got4[[0, 2]].isfinite().all()
 
 
+def test_the_vnni_path_is_taken_where_the_cpu_has_it():
+    """The paths add the block sums in different orders, which float32 can tell apart: with blocks worth
+    127 * 2^24, 63.5, -127 * 2^24 and 0, AVX2 adds them in that order in one lane (63.5 is below half an ulp,
+    64, of 127 * 2^24: lost), VNNI keeps even and odd blocks in separate lanes and adds those at the end (exact)."""
+    if not kernels.has_avx512(vnni=True):
+        pytest.skip("this CPU has no AVX512-VNNI")
+    x = torch.zeros(1, 128)
+    x[0, 0], x[0, 32], x[0, 64] = 127 * 2.0**24, 63.5, 127 * 2.0**24  # steps 2^24, 1/2, 2^24: each rounds exactly
+    codes = torch.zeros(1, 128, dtype=torch.int8)
+    codes[0, 0], codes[0, 32], codes[0, 64] = 1, 1, -1
+    with kernels.use_avx512(False):
+        assert torch.ops.leanlm.linear_int8(x, codes, torch.ones(1), None).item() == 0
+    assert torch.ops.leanlm.linear_int8(x, codes, torch.ones(1), None).item() == 63.5
+
+
 def test_module_rounds_only_where_its_kernel_runs():
     torch.manual_seed(1)
     q = Int8Linear.from_float(torch.randn(48, 256) * 0.05, None, 0)

@@ -186,6 +186,19 @@ def test_passkey_prompts_have_the_length_and_the_key_at_the_depth(filler):
     assert len({it.passkey for it in items}) == len(items)
 
 
+def test_passkey_filler_comes_from_the_split_asked(monkeypatch):
+    texts = {"test": FILLER, "validation": FILLER.upper()}
+    asked = []
+    monkeypatch.setattr(passkey, "wikitext_text", lambda split, join="raw": asked.append(split) or texts[split])
+    protocol = kp.PasskeyProtocol(lengths=(512,), depths=(0.5,))
+    test_item = kp.passkey_prompts(ByteTokenizer(), protocol)[0]
+    validation_item = kp.passkey_prompts(ByteTokenizer(), kp.PasskeyProtocol(lengths=(512,), depths=(0.5,),
+                                                                             filler_split="validation"))[0]
+    assert asked == ["test", "validation"]
+    assert len(validation_item.ids) == len(test_item.ids) and validation_item.ids != test_item.ids
+    assert validation_item.passkey == test_item.passkey  # same seed: only the filler differs
+
+
 def test_passkey_prompt_too_short_is_a_clear_error(filler):
     with pytest.raises(LeanLMError, match="no room for filler"):
         kp.passkey_prompts(ByteTokenizer(), kp.PasskeyProtocol(lengths=(100,)))

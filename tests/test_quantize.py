@@ -92,10 +92,10 @@ def test_quantized_model_logits_close(scheme, tie, random_ids):
     # this random model (init 0.2) amplifies weight error through its layers; int4 has 16 levels a group
     assert 0 < rel < (0.06 if scheme == "int8" else 0.6), rel
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > (0.9 if scheme == "int8" else 0.3)  # chance: 1/256
-    # and (without int4's kernel, which rounds its inputs to int8 too) the error is exactly the rounding of
-    # the weights: a float model holding W_hat gives the same logits
+    # and (without leanlm's kernels, which round their inputs to int8 too) the error is exactly the rounding
+    # of the weights: a float model holding W_hat gives the same logits
     dequantized = _float_model(tie=tie)
-    with torch.no_grad(), kernels.use_kernels(scheme != "int4"):
+    with torch.no_grad(), kernels.use_kernels(False):
         for name, module in model.named_modules():
             if isinstance(module, QuantizedLinear):
                 dequantized.get_submodule(name).weight.copy_(module.dequantize())

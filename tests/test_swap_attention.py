@@ -140,6 +140,41 @@ def test_search_is_deterministic_for_a_seed_and_keeps_what_it_must():
     assert eps.swapped == [] and len(eps.kept) == 4  # a zero KL budget swaps nothing
 
 
+def test_several_passkey_prompts_score_their_mean_drop():
+    from leanlm.analyze.swap_search import Passkey, SearchConfig, layer_sensitivity
+
+    model = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2)
+    windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(6))
+    prompts = [Passkey(ids=list(range(10, 40)), answer=[7, 8]), Passkey(ids=list(range(50, 90)), answer=[3])]
+    config = SearchConfig(options=("sliding_window:window=4,sink=1",), score_from=8, fit_steps=0, passkey_weight=0.5)
+    each = [layer_sensitivity(model, windows, config, p) for p in prompts]
+    both = layer_sensitivity(model, windows, config, prompts)
+    option = config.options[0]
+    for layer, row in enumerate(both):
+        drops = [table[layer]["options"][option]["passkey_drop"] for table in each]
+        assert row["options"][option]["passkey_drop"] == pytest.approx(sum(drops) / 2, abs=1e-6)
+    assert any(abs(a["options"][option]["passkey_drop"] - b["options"][option]["passkey_drop"]) > 1e-4
+               for a, b in zip(*each))  # the two prompts really differ
+
+
+def test_passkey_budget_skips_the_layers_that_break_retrieval_together():
+    from leanlm.analyze.swap_search import SearchConfig, greedy_select
+
+    table = [{"layer": i, "cost": c} for i, c in enumerate([0.1, 0.2, 0.3, 0.4, 0.5])]
+    seen = []
+
+    def drop(layers):  # layers 1 and 3 each break retrieval only together with layer 0
+        seen.append(list(layers))
+        return 1.0 if 0 in layers and (1 in layers or 3 in layers) else 0.1
+
+    config = SearchConfig(options=("sliding_window:window=4",), count=3, keep=1, passkey_budget=0.5)
+    chosen, _ = greedy_select(table, config, passkey_drop=drop)
+    assert chosen == [0, 2, 4] and seen == [[0], [0, 1], [0, 2], [0, 2, 3], [0, 2, 4]]
+    assert greedy_select(table, SearchConfig(options=config.options, count=3, keep=1))[0] == [0, 1, 2]  # no budget
+    with pytest.raises(LeanLMError, match="passkey_budget"):
+        SearchConfig(options=config.options, passkey_budget=-1.0)
+
+
 @torch.no_grad()
 def test_suffix_replay_equals_a_full_forward():
     from leanlm.analyze.swap_search import Suffix

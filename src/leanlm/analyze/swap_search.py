@@ -4,12 +4,15 @@
    ``linear``), swap only that layer (after a short layer-local fit when the replacement has new
    parameters: ``recover.layer_local``), and measure on validation windows the KL to the original's
    next-token distribution (positions from ``score_from`` on, where a window actually cuts context)
-   and, on a passkey prompt, how many nats of answer log-likelihood are lost. Each layer gets the
+   and, on passkey prompts, how many nats of answer log-likelihood are lost (the mean over the prompts). Each layer gets the
    candidate with the lowest cost = KL + ``passkey_weight`` × passkey nats lost (with ``slack``: the
    first candidate, options going from the smallest cache to the largest, within ``slack`` of it).
 2. Greedy: layers in order of cost (ties by index); take ``count`` of them, or as many as keep the
    summed cost ≤ ``epsilon`` and then, measured together, the real KL ≤ ``epsilon`` (dropping the last
-   added while it is not); ``keep`` layers always keep full attention.
+   added while it is not); ``keep`` layers always keep full attention. With ``passkey_budget`` (count
+   mode), a layer joins only if the set with it, measured together on the passkey prompts, loses at most
+   that many nats of answer log-likelihood: single-layer drops do not add up (a set of layers that each
+   lose < 0.6 nats lost the 4K passkey together).
 3. The result names every kept layer and why (its cost and rank), and writes a recipe: one
    ``swap_attention`` item per distinct candidate.
 
@@ -47,6 +50,9 @@ class SearchConfig:
     count: int | None = field(default=None, metadata={"help": "swap exactly this many layers instead of using epsilon"})
     keep: int = field(default=1, metadata={"help": "layers that always keep full attention"})
     passkey_weight: float = field(default=0.02, metadata={"help": "KL nats charged per nat of passkey log-likelihood lost"})
+    passkey_budget: float | None = field(default=None, metadata={"help": "count mode: add a layer only while the swapped "
+                                                                         "set together loses at most this many nats of "
+                                                                         "passkey answer log-likelihood (mean over prompts)"})
     fit_steps: int = field(default=10, metadata={"help": "layer-local Adam steps for replacements with new parameters"})
     fit_lr: float = field(default=3e-3, metadata={"help": "layer-local learning rate"})
     slack: float = field(default=0.0, metadata={"help": "per layer, take the first option (smallest cache first) whose "
@@ -59,6 +65,8 @@ class SearchConfig:
             make_settings(kind, settings)  # unknown kind / bad window: one LeanLMError
         if self.keep < 0 or (self.count is not None and self.count < 0) or self.epsilon < 0:
             raise LeanLMError("search needs keep >= 0, count >= 0 and epsilon >= 0")
+        if self.passkey_budget is not None and self.passkey_budget < 0:
+            raise LeanLMError(f"passkey_budget must be >= 0 nats, got {self.passkey_budget}")
 
 
 @dataclass
@@ -168,19 +176,30 @@ def fit_replacement(module, io, config: SearchConfig) -> dict | None:
     return {"before": result.before, "after": result.after}
 
 
-def layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchConfig, passkey: Passkey | None = None) -> list[dict]:
-    """One row per layer: each option's KL, passkey nats lost and fit; the cheapest option and its cost."""
+def layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchConfig,
+                      passkey: Passkey | list[Passkey] | None = None) -> list[dict]:
+    """One row per layer: each option's KL, passkey nats lost (mean over the prompts) and fit; the cheapest
+    option and its cost."""
     with widened_linears(model):  # float32 GEMMs where the CPU has no bf16 ones (the replacements' own stay bf16)
         return _layer_sensitivity(model, windows, config, passkey)
 
 
-def _layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchConfig, passkey: Passkey | None) -> list[dict]:
+def _passkey_list(passkey: Passkey | list[Passkey] | None) -> list[Passkey]:
+    return [] if passkey is None else [passkey] if isinstance(passkey, Passkey) else list(passkey)
+
+
+def _layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchConfig,
+                       passkey: Passkey | list[Passkey] | None) -> list[dict]:
     layers = len(arch_of(model).layers)
     teacher = _scored_logprobs(model, windows, config.score_from)
     keep = windows.shape[1] - config.score_from
     text = Suffix(model, windows)
-    prompt = Suffix(model, torch.tensor([passkey.ids + passkey.answer])) if passkey else None
-    base_answer = answer_loglik(model, passkey, prompt) if passkey else 0.0
+    prompts = [(p, Suffix(model, torch.tensor([p.ids + p.answer]))) for p in _passkey_list(passkey)]
+    base_answers = [answer_loglik(model, p, suffix) for p, suffix in prompts]
+
+    def passkey_drop(index: int) -> float:  # mean nats of answer log-likelihood lost over the prompts
+        drops = [base - answer_loglik(model, p, suffix, index) for (p, suffix), base in zip(prompts, base_answers)]
+        return sum(drops) / len(drops) if drops else 0.0
     needs_fit = any(REPLACEMENTS[parse_policy(o)[0]].trains for o in config.options)
     io = capture_attention_io(model, windows, list(range(layers)), batch_size=1) if needs_fit and config.fit_steps else {}
     table = []
@@ -190,7 +209,7 @@ def _layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchCo
             with _Swapped(model, index, option) as module:
                 fit = fit_replacement(module, io.get(index), config)
                 kl = _kl(teacher, _logprobs(text.logits(index, keep)))
-                drop = base_answer - answer_loglik(model, passkey, prompt, index) if passkey else 0.0
+                drop = passkey_drop(index)
             results[option] = {"kl": kl, "passkey_drop": drop, "fit": fit,
                                "cost": kl + config.passkey_weight * max(drop, 0.0)}
         best = pick_option(results, config)
@@ -205,14 +224,27 @@ def pick_option(results: dict, config: SearchConfig) -> str:
     return next(o for o in config.options if results[o]["cost"] <= best + config.slack)
 
 
-def greedy_select(table: list[dict], config: SearchConfig, measure=None) -> tuple[list[int], float | None]:
-    """Layers to swap (cheapest first) and, in epsilon mode, their measured KL together (``measure(layers)``)."""
+def greedy_select(table: list[dict], config: SearchConfig, measure=None, passkey_drop=None) -> tuple[list[int], float | None]:
+    """Layers to swap (cheapest first) and, in epsilon mode, their measured KL together (``measure(layers)``);
+    in count mode with ``passkey_drop(layers)`` (the set's joint passkey loss), only layers that keep it within
+    ``config.passkey_budget``."""
     order = sorted(table, key=lambda row: (row["cost"], row["layer"]))
     room = len(table) - config.keep
     if config.count is not None:
         if config.count > room:
             raise LeanLMError(f"cannot swap {config.count} of {len(table)} layers and keep {config.keep} with full attention")
-        return sorted(row["layer"] for row in order[: config.count]), None
+        if passkey_drop is None:
+            return sorted(row["layer"] for row in order[: config.count]), None
+        chosen: list[int] = []
+        for row in order:  # (count <= room: at least keep layers stay, whichever are skipped)
+            if len(chosen) == config.count:
+                break
+            drop = passkey_drop(chosen + [row["layer"]])
+            log.info("with layer %d: the set loses %.2f nats of passkey answer (budget %.2f)", row["layer"], drop,
+                     config.passkey_budget)
+            if drop <= config.passkey_budget:
+                chosen.append(row["layer"])
+        return sorted(chosen), None
     chosen, total = [], 0.0
     for row in order[:room]:
         if total + row["cost"] > config.epsilon:
@@ -246,7 +278,7 @@ def apply_choice(model: nn.Module, table: list[dict], layers: list[int]) -> None
 
 
 def search(model: nn.Module, windows: torch.Tensor, config: SearchConfig | None = None,
-           passkey: Passkey | None = None, table: list[dict] | None = None) -> SearchResult:
+           passkey: Passkey | list[Passkey] | None = None, table: list[dict] | None = None) -> SearchResult:
     """Sensitivity (unless ``table`` is given) + greedy selection; ``model`` is left unchanged."""
     config = config or SearchConfig()
     began = time.process_time()
@@ -265,7 +297,17 @@ def search(model: nn.Module, windows: torch.Tensor, config: SearchConfig | None 
         with widened_linears(trial):
             return _kl(teacher, _scored_logprobs(trial, windows, config.score_from))
 
-    swapped, measured = greedy_select(table, config, measure)
+    prompts = _passkey_list(passkey) if config.passkey_budget is not None else []
+    with widened_linears(model):  # as the trials below
+        base = [answer_loglik(model, p) for p in prompts]
+
+    def joint_passkey_drop(layers: list[int]) -> float:  # mean nats lost over the prompts, the layers swapped together
+        trial = copy.deepcopy(model)
+        apply_choice(trial, table, layers)
+        with widened_linears(trial):
+            return sum(b - answer_loglik(trial, p) for p, b in zip(prompts, base)) / len(prompts)
+
+    swapped, measured = greedy_select(table, config, measure, joint_passkey_drop if base else None)
     ranks = {row["layer"]: r for r, row in enumerate(sorted(table, key=lambda row: (row["cost"], row["layer"])), 1)}
     kept = {str(row["layer"]): (f"cost {row['cost']:.4f} as {row['option']} (KL {row['options'][row['option']]['kl']:.4f}, "
                                 f"passkey -{max(row['options'][row['option']]['passkey_drop'], 0):.2f} nats): "

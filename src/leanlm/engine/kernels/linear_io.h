@@ -21,7 +21,8 @@ inline float horizontal_sum(__m256 v) {
 
 // The int8 rounding of a block of n inputs (linear_int8.cpp, linear_int4.cpp): x ~= nearbyint(x * inverse) * step,
 // step = max |x| / 127. A block of zeros, or of values so tiny (|x| < 4e-37) that 127 / max is infinite, rounds to
-// zeros. A NaN input makes the step NaN, so that the outputs it reaches are NaN, as with float inputs.
+// zeros. A NaN input makes the step NaN, so that the outputs it reaches are NaN, as with float inputs; an infinite
+// one makes the step infinite and its block's codes 0, so those outputs are NaN too (not +-inf as in float).
 struct BlockStep {
   float step, inverse;
 };

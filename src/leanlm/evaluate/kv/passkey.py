@@ -26,12 +26,13 @@ PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 
 @dataclass
 class PasskeyProtocol:
-    """Prompts of ``lengths`` tokens of WikiText-2 test filler with a 5-digit key at each of ``depths``."""
+    """Prompts of ``lengths`` tokens of WikiText-2 filler (test by default) with a 5-digit key at each of ``depths``."""
 
     lengths: tuple[int, ...] = field(default=(2048, 4096, 8192), metadata={"help": "prompt lengths in tokens"})
     depths: tuple[float, ...] = field(default=(0.1, 0.5, 0.9), metadata={"help": "where the key sits in the filler (0..1)"})
     seed: int = field(default=0, metadata={"help": "seeds the random keys"})
     prefill_chunk: int = field(default=512, metadata={"help": "prompt tokens per prefill forward (bounds attention memory)"})
+    filler_split: str = field(default="test", metadata={"help": "WikiText-2 split of the filler (a search scores on validation)"})
 
     def validate(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
@@ -52,9 +53,9 @@ class PasskeyItem:
     key_start: int  # index in `ids` where the key sentence begins
 
 
-def _filler_sentences(tokenizer, tokens_needed: int) -> list[list[int]]:
-    """Token ids of WikiText-2 test sentences from the start of the file, at least ``tokens_needed`` in all."""
-    sentences = split_sentences(wikitext_text("test", "raw"))
+def _filler_sentences(tokenizer, tokens_needed: int, split: str = "test") -> list[list[int]]:
+    """Token ids of WikiText-2 ``split`` sentences from the start of the file, at least ``tokens_needed`` in all."""
+    sentences = split_sentences(wikitext_text(split, "raw"))
     pieces, total, batch = [], 0, 256
     for start in range(0, len(sentences), batch):
         for ids in tokenizer(sentences[start : start + batch], add_special_tokens=False)["input_ids"]:
@@ -62,7 +63,7 @@ def _filler_sentences(tokenizer, tokens_needed: int) -> list[list[int]]:
             total += len(ids)
         if total >= tokens_needed:
             return pieces
-    raise LeanLMError(f"WikiText-2 test has {total} tokens, fewer than the {tokens_needed} filler tokens asked for")
+    raise LeanLMError(f"WikiText-2 {split} has {total} tokens, fewer than the {tokens_needed} filler tokens asked for")
 
 
 def _answer_ids(tokenizer, key: str) -> list[int]:
@@ -77,7 +78,7 @@ def _answer_ids(tokenizer, key: str) -> list[int]:
 def passkey_prompts(tokenizer, protocol: PasskeyProtocol | None = None) -> list[PasskeyItem]:
     """One prompt per (length, depth): intro, filler with the key sentence, question; exactly ``length`` tokens.
 
-    The filler is the start of WikiText-2 test (the same contiguous text for every item, cut at the
+    The filler is the start of WikiText-2 ``filler_split`` (the same contiguous text for every item, cut at the
     length). The key sentence goes in at the sentence boundary nearest ``depth`` × the filler. Keys are
     random 5-digit numbers drawn in item order from ``random.Random(seed)``.
     """
@@ -85,7 +86,7 @@ def passkey_prompts(tokenizer, protocol: PasskeyProtocol | None = None) -> list[
     protocol.validate()
     rng = random.Random(protocol.seed)
     intro, question = encode_text(tokenizer, PASSKEY_INTRO), encode_text(tokenizer, PASSKEY_QUESTION)
-    sentences = _filler_sentences(tokenizer, max(protocol.lengths))
+    sentences = _filler_sentences(tokenizer, max(protocol.lengths), protocol.filler_split)
     filler = [t for s in sentences for t in s]
     ends = [0]  # sentence boundaries, as token offsets into `filler`
     for s in sentences:

@@ -28,12 +28,14 @@ KERNEL_MAX_ROWS = 128
 # leanlm's int8 and int4 kernels round their input rows to int8 with one step per this many inputs.
 INPUT_BLOCK = 32
 # On: every CPU call takes the packed kernel, whatever its row count, so that a perplexity measured by
-# prefill computes what decoding computes (int4's kernel rounds its inputs to int8; the float path does not).
+# prefill computes what decoding computes (the int8 and int4 kernels round their inputs to int8; the float paths
+# do not).
 kernel_for_every_call = Switch(False)
 
 
 def use_kernel_for_every_call(enabled: bool = True):
-    """Within the block, CPU calls with more than KERNEL_MAX_ROWS rows use the packed kernel too (slow, exact to decode)."""
+    """Within the block, every CPU call uses leanlm's decode kernel, whatever its rows (int8: also 17-128 rows, which
+    otherwise take ATen's int8 matmul; int4: also calls above KERNEL_MAX_ROWS): slow, exactly what decoding computes."""
     return kernel_for_every_call.set(enabled)
 
 

@@ -1,7 +1,7 @@
 """int8 weights, symmetric, one scale per output channel: ``w ~= q * scale`` with q in [-127, 127].
 
-The matmul reads the int8 codes: half the bytes of bf16 read per step. Decode-sized calls (<= 16 rows)
-use leanlm's ``linear_int8`` (engine/kernels/linear_int8.cpp: the input rows rounded to int8 per block of
+The matmul reads the int8 codes: half the bytes of bf16 read per step. Decode-sized calls (<= 16 rows,
+in_features a multiple of 32) use leanlm's ``linear_int8`` (engine/kernels/linear_int8.cpp: the input rows rounded to int8 per block of
 32, integer dot products, as llama.cpp's Q8_0), others ATen's ``_weight_int8pack_mm(x, q, scale)`` (float
 inputs). The group size does not apply (one scale per row), so any ``group_size`` is accepted and
 recorded as 0.
