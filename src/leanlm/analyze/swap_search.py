@@ -188,6 +188,12 @@ def _passkey_list(passkey: Passkey | list[Passkey] | None) -> list[Passkey]:
     return [] if passkey is None else [passkey] if isinstance(passkey, Passkey) else list(passkey)
 
 
+def _mean_drop(base: list[float], answers) -> float:
+    """Mean nats of answer log-likelihood lost over the prompts (0 without prompts)."""
+    drops = [b - a for b, a in zip(base, answers)]
+    return sum(drops) / len(drops) if drops else 0.0
+
+
 def _layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchConfig,
                        passkey: Passkey | list[Passkey] | None) -> list[dict]:
     layers = len(arch_of(model).layers)
@@ -197,9 +203,8 @@ def _layer_sensitivity(model: nn.Module, windows: torch.Tensor, config: SearchCo
     prompts = [(p, Suffix(model, torch.tensor([p.ids + p.answer]))) for p in _passkey_list(passkey)]
     base_answers = [answer_loglik(model, p, suffix) for p, suffix in prompts]
 
-    def passkey_drop(index: int) -> float:  # mean nats of answer log-likelihood lost over the prompts
-        drops = [base - answer_loglik(model, p, suffix, index) for (p, suffix), base in zip(prompts, base_answers)]
-        return sum(drops) / len(drops) if drops else 0.0
+    def passkey_drop(index: int) -> float:
+        return _mean_drop(base_answers, (answer_loglik(model, p, suffix, index) for p, suffix in prompts))
     needs_fit = any(REPLACEMENTS[parse_policy(o)[0]].trains for o in config.options)
     io = capture_attention_io(model, windows, list(range(layers)), batch_size=1) if needs_fit and config.fit_steps else {}
     table = []
@@ -301,11 +306,11 @@ def search(model: nn.Module, windows: torch.Tensor, config: SearchConfig | None 
     with widened_linears(model):  # as the trials below
         base = [answer_loglik(model, p) for p in prompts]
 
-    def joint_passkey_drop(layers: list[int]) -> float:  # mean nats lost over the prompts, the layers swapped together
+    def joint_passkey_drop(layers: list[int]) -> float:  # the layers swapped together
         trial = copy.deepcopy(model)
         apply_choice(trial, table, layers)
         with widened_linears(trial):
-            return sum(b - answer_loglik(trial, p) for p, b in zip(prompts, base)) / len(prompts)
+            return _mean_drop(base, (answer_loglik(trial, p) for p in prompts))
 
     swapped, measured = greedy_select(table, config, measure, joint_passkey_drop if base else None)
     ranks = {row["layer"]: r for r, row in enumerate(sorted(table, key=lambda row: (row["cost"], row["layer"])), 1)}

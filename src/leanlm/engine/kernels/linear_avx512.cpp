@@ -79,16 +79,10 @@ LEANLM_AVX512BF16 void rows(const typename F::X* x, const typename F::W* w, int6
 template <typename F>
 LEANLM_AVX512BF16 void input_block(const typename F::X* x, const typename F::W* w, int64_t K, int64_t N, int64_t m,
                                    int64_t begin, int64_t end, float* dots) {
-  switch (m) {
-    case 1: rows<F, 1, 4>(x, w, K, N, begin, end, dots); break;
-    case 2: rows<F, 2, 4>(x, w, K, N, begin, end, dots); break;
-    case 3: rows<F, 3, 4>(x, w, K, N, begin, end, dots); break;
-    case 4: rows<F, 4, 2>(x, w, K, N, begin, end, dots); break;
-    case 5: rows<F, 5, 2>(x, w, K, N, begin, end, dots); break;
-    case 6: rows<F, 6, 2>(x, w, K, N, begin, end, dots); break;
-    case 7: rows<F, 7, 2>(x, w, K, N, begin, end, dots); break;
-    default: rows<F, 8, 2>(x, w, K, N, begin, end, dots); break;
-  }
+  leanlm_linear::with_row_count(m, [&](auto rows_m) {
+    constexpr int M = decltype(rows_m)::value;
+    rows<F, M, M <= 3 ? 4 : 2>(x, w, K, N, begin, end, dots);
+  });
 }
 
 // x rows (M, K) times weight rows (N, K) -> float32 dots (M, N): 32 weight rows per task, every input row

@@ -152,16 +152,10 @@ void rows(const Int8View& x, const Int4Weight& w, const S* scales, const S* zero
 template <typename S>
 void input_block(const Int8View& x, const Int4Weight& w, const S* scales, const S* zeros, int64_t m, int64_t begin,
                  int64_t end, float* dots) {
-  switch (m) {
-    case 1: rows<S, 1, 3>(x, w, scales, zeros, begin, end, dots); break;
-    case 2: rows<S, 2, 2>(x, w, scales, zeros, begin, end, dots); break;
-    case 3: rows<S, 3, 2>(x, w, scales, zeros, begin, end, dots); break;
-    case 4: rows<S, 4, 1>(x, w, scales, zeros, begin, end, dots); break;
-    case 5: rows<S, 5, 1>(x, w, scales, zeros, begin, end, dots); break;
-    case 6: rows<S, 6, 1>(x, w, scales, zeros, begin, end, dots); break;
-    case 7: rows<S, 7, 1>(x, w, scales, zeros, begin, end, dots); break;
-    default: rows<S, 8, 1>(x, w, scales, zeros, begin, end, dots); break;
-  }
+  with_row_count(m, [&](auto rows_m) {
+    constexpr int M = decltype(rows_m)::value;
+    rows<S, M, M == 1 ? 3 : (M <= 3 ? 2 : 1)>(x, w, scales, zeros, begin, end, dots);
+  });
 }
 
 template <typename S>

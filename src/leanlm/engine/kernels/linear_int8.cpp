@@ -162,16 +162,10 @@ void rows(const RoundedRows& x, int64_t m0, const Int8Weight& w, int64_t begin, 
 template <typename P>
 void input_block(const RoundedRows& x, int64_t m0, int64_t m, const Int8Weight& w, int64_t begin, int64_t end,
                  float* dots) {
-  switch (m) {
-    case 1: rows<P, 1, P::rows_per_block(1)>(x, m0, w, begin, end, dots); break;
-    case 2: rows<P, 2, P::rows_per_block(2)>(x, m0, w, begin, end, dots); break;
-    case 3: rows<P, 3, P::rows_per_block(3)>(x, m0, w, begin, end, dots); break;
-    case 4: rows<P, 4, P::rows_per_block(4)>(x, m0, w, begin, end, dots); break;
-    case 5: rows<P, 5, P::rows_per_block(5)>(x, m0, w, begin, end, dots); break;
-    case 6: rows<P, 6, P::rows_per_block(6)>(x, m0, w, begin, end, dots); break;
-    case 7: rows<P, 7, P::rows_per_block(7)>(x, m0, w, begin, end, dots); break;
-    default: rows<P, 8, P::rows_per_block(8)>(x, m0, w, begin, end, dots); break;
-  }
+  with_row_count(m, [&](auto rows_m) {
+    constexpr int M = decltype(rows_m)::value;
+    rows<P, M, P::rows_per_block(M)>(x, m0, w, begin, end, dots);
+  });
 }
 
 // 32 weight rows per task (18 KB of codes at K = 576), every input row against them: the codes are read from

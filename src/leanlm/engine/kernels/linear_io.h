@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace leanlm_linear {
@@ -40,6 +41,22 @@ inline BlockStep block_step(const float* x, int64_t n) {  // n a multiple of 8
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   return {amax / 127.f, std::isfinite(127.f / amax) ? 127.f / amax : 0.f};
+}
+
+// f(std::integral_constant<int, M>{}) for m input rows (1..8; more: 8): the kernels' loops are templates on the
+// row count, so that their accumulators are register arrays.
+template <typename F>
+inline void with_row_count(int64_t m, F&& f) {
+  switch (m) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // x (any float dtype) as contiguous float32 rows: the few decode rows are widened here, not by ATen ops.

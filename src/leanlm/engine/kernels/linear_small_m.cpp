@@ -79,16 +79,10 @@ void rows(const float* x, const uint16_t* w, int64_t K, int64_t N, int64_t begin
 
 void input_block(const float* x, const uint16_t* w, int64_t K, int64_t N, int64_t m, int64_t begin, int64_t end, float* dots) {
   // m input rows (1..8): the row blocking keeps at most 8 accumulators + the widened weights in 16 registers
-  switch (m) {
-    case 1: rows<1, 1, 4>(x, w, K, N, begin, end, dots); break;
-    case 2: rows<2, 1, 4>(x, w, K, N, begin, end, dots); break;
-    case 3: rows<3, 1, 2>(x, w, K, N, begin, end, dots); break;
-    case 4: rows<4, 1, 2>(x, w, K, N, begin, end, dots); break;
-    case 5: rows<5, 1, 1>(x, w, K, N, begin, end, dots); break;
-    case 6: rows<6, 1, 1>(x, w, K, N, begin, end, dots); break;
-    case 7: rows<7, 1, 1>(x, w, K, N, begin, end, dots); break;
-    default: rows<8, 1, 1>(x, w, K, N, begin, end, dots); break;
-  }
+  with_row_count(m, [&](auto rows_m) {
+    constexpr int M = decltype(rows_m)::value;
+    rows<M, 1, M <= 2 ? 4 : (M <= 4 ? 2 : 1)>(x, w, K, N, begin, end, dots);
+  });
 }
 
 torch::Tensor linear(const torch::Tensor& x, const uint16_t* w, int64_t N, int64_t K, const c10::optional<torch::Tensor>& bias) {
