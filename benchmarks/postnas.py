@@ -41,7 +41,7 @@ from leanlm.data.ood import ood_text  # noqa: E402
 from leanlm.data.wikitext import wikitext_text  # noqa: E402
 from leanlm.data.windows import tokenize_split  # noqa: E402
 from leanlm.engine.decode import forward, prefill, start_state  # noqa: E402
-from leanlm.engine.lean_step import decode_layers, lean_step  # noqa: E402
+from leanlm.engine.lean_step import lean_step  # noqa: E402
 from leanlm.engine.static_cache import static_copy  # noqa: E402
 from leanlm.engine.streaming_linear import enable_streaming_linears  # noqa: E402
 from leanlm.errors import LeanLMError  # noqa: E402
@@ -189,7 +189,7 @@ def bytes_and_speed(models: dict, ids: torch.Tensor, contexts: list[int], args) 
 
     def compiled(name):  # what ran, not what was asked: the lean step falls back to eager if compilation fails
         step = states[name][2]
-        return step is not None and step.run is not decode_layers
+        return step is not None and step.compile
 
     names = list(models)
     for name in names if warmup else ():  # compiles the step (compile=True) and warms caches

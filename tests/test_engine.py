@@ -81,8 +81,8 @@ def test_lean_step_compiles_once_per_model_and_wrapper_choice():
         first, again = LeanStep(model, compile=True), LeanStep(model, compile=True)
     with use_cpp_wrapper(False):
         python_wrapper = LeanStep(model, compile=True)
-    assert first.run is again.run and first.run is not python_wrapper.run
-    assert first.compiled_key == (("cpp_wrapper", True),) and python_wrapper.compiled_key == ()
+    assert first.function() is again.function() and first.function() is not python_wrapper.function()
+    assert first.function(chain=True) is again.function(chain=True) and first.function(chain=True) is not first.function()
 
 
 def test_compile_with_a_dynamic_cache_falls_back_to_eager(model, ids, caplog):

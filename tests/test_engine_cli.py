@@ -34,6 +34,9 @@ def test_generate_prints_the_engine_greedy_output_and_speculative_gives_the_same
     code, printed, _ = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--max-new-tokens", "6",
                                "--draft", str(tiny_model_dir), "--draft-tokens", "3", "Hello world")
     assert code == 0 and printed.rstrip("\n") == expected
+    code, printed, _ = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--max-new-tokens", "6",
+                               "--draft", "ngram", "--draft-tokens", "3", "Hello world")
+    assert code == 0 and printed.rstrip("\n") == expected
 
 
 def test_bad_weight_formats_and_draft_settings_exit_2_with_one_line(capsys, tiny_model_dir):

@@ -45,10 +45,9 @@ def test_greedy_speculative_equals_target_greedy(pair, ids, k):
     stats = SpeculativeStats()
     reference = generate(target, ids, 25)
     assert torch.equal(speculative_generate(target, draft, ids, 25, k=k, stats=stats), reference)
-    assert stats.generated == 25 and 0 <= stats.accepted <= stats.proposed == k * stats.rounds
-    room = ids.shape[1] + 25 + k + 1
-    tokens = speculative_generate(target, draft, ids, 25, k=k, target_cache=static_cache(target, room),
-                                  draft_cache=static_cache(draft, room))
+    assert stats.generated == 25 and 0 <= stats.accepted <= stats.proposed <= k * stats.rounds
+    assert 25 <= 1 + stats.rounds + stats.accepted <= 25 + k  # the prefill's token, then n accepted + 1 per round
+    tokens = speculative_generate(target, draft, ids, 25, k=k, target_cache=DynamicCache())  # the forward verifies
     assert torch.equal(tokens, reference)
 
 
@@ -74,26 +73,30 @@ def test_rejection_sampling_reproduces_the_target_distribution():
     assert chi_square_p_value(counts, q[0].double() * rounds) < 0.001  # the test can tell p from q
 
 
-def test_speculative_sampling_matches_the_target_model_distribution(pair):
-    """End to end: the joint law of the first two new tokens equals the target's (exact, by enumeration)."""
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_speculative_sampling_matches_the_target_model_distribution(pair, drafter):
+    """End to end: the joint law of the first two new tokens equals the target's (exact, by enumeration),
+    with a draft model's distributions or the n-gram drafter's certain proposals (here: 2, 7 after 1, 5)."""
     target, draft = pair
-    target, draft = _narrow(target, 8), _narrow(draft, 8)
-    ids = torch.tensor([[1, 5, 2, 7]])
+    target, draft = _narrow(target, 8), (_narrow(draft, 8) if drafter == "model" else "ngram")
+    ids = torch.tensor([[1, 5, 2, 7, 1, 5]])
     config = SamplingConfig(temperature=1.5, top_k=0)
     with torch.no_grad():
         first = target(ids).logits[0, -1].div(1.5).softmax(-1).double()  # (8,)
         following = torch.stack([target(torch.cat([ids, torch.tensor([[t]])], 1)).logits[0, -1] for t in range(8)])
         joint = first[:, None] * following.div(1.5).softmax(-1).double()  # (8, 8)
     counts = torch.zeros(8, 8, dtype=torch.float64)
-    runs = 1500
+    runs, stats = 1500, SpeculativeStats()
     for seed in range(runs):
-        a, b = speculative_generate(target, draft, ids, 2, k=2, sampling=SamplingConfig(1.5, 0, 1.0, seed))[0].tolist()
+        a, b = speculative_generate(target, draft, ids, 2, k=2, sampling=SamplingConfig(1.5, 0, 1.0, seed),
+                                    stats=stats)[0].tolist()
         counts[a, b] += 1
     expected = joint * runs
     merged = expected < 5  # pool rare cells so the chi-square approximation holds
     counts_m = torch.cat([counts[~merged], counts[merged].sum()[None]])
     expected_m = torch.cat([expected[~merged], expected[merged].sum()[None]])
     assert chi_square_p_value(counts_m, expected_m) > 0.001
+    assert stats.proposed >= runs and 0 < stats.accepted < stats.proposed  # drafts were made, kept and rejected
 
 
 def _narrow(model, vocab: int):
@@ -118,4 +121,8 @@ def test_bad_requests_raise_one_clear_error(pair, ids):
     with attach(target, make_policy("sink_window", 1.0, 64)) as cache, pytest.raises(LeanLMError, match="rolls"):
         speculative_generate(target, draft, ids, 5, target_cache=cache)
     with pytest.raises(LeanLMError, match="one prompt"):
-        speculative_generate(target, draft, ids.expand(2, -1), 5, draft_cache=DynamicCache())
+        speculative_generate(target, draft, ids.expand(2, -1), 5)
+    with pytest.raises(LeanLMError, match="holds"):
+        speculative_generate(target, draft, ids, 5, k=2, target_cache=static_cache(target, ids.shape[1] + 7))
+    with pytest.raises(LeanLMError, match="'ngram'"):
+        speculative_generate(target, "bigram", ids, 5)

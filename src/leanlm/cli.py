@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(int4: the output head at int8)")
     gen.add_argument("--weight-group", type=positive_int, default=32, help="int4: weights per scale and zero (default: 32)")
     gen.add_argument("--draft", default=None, metavar="MODEL",
-                     help="speculative decoding: a smaller model with the same tokenizer proposes tokens")
+                     help="speculative decoding: a smaller model with the same tokenizer proposes tokens, or "
+                          "'ngram': the text's own earlier continuations do (prompt lookup, no model)")
     gen.add_argument("--draft-tokens", type=int, default=4, help="speculative: tokens the draft proposes per round")
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                      help="torch.compile the decode step (static cache; compiling takes minutes on a small CPU)")

@@ -91,15 +91,16 @@ def _generate_speculative(args: Namespace, model, tokenizer, ids, sampling) -> i
     from leanlm.engine.speculative import SpeculativeStats, speculative_generate
     from leanlm.models import load_model
 
-    draft = load_model(args.draft, args.dtype, args.device)
+    draft = "ngram" if args.draft == "ngram" else load_model(args.draft, args.dtype, args.device)
     stats = SpeculativeStats()
-    tokens = speculative_generate(model, draft, ids, args.max_new_tokens, args.draft_tokens, sampling, stats=stats)[0]
+    tokens = speculative_generate(model, draft, ids, args.max_new_tokens, args.draft_tokens, sampling,
+                                  compile=args.compile, stats=stats)[0]
     tokens = tokens.tolist()
     if tokenizer.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
     print(tokenizer.decode(tokens, skip_special_tokens=True))
-    log.info("speculative: %d rounds, %d of %d draft tokens accepted (%.0f%%)", stats.rounds, stats.accepted,
-             stats.proposed, 100 * stats.acceptance_rate)
+    log.info("speculative: %d rounds, %d of %d draft tokens accepted (%.0f%%), %d proposals held back",
+             stats.rounds, stats.accepted, stats.proposed, 100 * stats.acceptance_rate, stats.skipped)
     return 0
 
 

@@ -30,8 +30,14 @@ def inductor_options() -> dict:
     step's ~300 generated kernels and opaque ops from C++ instead of a Python wrapper: 17.0 -> 14.7 ms per
     bf16 SmolLM2 step at batch 1 on this project's 2-core machine (median of 5 alternated rounds), for a
     longer first compilation (~2 min instead of ~40 s; inductor's cache keeps it for later processes).
-    ``LEANLM_CPP_WRAPPER=0`` (or ``use_cpp_wrapper(False)``) keeps the Python wrapper."""
-    return {"cpp_wrapper": True} if _cpp_wrapper else {}
+    ``LEANLM_CPP_WRAPPER=0`` (or ``use_cpp_wrapper(False)``) keeps the Python wrapper.
+
+    ``emulate_precision_casts``: a fused kernel rounds its bf16 intermediates (a residual sum before its
+    RMSNorm) as the eager ops do, instead of keeping them in float32; without it a step compiled for one
+    row and one compiled for a chain of rows (speculative verification) fuse differently and their logits
+    differ in the last bits, which flips near-tied greedy tokens. With it, compiled equals eager bit for bit."""
+    options = {"emulate_precision_casts": True}  # round bf16 intermediates as eager does: see below
+    return options | ({"cpp_wrapper": True} if _cpp_wrapper else {})
 
 
 def use_cpp_wrapper(enabled: bool):

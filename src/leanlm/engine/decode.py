@@ -85,6 +85,24 @@ class DecodeState:
         self.positions = self.positions + num_tokens
         self.seen += num_tokens
 
+    def rewind(self, num_tokens: int) -> None:
+        """Forget the last ``num_tokens`` tokens of every sequence (speculative decoding's rejected ones).
+        A static cache only moves its count back (later writes overwrite the slots, attention stops at the
+        count); a DynamicCache is cropped; policy caches and rings cannot go back."""
+        if num_tokens <= 0:
+            return
+        if self.policy or not getattr(self.cache, "is_croppable", True):
+            raise LeanLMError(f"a {type(self.cache).__name__} cannot drop tokens it has stored")
+        if is_static(self.cache):
+            for layer in self.cache.layers:
+                if not hasattr(layer, "cumulative_length"):
+                    raise LeanLMError(f"a {type(layer).__name__} layer cannot drop tokens it has stored")
+                layer.cumulative_length.sub_(num_tokens)
+        else:
+            self.cache.crop(-num_tokens)
+        self.positions = self.positions - num_tokens
+        self.seen -= num_tokens
+
 
 def start_state(model, prompt_ids: torch.Tensor, attention_mask, cache, total: int) -> DecodeState:
     """Check the request and build the state before the prompt is prefilled."""

@@ -91,14 +91,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, keep, scale: float):
     """(batch, heads, dim) attention of one query per head over the first ``length`` (a 1-element
-    tensor) cache slots; ``keep`` (batch, >= length) marks real tokens. leanlm's kernel where it runs,
-    else PyTorch's SDPA over all slots with the unwritten ones masked."""
+    tensor, or one per row) cache slots; ``keep`` (batch, >= length) marks real tokens; a cache of batch 1
+    serves every row (a chain). leanlm's kernel where it runs, else PyTorch's SDPA over all slots with the
+    unwritten ones masked."""
     if (q.device.type == "cpu" and keys.dtype in (torch.bfloat16, torch.float32) and keys.is_contiguous()
             and values.is_contiguous() and q.shape[-1] % 8 == 0 and kernels.available()):
         return torch.ops.leanlm.decode_attention(q, keys, values, length, keep, scale)
-    written = torch.arange(keys.shape[2], device=keys.device) < length  # (slots,)
-    mask = written if keep is None else written & keep[:, : keys.shape[2]].bool()
-    mask = mask.expand(q.shape[0], keys.shape[2])[:, None, None]  # (batch, 1, 1, slots)
+    batch, slots = q.shape[0], keys.shape[2]
+    written = torch.arange(slots, device=keys.device) < length[:, None]  # (1 or batch, slots)
+    mask = written if keep is None else written & keep[:, :slots].bool()
+    mask = mask.expand(batch, slots)[:, None, None]  # (batch, 1, 1, slots)
+    keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=q.shape[1] != keys.shape[1])
     return out[:, :, 0]
@@ -114,18 +117,23 @@ def ring_write(keys, values, k, v, slot, sink: int, window: int):
 
 
 def decode_layers(model: nn.Module, ids, position_ids, slot, keep, keys: list, values: list,
-                  policy_layers: list | None = None, rings: dict | None = None) -> torch.Tensor:
+                  policy_layers: list | None = None, rings: dict | None = None, chain: bool = False) -> torch.Tensor:
     """The step itself: ``ids`` (batch, 1) at ``position_ids`` (batch, 1), K/V written at cache slot
     ``slot`` (a 1-element tensor) of every layer's ``keys``/``values`` (batch, kv heads, slots, dim)
     → (batch, vocab) logits. A plain function of tensors, so ``torch.compile`` can take it whole.
     ``rings``: layer index -> (sink, window) of sliding-window layers, whose ``keys``/``values`` are
     rings (``static_cache.window_layers``; unpadded batches). ``policy_layers``: a policy cache's layers instead,
-    each storing the step's K/V and attending over its own storage (``lean_attend``; eager only)."""
+    each storing the step's K/V and attending over its own storage (``lean_attend``; eager only).
+    ``chain``: the rows of ``ids`` are consecutive tokens of one sequence (speculative verification) over a
+    cache of batch 1, written at slots ``slot`` (one per row); row i attends causally to slots
+    [0, slot[i]], so each row's logits are those a one-token step would give."""
     rings = rings or {}
     inner = model.model
     x = inner.embed_tokens(ids)  # (batch, 1, hidden)
     cos, sin = inner.rotary_emb(x, position_ids)  # (batch, 1, head_dim): broadcasts over heads
     length = None if slot is None else slot + 1
+    if chain and (rings or keep is not None or policy_layers is not None):
+        raise LeanLMError("a chain of tokens decodes over a static cache without sliding-window layers or pads")
     for index, layer in enumerate(inner.layers):
         attn, mlp, batch = layer.self_attn, layer.mlp, ids.shape[0]
         h = rms_norm(layer.input_layernorm, x)
@@ -138,8 +146,9 @@ def decode_layers(model: nn.Module, ids, position_ids, slot, keep, keys: list, v
             written = ring_write(keys[index], values[index], k, v, slot, *rings[index])
             out = attend(q, keys[index], values[index], written, None, attn.scaling)
         else:
-            keys[index].index_copy_(2, slot, k[:, :, None])
-            values[index].index_copy_(2, slot, v[:, :, None])
+            # (batch, kv heads, new slots, dim): a chain's rows are new slots of the one cached sequence
+            keys[index].index_copy_(2, slot, k.transpose(0, 1)[None] if chain else k[:, :, None])
+            values[index].index_copy_(2, slot, v.transpose(0, 1)[None] if chain else v[:, :, None])
             out = attend(q, keys[index], values[index], length, keep, attn.scaling)
         x = x + attn.o_proj(out.reshape(batch, 1, -1))
         h = rms_norm(layer.post_attention_layernorm, x)
@@ -152,19 +161,41 @@ _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class LeanStep:
     """``step(ids, state) -> (batch, vocab) logits`` for one new token per sequence through a
-    ``StaticCache`` (see the module doc); ``compile=True`` runs ``decode_layers`` compiled."""
+    ``StaticCache`` (see the module doc); ``compile=True`` runs ``decode_layers`` compiled.
+    ``step.chain(ids, state)`` runs a chain of tokens of one sequence (speculative verification)."""
 
     def __init__(self, model: nn.Module, compile: bool = False, policy: bool = False):
         self.model, self.policy = model, policy
         self.rings = window_layers(model)
-        self.run = decode_layers
-        if compile and not policy:  # a policy layer's storage changes shape as it fills: eager
-            options = inductor_options()
-            self.compiled_key = tuple(sorted(options.items()))
-            per_model = _compiled.setdefault(model, {})  # one compiled function per model and options,
-            if self.compiled_key not in per_model:  # reused by every cache and call
-                per_model[self.compiled_key] = torch.compile(decode_layers, options=options)
-            self.run = per_model[self.compiled_key]
+        self.compile = compile and not policy  # a policy layer's storage changes shape as it fills: eager
+        self.options = inductor_options()  # as the step is made: a later switch does not change it
+        self.runs = {}  # chain? -> the function that runs decode_layers
+
+    def function(self, chain: bool = False):
+        """What runs ``decode_layers`` (for a chain or one token per sequence): compiled, or itself."""
+        if not self.compile:
+            return decode_layers
+        if chain not in self.runs:
+            key = (tuple(sorted(self.options.items())), chain)
+            per_model = _compiled.setdefault(self.model, {})  # one compiled function per model, options and
+            if key not in per_model:  # kind, reused by every cache and call
+                # a chain compiles per length (dynamic shapes generate other reductions: not bit for bit)
+                per_model[key] = torch.compile(decode_layers, options=self.options, dynamic=False if chain else None)
+            self.runs[chain] = per_model[key]
+        return self.runs[chain]
+
+    def _run(self, args: tuple, chain: bool = False) -> torch.Tensor:
+        run = self.function(chain)
+        try:
+            logits = run(*args, chain=chain)
+        except Exception as error:  # noqa: BLE001 - compilation failed (no compiler, unsupported op): go eager
+            if run is decode_layers:
+                raise
+            log.warning("torch.compile of the lean decode step failed (%s: %s); decoding eagerly",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            self.compile = False
+            return decode_layers(*args, chain=chain)  # nothing ran yet, or it rewrites the same slots
+        return logits.clone() if run is not decode_layers else logits  # compiled outputs may be reused
 
     def __call__(self, ids: torch.Tensor, state) -> torch.Tensor:
         layers = state.cache.layers
@@ -176,25 +207,32 @@ class LeanStep:
         keep = state.mask  # (batch, slots) 1 = real token, or None
         if self.rings and keep is not None:
             raise LeanLMError("a model with sliding-window layers decodes unpadded batches only")
-        args = (self.model, ids, state.position_ids(1).clamp(min=0), slot, keep,
-                [layer.keys for layer in layers], [layer.values for layer in layers], None, self.rings)
-        try:
-            logits = self.run(*args)
-        except Exception as error:  # noqa: BLE001 - compilation failed (no compiler, unsupported op): go eager
-            if self.run is decode_layers:
-                raise
-            log.warning("torch.compile of the lean decode step failed (%s: %s); decoding eagerly",
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            _compiled.get(self.model, {}).pop(self.compiled_key, None)
-            self.run = decode_layers
-            logits = self.run(*args)  # nothing ran yet, or it rewrites the same slots
+        logits = self._run((self.model, ids, state.position_ids(1).clamp(min=0), slot, keep,
+                            [layer.keys for layer in layers], [layer.values for layer in layers], None, self.rings))
         for index, layer in enumerate(layers):
             if index in self.rings:
                 layer.seen += 1
             else:
                 layer.cumulative_length.add_(1)  # transformers' own count stays in step with the slots written
         state.advance(1)
-        return logits.clone() if self.run is not decode_layers else logits  # compiled outputs may be reused
+        return logits
+
+    def chain(self, ids: torch.Tensor, state) -> torch.Tensor:
+        """(1, q) consecutive tokens of one sequence → (q, vocab) logits, row i exactly what a one-token step
+        after the first i tokens gives (the same kernels, causal lengths per row). ``state.rewind`` drops
+        the tokens a speculative round rejects."""
+        if self.policy or self.rings or state.mask is not None or ids.shape[0] != 1 or state.positions.shape[0] != 1:
+            raise LeanLMError("a chain of tokens needs one unpadded sequence over a static cache, no sliding-window layers")
+        count = ids.shape[1]
+        slots = state.seen + torch.arange(count, device=ids.device)  # (q,)
+        positions = state.position_ids(count).clamp(min=0).reshape(count, 1)  # (q, 1)
+        layers = state.cache.layers
+        logits = self._run((self.model, ids.reshape(count, 1), positions, slots, None,
+                            [layer.keys for layer in layers], [layer.values for layer in layers], None, None), chain=True)
+        for layer in layers:
+            layer.cumulative_length.add_(count)
+        state.advance(count)
+        return logits
 
 
 _enabled = Switch(True)

@@ -1,4 +1,4 @@
-"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward.
+"""Speculative decoding: a drafter proposes k tokens, the target checks them in one forward.
 
 Rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft token d_i, drawn from the draft's
 distribution q_i, is kept with probability min(1, p_i(d_i) / q_i(d_i)) under the target's p_i; the
@@ -7,23 +7,31 @@ more token comes from p_{k+1}. The output then follows the target's distribution
 the same rule on one-hot distributions: a draft token is kept iff it is the target's argmax, so the
 output is the target's greedy output token for token.
 
-Both caches are rolled back with ``Cache.crop`` after each round (a DynamicCache or a static cache;
-policy caches cannot be cropped). Batch 1 only.
+The drafter (``engine/drafters.py``) is a draft model or n-gram lookup in the text itself. Where the
+lean step runs the target (a Llama-family model over a static cache), the k + 1 tokens of a round go
+through it as one chain (``LeanStep.chain``): the same kernels as a one-token step, row by row, so the
+greedy output equals the plain engine's bit for bit, and the rejected tokens are rewound by moving the
+cache's count back. Elsewhere the model's forward verifies over a DynamicCache, cropped. Batch 1 only.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from leanlm.engine.decode import model_context
+from leanlm.engine.decode import model_context, prefill, forward, start_state
+from leanlm.engine.drafters import Drafter, ModelDrafter, make_drafter
+from leanlm.engine.lean_step import lean_step, runs_lean
 from leanlm.engine.sampling import Sampler, SamplingConfig
-from leanlm.engine.static_cache import capacity
+from leanlm.engine.static_cache import capacity, static_cache
+from leanlm.engine.streaming_linear import enable_streaming_linears
 from leanlm.errors import LeanLMError
-from leanlm.models.compat import with_cache
 
 
 @dataclass
@@ -33,6 +41,8 @@ class SpeculativeStats:
     accepted: int = 0
     generated: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
+    skipped: int = 0  # rounds whose proposal the gate held back (a plain step instead)
+    decode_seconds: float = 0.0  # from the first new token (after the target's prefill) to the last
 
     @property
     def acceptance_rate(self) -> float:
@@ -42,11 +52,11 @@ class SpeculativeStats:
         return asdict(self) | {"acceptance_rate": self.acceptance_rate}
 
 
-def check_pair(target: nn.Module, draft: nn.Module, k: int) -> None:
+def check_pair(target: nn.Module, drafter: Drafter, k: int) -> None:
     if k < 1:
         raise LeanLMError(f"the draft must propose at least one token per round (draft tokens >= 1), got {k}")
-    if target.config.vocab_size != draft.config.vocab_size:
-        raise LeanLMError(f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
+    if isinstance(drafter, ModelDrafter) and target.config.vocab_size != drafter.vocab_size:
+        raise LeanLMError(f"the draft's vocabulary ({drafter.vocab_size} tokens) differs from the target's "
                           f"({target.config.vocab_size}): it needs the same tokenizer")
 
 
@@ -69,78 +79,111 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, sampler: Sam
     return n, int(sampler.draw((residual / residual.sum())[None]))
 
 
-def _forward(model, ids: torch.Tensor, cache, keep: int) -> torch.Tensor:
-    """(1, q) ids after what ``cache`` holds → (keep, vocab) logits of the last ``keep`` positions."""
-    start = int(cache.get_seq_length())
-    positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]  # (1, q)
-    out = model(ids, **with_cache(cache), position_ids=positions, use_cache=True, logits_to_keep=keep)
-    return out.logits[0]
+def verify_greedy(logits: torch.Tensor, drafted: list[int]) -> tuple[int, int]:
+    """Greedy rounds: ``drafted`` tokens are kept while each is the target's argmax ((k+1, vocab) logits)."""
+    best = logits.argmax(-1).tolist()
+    n = 0
+    while n < len(drafted) and drafted[n] == best[n]:
+        n += 1
+    return n, best[n]
 
 
-def _crop(cache, tokens: int) -> None:
-    if tokens > 0:
-        cache.crop(-tokens)
+class ProposalGate:
+    """Whether a free drafter's proposals are worth a chained forward. A chain of k + 1 rows costs more
+    than a one-token step (~0.1 step per extra row here: the rows share the weight stream, not the
+    arithmetic), so proposals that are rarely taken make decoding slower (n-gram drafting on sampled
+    text: 0.85x). The gate watches how often the first proposed token turned out to be the next token,
+    over the last ``window`` proposals, whether verified or held back (a held-back proposal is checked
+    against the token the plain step then produced: free, since the n-gram drafter costs nothing), and
+    lets proposals through while that share is at least ``min_rate``. The decision depends on past
+    tokens only, so the output's distribution (and greedy output) is unchanged."""
+
+    def __init__(self, min_rate: float = 0.25, window: int = 16):
+        self.min_rate, self.seen = min_rate, deque(maxlen=window)
+
+    def open(self) -> bool:
+        return len(self.seen) < 4 or sum(self.seen) >= self.min_rate * len(self.seen)
+
+    def record(self, first_taken: bool) -> None:
+        self.seen.append(first_taken)
 
 
-def speculative_generate(target: nn.Module, draft: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int,
-                         k: int = 4, sampling: SamplingConfig | Sampler | None = None, target_cache=None,
-                         draft_cache=None, prefill_chunk: int = 512,
-                         stats: SpeculativeStats | None = None) -> torch.Tensor:
-    """(1, max_new_tokens) tokens that follow the target's distribution (greedy: its exact output)."""
-    check_pair(target, draft, k)
+def _check_request(target, prompt_ids: torch.Tensor, max_new_tokens: int, k: int, cache) -> None:
     if prompt_ids.shape[0] != 1:
         raise LeanLMError(f"speculative decoding takes one prompt at a time, got a batch of {prompt_ids.shape[0]}")
     if prompt_ids.shape[1] > model_context(target):
         raise LeanLMError(f"the prompt has {prompt_ids.shape[1]} tokens, longer than the model's context of "
                           f"{model_context(target)}")
-    for cache in (target_cache, draft_cache):
-        if hasattr(cache, "next_position_ids") or (cache is not None and not getattr(cache, "is_croppable", True)):
-            raise LeanLMError("speculative decoding rolls its caches back: use a DynamicCache or a static cache")
-        room = capacity(cache)
-        if room is not None and room < prompt_ids.shape[1] + max_new_tokens + k + 1:
-            raise LeanLMError(f"a static cache for speculative decoding needs prompt + new + k + 1 = "
-                              f"{prompt_ids.shape[1] + max_new_tokens + k + 1} tokens, this one holds {room}")
+    if hasattr(cache, "next_position_ids") or (cache is not None and not getattr(cache, "is_croppable", True)):
+        raise LeanLMError("speculative decoding rolls its cache back: use a DynamicCache or a static cache")
+    room = capacity(cache)
+    if room is not None and room < prompt_ids.shape[1] + max_new_tokens + k + 1:
+        raise LeanLMError(f"a static cache for speculative decoding needs prompt + new + k + 1 = "
+                          f"{prompt_ids.shape[1] + max_new_tokens + k + 1} tokens, this one holds {room}")
+
+
+class _Target:
+    """The target's side of a round: (1, q) tokens → (q, vocab) logits, then the rejected ones forgotten."""
+
+    def __init__(self, model, prompt_ids, cache, total: int, compile: bool):
+        self.model = model
+        self.state = start_state(model, prompt_ids, None, cache, total)
+        self.step = lean_step(model, cache, compile) if capacity(cache) is not None else None
+        self.compiled = self.step is not None and self.step.compile
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.step is None:
+            return forward(self.model, ids, self.state, keep=ids.shape[1])[0]
+        return self.step(ids, self.state) if ids.shape[1] == 1 else self.step.chain(ids, self.state)
+
+
+def speculative_generate(target: nn.Module, draft: nn.Module | Drafter | str, prompt_ids: torch.Tensor,
+                         max_new_tokens: int, k: int = 4, sampling: SamplingConfig | Sampler | None = None,
+                         target_cache=None, prefill_chunk: int = 512, compile: bool = False,
+                         stats: SpeculativeStats | None = None, gate: ProposalGate | None = None) -> torch.Tensor:
+    """(1, max_new_tokens) tokens that follow the target's distribution (greedy: its exact output).
+    ``draft``: a model with the target's tokenizer, a ``Drafter``, or ``"ngram"`` (prompt lookup).
+    ``gate``: when a free drafter's proposals are verified (``ProposalGate(min_rate=0)``: always)."""
+    drafter = make_drafter(draft, compile)
+    check_pair(target, drafter, k)
+    _check_request(target, prompt_ids, max_new_tokens, k, target_cache)
+    total = prompt_ids.shape[1] + max_new_tokens + k + 1
+    if target_cache is None:
+        target_cache = static_cache(target, total) if runs_lean(target) else DynamicCache()
     sampler = sampling if isinstance(sampling, Sampler) else Sampler(sampling)
     stats = stats if stats is not None else SpeculativeStats()
-    target_cache = DynamicCache() if target_cache is None else target_cache
-    draft_cache = DynamicCache() if draft_cache is None else draft_cache
-    out: list[int] = []
+    gate = gate if gate is not None else ProposalGate()
+    enable_streaming_linears(target)
+    device = prompt_ids.device
     with torch.inference_mode():
-        for part in prompt_ids.split(prefill_chunk, dim=1):
-            logits = _forward(target, part, target_cache, 1)
-            _forward(draft, part, draft_cache, 1)
-        pending = int(sampler.sample(logits))  # in neither cache yet
-        draft_pending = [pending]
-        out.append(pending)
+        checker = _Target(target, prompt_ids, target_cache, total, compile)
+        drafter.start(total)
+        committed = prompt_ids[0].tolist()
+        out = [int(sampler.sample(prefill(target, prompt_ids, checker.state, prefill_chunk)))]
+        drafter.propose(committed, 0, sampler)  # the drafter reads the prompt (a draft model's prefill)
+        began = time.perf_counter()
         while len(out) < max_new_tokens:
-            drafted, q = _propose(draft, draft_cache, draft_pending, k, sampler)
-            chunk = torch.tensor([[pending, *drafted.tolist()]], device=prompt_ids.device)  # (1, k+1)
-            p = sampler.probs(_forward(target, chunk, target_cache, k + 1))  # (k+1, vocab)
-            n, following = verify(p, q, drafted, sampler)
-            _crop(target_cache, k - n)  # keep pending + n accepted
-            if n == k:  # the draft never saw its own last token
-                draft_pending = [int(drafted[-1]), following]
+            proposal, q = drafter.propose(committed + out, k, sampler)
+            drafted = proposal if not drafter.free or gate.open() else []
+            if checker.compiled and 0 < len(drafted) < k and q is None:  # one compiled chain length: pad with
+                drafted = drafted + drafted[-1:] * (k - len(drafted))  # certain proposals, verified like the others
+            logits = checker.logits(torch.tensor([[out[-1], *drafted]], device=device))  # (len + 1, vocab)
+            if sampler.config.greedy:
+                n, following = verify_greedy(logits, drafted)
             else:
-                _crop(draft_cache, k - 1 - n)
-                draft_pending = [following]
-            out += [*drafted[:n].tolist(), following]
-            pending = following
-            stats.rounds, stats.proposed, stats.accepted = stats.rounds + 1, stats.proposed + k, stats.accepted + n
+                proposed = torch.tensor(drafted, dtype=torch.long, device=device)
+                q = q if q is not None else F.one_hot(proposed, logits.shape[-1]).float()  # certain proposals
+                n, following = verify(sampler.probs(logits), q, proposed, sampler)
+            checker.state.rewind(len(drafted) - n)  # keep the pending token and the n accepted
+            if proposal:
+                gate.record(n > 0 if drafted else following == proposal[0])
+                stats.skipped += not drafted
+            out += [*drafted[:n], following]
+            stats.rounds, stats.proposed, stats.accepted = stats.rounds + 1, stats.proposed + len(drafted), stats.accepted + n
             stats.accepted_per_round.append(n)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats.decode_seconds += time.perf_counter() - began
     out = out[:max_new_tokens]
     stats.generated += len(out)
-    return torch.tensor([out], device=prompt_ids.device)
-
-
-def _propose(draft, cache, pending: list[int], k: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    """k draft tokens after ``pending`` (tokens not yet in the draft's cache) and their (k, vocab) probs."""
-    device = next(draft.parameters()).device
-    ids = torch.tensor([pending], device=device)  # (1, len(pending))
-    tokens, probs = [], []
-    for _ in range(k):
-        q = sampler.probs(_forward(draft, ids, cache, 1))  # (1, vocab)
-        token = q.argmax(-1) if sampler.config.greedy else sampler.draw(q)  # (1,)
-        tokens.append(token)
-        probs.append(q)
-        ids = token[None]  # (1, 1)
-    return torch.cat(tokens), torch.cat(probs)  # (k,), (k, vocab)
+    return torch.tensor([out], device=device)
