@@ -4,8 +4,8 @@
         --out runs/speed/speculative.json [--prompts 8] [--new 128] [--ks 2,4,6] [--draft-model every_other]
 
 Prompts are --prompt-tokens-token spans of WikiText-2 test and of the out-of-domain text (Botchan),
-spread over each text. Per prompt, every method runs once untimed (a compiled chain of k + 1 tokens
-compiles there), then --rounds times in alternation (A, B, C, A, B, C ...); the per-prompt ratio is the
+spread over each text. Every method first runs once untimed on the first prompt (a compiled chain of
+k + 1 tokens compiles there; prompts have one length), then, per prompt, --rounds times in alternation (A, B, C, A, B, C ...); the per-prompt ratio is the
 median method tokens/s over the median plain tokens/s, and the table reports the median over prompts.
 Tokens/s counts decode only: from the first new token (after the target's prefill, and the draft
 model's) to the last, the same for every method. Every speculative run's greedy output is compared

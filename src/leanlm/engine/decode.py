@@ -86,20 +86,17 @@ class DecodeState:
         self.seen += num_tokens
 
     def rewind(self, num_tokens: int) -> None:
-        """Forget the last ``num_tokens`` tokens of every sequence (speculative decoding's rejected ones).
-        A static cache only moves its count back (later writes overwrite the slots, attention stops at the
-        count); a DynamicCache is cropped; policy caches and rings cannot go back."""
+        """Forget the last ``num_tokens`` tokens of every sequence (speculative decoding's rejected ones),
+        through transformers' ``Cache.crop``: a static cache only moves its count back (later writes
+        overwrite the slots, attention stops at the count), a DynamicCache drops them; policy caches and
+        sliding-window rings cannot go back."""
         if num_tokens <= 0:
             return
-        if self.policy or not getattr(self.cache, "is_croppable", True):
+        if num_tokens > self.seen:
+            raise LeanLMError(f"cannot forget {num_tokens} tokens of a cache holding {self.seen}")
+        if self.policy or not getattr(self.cache, "is_croppable", False):
             raise LeanLMError(f"a {type(self.cache).__name__} cannot drop tokens it has stored")
-        if is_static(self.cache):
-            for layer in self.cache.layers:
-                if not hasattr(layer, "cumulative_length"):
-                    raise LeanLMError(f"a {type(layer).__name__} layer cannot drop tokens it has stored")
-                layer.cumulative_length.sub_(num_tokens)
-        else:
-            self.cache.crop(-num_tokens)
+        self.cache.crop(-num_tokens)
         self.positions = self.positions - num_tokens
         self.seen -= num_tokens
 

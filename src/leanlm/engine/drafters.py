@@ -7,7 +7,8 @@ tokens, with the distributions they were drawn from ((k, vocab); None: each toke
   (the engine's lean step over a static cache where it runs, compiled or not). Its cache follows the
   committed text: the draft tokens the target rejected are rewound, committed tokens it has not seen
   are fed first.
-- ``NgramDrafter`` (prompt lookup decoding; vLLM's ``ngram`` speculator): the token that followed the most
+- ``NgramDrafter`` (prompt lookup decoding, after transformers' ``prompt_lookup_num_tokens`` and vLLM's
+  ``ngram`` speculator, which copy one matched occurrence's continuation): the token that followed the most
   recent earlier occurrence of the text's last n tokens (n from ``max_n`` down to ``min_n``), again and
   again on the growing proposal. No model and no cost per token; it proposes nothing where the text
   has no earlier match. Text that repeats itself (quotes, lists, code, and the loops a small model's

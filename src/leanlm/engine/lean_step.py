@@ -1,4 +1,5 @@
-"""A Llama-family decode step written out: one token per sequence through a static cache.
+"""A Llama-family decode step written out: one token per sequence through a static cache (or, for
+speculative verification, a chain of tokens of one sequence: ``LeanStep.chain``).
 
 transformers' layer code spends most of a bf16 decode step on the CPU outside the matmuls (at batch 1
 on SmolLM2-135M, ~20 ms of a ~33 ms step once the matmuls run through leanlm's kernel): masks over
@@ -35,7 +36,7 @@ from torch import nn
 
 from leanlm.engine import kernels
 from leanlm.engine.compile import inductor_options
-from leanlm.engine.static_cache import is_static, window_layers
+from leanlm.engine.static_cache import capacity, is_static, window_layers
 from leanlm.errors import LeanLMError
 from leanlm.switch import Switch
 
@@ -179,8 +180,7 @@ class LeanStep:
             key = (tuple(sorted(self.options.items())), chain)
             per_model = _compiled.setdefault(self.model, {})  # one compiled function per model, options and
             if key not in per_model:  # kind, reused by every cache and call
-                # a chain compiles per length (dynamic shapes generate other reductions: not bit for bit)
-                per_model[key] = torch.compile(decode_layers, options=self.options, dynamic=False if chain else None)
+                per_model[key] = torch.compile(decode_layers, options=self.options)
             self.runs[chain] = per_model[key]
         return self.runs[chain]
 
@@ -224,10 +224,17 @@ class LeanStep:
         if self.policy or self.rings or state.mask is not None or ids.shape[0] != 1 or state.positions.shape[0] != 1:
             raise LeanLMError("a chain of tokens needs one unpadded sequence over a static cache, no sliding-window layers")
         count = ids.shape[1]
+        room = capacity(state.cache)
+        if room is None or state.seen + count > room:
+            raise LeanLMError(f"a chain of {count} tokens after {state.seen} needs a static cache of at least "
+                              f"{state.seen + count} slots, this one holds {room}")
         slots = state.seen + torch.arange(count, device=ids.device)  # (q,)
         positions = state.position_ids(count).clamp(min=0).reshape(count, 1)  # (q, 1)
         layers = state.cache.layers
-        logits = self._run((self.model, ids.reshape(count, 1), positions, slots, None,
+        ids = ids.reshape(count, 1)
+        for tensor in (ids, positions, slots):  # a compiled chain may grow dynamic in the cache size, never in
+            torch._dynamo.mark_static(tensor, 0)  # its rows: a graph over symbolic rows sums otherwise (not bit for bit)
+        logits = self._run((self.model, ids, positions, slots, None,
                             [layer.keys for layer in layers], [layer.values for layer in layers], None, None), chain=True)
         for layer in layers:
             layer.cumulative_length.add_(count)

@@ -29,7 +29,7 @@ from leanlm.engine.decode import model_context, prefill, forward, start_state
 from leanlm.engine.drafters import Drafter, ModelDrafter, make_drafter
 from leanlm.engine.lean_step import lean_step, runs_lean
 from leanlm.engine.sampling import Sampler, SamplingConfig
-from leanlm.engine.static_cache import capacity, static_cache
+from leanlm.engine.static_cache import capacity, static_cache, window_layers
 from leanlm.engine.streaming_linear import enable_streaming_linears
 from leanlm.errors import LeanLMError
 
@@ -42,6 +42,7 @@ class SpeculativeStats:
     generated: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
     skipped: int = 0  # rounds whose proposal the gate held back (a plain step instead)
+    padded: int = 0  # of ``proposed``: filler tokens that kept a compiled chain at k (a short n-gram proposal)
     decode_seconds: float = 0.0  # from the first new token (after the target's prefill) to the last
 
     @property
@@ -93,22 +94,30 @@ class ProposalGate:
     than a one-token step (~0.1 step per extra row here: the rows share the weight stream, not the
     arithmetic), so proposals that are rarely taken make decoding slower (n-gram drafting on sampled
     text: 0.85x). The gate watches how often the first proposed token turned out to be the next token,
-    over the last ``window`` proposals, whether verified or held back (a held-back proposal is checked
+    over the last ``window`` proposals (the first ``TRIES`` always pass), whether verified or held back (a held-back proposal is checked
     against the token the plain step then produced: free, since the n-gram drafter costs nothing), and
     lets proposals through while that share is at least ``min_rate``. The decision depends on past
     tokens only, so the output's distribution (and greedy output) is unchanged."""
 
+    TRIES = 4  # proposals let through before the share is read
+
     def __init__(self, min_rate: float = 0.25, window: int = 16):
+        if not 0 <= min_rate <= 1 or window < self.TRIES:
+            raise LeanLMError(f"the proposal gate needs min_rate in [0, 1] and window >= {self.TRIES}, got {min_rate}, {window}")
         self.min_rate, self.seen = min_rate, deque(maxlen=window)
 
     def open(self) -> bool:
-        return len(self.seen) < 4 or sum(self.seen) >= self.min_rate * len(self.seen)
+        return len(self.seen) < self.TRIES or sum(self.seen) >= self.min_rate * len(self.seen)
 
     def record(self, first_taken: bool) -> None:
         self.seen.append(first_taken)
 
 
 def _check_request(target, prompt_ids: torch.Tensor, max_new_tokens: int, k: int, cache) -> None:
+    if max_new_tokens < 0:
+        raise LeanLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if window_layers(target):
+        raise LeanLMError("speculative decoding cannot roll back a swapped model's sliding-window rings")
     if prompt_ids.shape[0] != 1:
         raise LeanLMError(f"speculative decoding takes one prompt at a time, got a batch of {prompt_ids.shape[0]}")
     if prompt_ids.shape[1] > model_context(target):
@@ -129,7 +138,10 @@ class _Target:
         self.model = model
         self.state = start_state(model, prompt_ids, None, cache, total)
         self.step = lean_step(model, cache, compile) if capacity(cache) is not None else None
-        self.compiled = self.step is not None and self.step.compile
+
+    @property
+    def compiled(self) -> bool:  # what runs now (a failed compilation falls back to eager)
+        return self.step is not None and self.step.compile
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         if self.step is None:
@@ -164,9 +176,13 @@ def speculative_generate(target: nn.Module, draft: nn.Module | Drafter | str, pr
         began = time.perf_counter()
         while len(out) < max_new_tokens:
             proposal, q = drafter.propose(committed + out, k, sampler)
+            if len(proposal) > k or (q is not None and q.shape[0] != len(proposal)):
+                raise LeanLMError(f"the drafter proposed {len(proposal)} tokens (at most k = {k}) with "
+                                  f"{None if q is None else q.shape[0]} distributions")
             drafted = proposal if not drafter.free or gate.open() else []
             if checker.compiled and 0 < len(drafted) < k and q is None:  # one compiled chain length: pad with
-                drafted = drafted + drafted[-1:] * (k - len(drafted))  # certain proposals, verified like the others
+                stats.padded += k - len(drafted)  # certain proposals, verified like the others
+                drafted = drafted + drafted[-1:] * (k - len(drafted))
             logits = checker.logits(torch.tensor([[out[-1], *drafted]], device=device))  # (len + 1, vocab)
             if sampler.config.greedy:
                 n, following = verify_greedy(logits, drafted)

@@ -77,11 +77,17 @@ void rows(const float* x, const uint16_t* w, int64_t K, int64_t N, int64_t begin
   for (; n < end; ++n) block<M, 1, 1>(x, w, K, n, dots, N);
 }
 
+// Input rows per pass over a block of weight rows: 3 rows x 4 accumulators + the widened weights fit in 16
+// registers. Every row's dot products are summed the same way (4 accumulators along K, whatever the row count),
+// so a row's result does not depend on the rows beside it: a chain of tokens verified in one call (speculative
+// decoding) gets bit for bit what one-token calls get. (Before, 5-8 rows took 1 accumulator each: one pass, but
+// other sums; measured AVX2 step times in README "Speculative decoding".)
+constexpr int64_t ROWS_PER_PASS = 3;
+
 void input_block(const float* x, const uint16_t* w, int64_t K, int64_t N, int64_t m, int64_t begin, int64_t end, float* dots) {
-  // m input rows (1..8): the row blocking keeps at most 8 accumulators + the widened weights in 16 registers
-  with_row_count(m, [&](auto rows_m) {
+  with_row_count(m, [&](auto rows_m) {  // m is 1..ROWS_PER_PASS
     constexpr int M = decltype(rows_m)::value;
-    rows<M, 1, M <= 2 ? 4 : (M <= 4 ? 2 : 1)>(x, w, K, N, begin, end, dots);
+    if constexpr (M <= ROWS_PER_PASS) rows<M, 1, 4>(x, w, K, N, begin, end, dots);
   });
 }
 
@@ -95,8 +101,8 @@ torch::Tensor linear(const torch::Tensor& x, const uint16_t* w, int64_t N, int64
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t first, int64_t last) {
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t begin = blk * 32, end = std::min(N, begin + 32);
-      for (int64_t m0 = 0; m0 < M; m0 += 8)
-        input_block(xf.data() + m0 * K, w, K, N, std::min<int64_t>(8, M - m0), begin, end, dots.data() + m0 * N);
+      for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_PASS)
+        input_block(xf.data() + m0 * K, w, K, N, std::min(ROWS_PER_PASS, M - m0), begin, end, dots.data() + m0 * N);
     }
   });
   return finish_rows(x, dots, M, N, {}, optional_floats(bias, N, "bias"));
