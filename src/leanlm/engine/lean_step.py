@@ -184,7 +184,10 @@ class LeanStep:
             self.runs[chain] = per_model[key]
         return self.runs[chain]
 
-    def _run(self, args: tuple, chain: bool = False) -> torch.Tensor:
+    def _run(self, ids, positions, slots, keep, state, chain: bool = False) -> torch.Tensor:
+        layers = state.cache.layers
+        args = (self.model, ids, positions, slots, keep, [layer.keys for layer in layers],
+                [layer.values for layer in layers], None, None if chain else self.rings)
         run = self.function(chain)
         try:
             logits = run(*args, chain=chain)
@@ -194,6 +197,9 @@ class LeanStep:
             log.warning("torch.compile of the lean decode step failed (%s: %s); decoding eagerly",
                         type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             self.compile = False
+            per_model = _compiled.get(self.model, {})  # the next step for this model compiles afresh
+            for key in [key for key, function in per_model.items() if function is run]:
+                del per_model[key]
             return decode_layers(*args, chain=chain)  # nothing ran yet, or it rewrites the same slots
         return logits.clone() if run is not decode_layers else logits  # compiled outputs may be reused
 
@@ -207,8 +213,7 @@ class LeanStep:
         keep = state.mask  # (batch, slots) 1 = real token, or None
         if self.rings and keep is not None:
             raise LeanLMError("a model with sliding-window layers decodes unpadded batches only")
-        logits = self._run((self.model, ids, state.position_ids(1).clamp(min=0), slot, keep,
-                            [layer.keys for layer in layers], [layer.values for layer in layers], None, self.rings))
+        logits = self._run(ids, state.position_ids(1).clamp(min=0), slot, keep, state)
         for index, layer in enumerate(layers):
             if index in self.rings:
                 layer.seen += 1
@@ -234,8 +239,7 @@ class LeanStep:
         ids = ids.reshape(count, 1)
         for tensor in (ids, positions, slots):  # a compiled chain may grow dynamic in the cache size, never in
             torch._dynamo.mark_static(tensor, 0)  # its rows: a graph over symbolic rows sums otherwise (not bit for bit)
-        logits = self._run((self.model, ids, positions, slots, None,
-                            [layer.keys for layer in layers], [layer.values for layer in layers], None, None), chain=True)
+        logits = self._run(ids, positions, slots, None, state, chain=True)
         for layer in layers:
             layer.cumulative_length.add_(count)
         state.advance(count)

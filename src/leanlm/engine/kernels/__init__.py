@@ -9,8 +9,8 @@ where the CPU has it, else AVX2); ``use_avx512(False)`` takes the AVX2 paths of 
 ``leanlm::linear_int4(x, codes, scales, zeros, group_size, bias)`` over group-wise 4-bit codes, the same way
 (AVX2 ``maddubs``; an AVX512-VNNI variant measured no faster);
 ``decode_attention.cpp``: ``leanlm::decode_attention(q, keys, values, length, keep, scale)``, one
-query per sequence and head against a cache's first ``length`` slots (or a chain of queries of one
-sequence over a shared cache, one length per row: speculative verification) (grouped K/V heads, bf16 or
+query per sequence and head against a cache's first ``length`` slots (a chain of queries of one
+sequence, for speculative verification: one shared cache, one length per row; grouped K/V heads, bf16 or
 float32 cache, float32 softmax); ``quantized_attention.cpp``:
 ``leanlm::quantized_decode_attention``, the same over a KIVI cache's packed codes plus its
 full-precision residual (kvcache/quantized.py), for 2- and 4-bit codes by integer dot products
